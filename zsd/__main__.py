@@ -1,0 +1,3 @@
+from zsd.cli import main
+
+main()
