@@ -1,5 +1,64 @@
+import json
 import os
+
+import numpy as np
+import pytest
+from PIL import Image
 
 # Tests never reach a model hub: everything they load they build and save themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# A ViT small enough to run a few hundred 32 px images per second on one core.
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 16, "heads": 1, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A randomly initialised open_clip model saved as a local-dir: folder (config + weights)."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    d = tmp_path_factory.mktemp("tiny_clip")
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP_CFG)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "open_clip_model.safetensors"))
+    (d / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP_CFG,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
+                           "std": [0.26862954, 0.26130258, 0.27577711], "interpolation": "bicubic",
+                           "resize_mode": "shortest"},
+    }))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_name(tiny_clip_dir):
+    return f"local-dir:{tiny_clip_dir}"
+
+
+def make_image(path, seed, size=(48, 40), mode="RGB"):
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """ImageFolder layout: 3 classes x 4 images of varied sizes."""
+    root = tmp_path / "imgs"
+    for c, name in enumerate(["cat", "dog", "fish_tank"]):
+        for i in range(4):
+            make_image(root / name / f"{name}_{i}.jpg" if i % 2 else root / name / f"{name}_{i}.png",
+                       seed=10 * c + i, size=(40 + 4 * i, 36 + 3 * c))
+    return root

