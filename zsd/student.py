@@ -1,0 +1,99 @@
+"""Students: a timm backbone without its classifier plus one linear projection to the teacher's dim.
+
+A trained student is two files in its run folder: `student.safetensors` (weights) and
+`student.json` (what it is: timm name, embedding dim, input preprocessing, the teacher it was
+distilled from, training arguments), so `load_student(RUN_DIR)` rebuilds it with one call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zsd.errors import ZsdError
+from zsd.views import Preprocess
+
+WEIGHTS, CONFIG = "student.safetensors", "student.json"
+
+
+class Student(nn.Module):
+    def __init__(self, name: str, embed_dim: int, image_size: int | None = None, pretrained: bool = False):
+        super().__init__()
+        kwargs = {"img_size": image_size} if image_size and _takes_img_size(name) else {}
+        try:
+            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        except RuntimeError as e:
+            raise ZsdError(f"cannot create timm student {name!r}: {str(e).splitlines()[0]}") from None
+        self.proj = nn.Linear(self.backbone.num_features, embed_dim)
+        self.name, self.embed_dim = name, embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised embeddings; losses and evaluation normalise."""
+        return self.proj(self.backbone(x))
+
+    @torch.inference_mode()
+    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self(x).float(), dim=-1)
+
+
+def _takes_img_size(name: str) -> bool:
+    # ViT-like timm models fix their patch grid at creation; CNNs take any resolution.
+    return any(k in name for k in ("vit", "deit", "swin", "eva", "beit", "tiny_vit", "levit", "xcit"))
+
+
+def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
+    """The student's own evaluation transform (timm's data config), at `image_size` if given."""
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    size = image_size or cfg["input_size"][-1]
+    return Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)), interpolation=cfg["interpolation"],
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefix: str = "") -> None:
+    """Write weights and config atomically (temp + rename), so a kill never leaves half a student."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
+    w, c = run_dir / (prefix + WEIGHTS), run_dir / (prefix + CONFIG)
+    save_file(state, str(w) + ".tmp")
+    Path(str(c) + ".tmp").write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(str(w) + ".tmp", w)
+    os.replace(str(c) + ".tmp", c)
+
+
+def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    """Load a student from its run folder (or the student.json/.safetensors inside it)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
+    if not cfg_path.is_file() or not w_path.is_file():
+        raise ZsdError(f"{run_dir} holds no trained student ({CONFIG} and {WEIGHTS}); pass a `zsd train` run folder")
+    config = json.loads(cfg_path.read_text())
+    model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
+    model.load_state_dict(load_file(str(w_path)))
+    return model.to(device).eval(), config
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)  # DDP
+    return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def student_fingerprint(run_dir: str | os.PathLike, config: dict) -> dict:
+    """A student in the teacher-fingerprint shape, for stores of student embeddings."""
+    from zsd.teachers import file_sha256
+
+    return {"backend": "zsd-student", "model": config["student"],
+            "weights": "sha256:" + file_sha256(Path(run_dir) / WEIGHTS), "preprocess": config["preprocess"],
+            "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}
