@@ -255,7 +255,9 @@ def load_state_dict_by_name_or_position(model: torch.nn.Module, path: str) -> No
     if set(state) == set(target):
         model.load_state_dict(state)
         return
-    src = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+    # BatchNorm's step counters (0-d integer tensors) carry no weights and may or may not be saved.
+    src = [(k, v) for k, v in state.items() if not (k.endswith("num_batches_tracked") or v.ndim == 0
+                                                     and not v.is_floating_point())]
     dst = [k for k in target if not k.endswith("num_batches_tracked")]
     if len(src) != len(dst) or any(v.shape != target[k].shape for (_, v), k in zip(src, dst)):
         raise ZsdError(f"{path} does not fit {type(model).__name__}: neither its tensor names nor "
