@@ -19,6 +19,43 @@ def cli():
     -> evaluation (eval) and train/test coverage audit (coverage).
     """
 
+@cli.command("options")
+@click.argument("recipe")
+@click.option("--model", required=True, help="Chat LLM: a Hugging Face id (paper: meta-llama/Llama-2-7b-chat-hf) or a local directory.")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Options JSON file; existing complete entries are kept (resumable).")
+@click.option("--n", "n", type=click.IntRange(2), default=None, help="Options per dimension [default: the recipe's].")
+@click.option("--retries", type=click.IntRange(0), default=3, show_default=True, help="Re-asks when an answer has too few distinct options.")
+@click.option("--device", default="auto", show_default=True, help="torch device for the LLM.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+def options_cmd(recipe, model, out, n, retries, device, seed):
+    """Ask a chat LLM for N options per class and contextual dimension of RECIPE (name or path)."""
+    from zsd.options import collect_options, hf_chat_generator
+    from zsd.recipes import load_recipe
+
+    r = load_recipe(recipe)
+    result = collect_options(r, hf_chat_generator(model, device=device, seed=seed), out, n=n, retries=retries)
+    click.echo(f"{len(result.classes)} classes x {len(r.dimensions)} dimensions of options in {out}")
+
+
+@cli.command("prompts")
+@click.argument("recipe", required=False)
+@click.option("--options", "options_path", required=True, type=click.Path(dir_okay=False), help="Options JSON file (from `zsd options` or hand-written).")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Prompt JSON-lines file to write.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the design, the per-class relabelling and the image seeds (prompt i gets seed + i).")
+def prompts_cmd(recipe, options_path, out, seed):
+    """Combine options pairwise into weighted prompts (one covering array per class).
+
+    Without RECIPE, classes and dimensions come from the options file and all weights are 1.
+    """
+    from zsd.options import load_options
+    from zsd.prompts import build_prompts, write_prompts
+    from zsd.recipes import load_recipe
+
+    prompts = build_prompts(load_options(options_path), load_recipe(recipe) if recipe else None, seed=seed)
+    write_prompts(prompts, out)
+    classes = len({p["label"] for p in prompts})
+    click.echo(f"{len(prompts)} prompts for {classes} classes written to {out}")
+
 
 def main(argv=None):
     try:
