@@ -46,9 +46,9 @@ def test_paper_shapes_reach_the_lower_bound(sizes, rows):
     assert verify_pairwise(ca, sizes) == []
 
 
-@pytest.mark.parametrize("sizes,at_most", [((15,) * 5, 256), ((15, 12, 10, 8), 190)])
-def test_other_shapes_beat_allpairspy(sizes, at_most):
-    # allpairspy: 15^5 -> 291 rows, (15, 12, 10, 8) -> 213 rows (tools/bench_prompts.py)
+@pytest.mark.parametrize("sizes,at_most", [((15,) * 5, 256), ((15, 12, 10, 8), 180)])
+def test_other_shapes_match_or_beat_allpairspy(sizes, at_most):
+    # allpairspy: 15^5 -> 288 rows, (15, 12, 10, 8) -> 180 rows (tools/bench_prompts.py)
     ca = covering_array(sizes)
     assert len(ca) <= at_most and verify_pairwise(ca, sizes) == []
 

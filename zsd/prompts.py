@@ -201,7 +201,7 @@ def _fill_wildcards(rows, sizes) -> list[Row]:
 
 def greedy_covering_array(sizes, seed: int = 0, candidates: int = 24) -> list[Row]:
     """AETG-style greedy: each new row is the best of `candidates` rows that start from a random
-    uncovered pair and fill the other dimensions, in random order, with the option covering the
+    uncovered pair of the least covered dimension pair and fill the other dimensions, in random order, with the option covering the
     most uncovered pairs (ties: the option used least so far, so options stay balanced)."""
     rng = random.Random(seed)
     k = len(sizes)
@@ -215,7 +215,12 @@ def greedy_covering_array(sizes, seed: int = 0, candidates: int = 24) -> list[Ro
                    for e in range(k) if e != d and row[e] is not None)
 
     while uncovered:
-        pending = sorted(uncovered)
+        # start from the dimension pair with the most uncovered pairs: the two largest dimensions
+        # first, whose full product is the lower bound every other pair must fit into
+        per_pair: dict[tuple[int, int], list] = {}
+        for p in sorted(uncovered):
+            per_pair.setdefault((p[0], p[2]), []).append(p)
+        pending = max(per_pair.values(), key=len)
         best, best_gain = None, -1
         for _ in range(candidates):
             i, a, j, b = rng.choice(pending)
