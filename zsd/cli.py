@@ -56,6 +56,31 @@ def prompts_cmd(recipe, options_path, out, seed):
     classes = len({p["label"] for p in prompts})
     click.echo(f"{len(prompts)} prompts for {classes} classes written to {out}")
 
+@cli.command("synth")
+@click.argument("prompts", type=click.Path(dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Output directory: images/ and manifest.jsonl.")
+@click.option("--model", default="stabilityai/stable-diffusion-xl-base-1.0", show_default=True, help="diffusers text-to-image model: hub id or local directory (SD-1.5 works too).")
+@click.option("--lora", default="latent-consistency/lcm-lora-sdxl", show_default=True, help="LCM-LoRA to load ('none' for a model that needs none).")
+@click.option("--steps", type=click.IntRange(1), default=6, show_default=True, help="Inference steps.")
+@click.option("--guidance", type=float, default=0.5, show_default=True, help="Guidance scale.")
+@click.option("--size", type=click.IntRange(8), default=1024, show_default=True, help="Image height and width in pixels.")
+@click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per diffusion call.")
+@click.option("--device", default="auto", show_default=True, help="torch device (auto: cuda if available).")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True, help="auto: float16 on GPU, float32 on CPU.")
+@click.option("--num-shards", type=click.IntRange(1), default=None, help="Split the prompts over N processes [default: torchrun's WORLD_SIZE or 1].")
+@click.option("--shard-index", type=click.IntRange(0), default=None, help="This process's shard [default: torchrun's RANK or 0].")
+def synth_cmd(prompts, out, model, lora, steps, guidance, size, batch_size, device, dtype, num_shards, shard_index):
+    """Generate one image per prompt of PROMPTS (from `zsd prompts`); resumable.
+
+    Writes OUT/images/... and OUT/manifest.jsonl, the input of `zsd cache-teacher`.
+    """
+    from zsd.synth import SynthSettings, synthesize
+
+    settings = SynthSettings(model=model, lora=None if lora.lower() == "none" else lora, steps=steps,
+                             guidance=guidance, size=size, batch_size=batch_size, device=device, dtype=dtype)
+    manifest = synthesize(prompts, out, settings, shard_index=shard_index, num_shards=num_shards)
+    click.echo(f"manifest: {manifest}" if manifest else "shard done; the last shard to finish writes manifest.jsonl")
+
 
 def main(argv=None):
     try:
