@@ -35,6 +35,9 @@ def test_pets_labels_follow_the_dataset_order_not_sorted_folder_order():
     assert pets.classes[:3] == ("Abyssinian", "American Bulldog", "American Pit Bull Terrier")
     assert pets.label_of("american_bulldog") == 1 and pets.label_of("Sphynx") == 33
     assert load_recipe("imagenet100").label_of(load_recipe("imagenet100").folders[5]) == 5
+    flowers = load_recipe("flowers")  # Oxford folder names where CLIP renamed the class
+    assert flowers.classes[flowers.label_of("ball_moss")] == "air plant"
+    assert flowers.label_of("pink_primrose") == 0
     with pytest.raises(ZsdError, match="matches no class"):
         pets.label_of("zebra")
 
