@@ -53,8 +53,8 @@ def image_path(prompt: dict) -> str:
 def _resolve(device: str, dtype: str):
     import torch
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":  # torchrun sets LOCAL_RANK: one GPU per process
+        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)
