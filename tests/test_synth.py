@@ -63,7 +63,7 @@ def _manifest(out):
     return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
-def test_synth_command_writes_images_and_the_manifest_cache_teacher_reads(tiny_sdxl, tmp_path):
+def test_synth_command_writes_images_and_the_manifest_cache_teacher_reads(tiny_sdxl, tmp_path, tiny_teacher_name):
     write_prompts(PROMPTS, tmp_path / "prompts.jsonl")
     out = tmp_path / "synth"
     main(["synth", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--model", str(tiny_sdxl), "--lora", "none",
@@ -77,6 +77,15 @@ def test_synth_command_writes_images_and_the_manifest_cache_teacher_reads(tiny_s
         with Image.open(out / e["image"]) as im:
             assert im.size == (SIZE, SIZE) and im.mode == "RGB"
     assert not list(out.rglob("*.tmp"))
+    # ... and zsd cache-teacher reads the manifest: keys, labels and class names come through.
+    from zsd.cache import cache_teacher
+    from zsd.store import open_store
+    cache_teacher([str(out / "manifest.jsonl")], str(tmp_path / "synth.zarr"), teacher=tiny_teacher_name,
+                  pretrained=None, workers=0, progress=False, log=lambda m: None)
+    store = open_store(tmp_path / "synth.zarr")
+    assert store.complete() and list(store.keys()) == [e["image"] for e in entries]
+    assert list(store.labels()) == [e["label"] for e in entries]
+    assert all(store.classnames[e["label"]] == e["class"] for e in entries)
 
 
 def test_any_image_can_be_regenerated_alone(tiny_sdxl):
