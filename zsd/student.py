@@ -30,7 +30,9 @@ class Student(nn.Module):
             self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as e:
             raise ZsdError(f"cannot create timm student {name!r}: {str(e).splitlines()[0]}") from None
-        self.proj = nn.Linear(self.backbone.num_features, embed_dim)
+        # Pooled output width: head_hidden_size where a pre-logits layer follows the features (MobileNetV3).
+        width = getattr(self.backbone, "head_hidden_size", None) or self.backbone.num_features
+        self.proj = nn.Linear(width, embed_dim)
         self.name, self.embed_dim = name, embed_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
