@@ -183,3 +183,24 @@ def test_coverage_unlabelled_test_store_with_student(image_folder, tiny_teacher_
     assert any("unlabelled" in n for n in report["notes"])
     assert "bound" in report["images"][0] and "margin" not in report["images"][0]
     assert "agreement" not in report["certificate"]
+
+
+def test_coverage_cli(tmp_path, capsys):
+    from zsd.cli import main
+
+    rng = np.random.default_rng(4)
+    random_store(tmp_path / "a.zarr", unit(rng.normal(size=(20, 16))))
+    random_store(tmp_path / "b.zarr", unit(rng.normal(size=(20, 16))))
+    random_store(tmp_path / "test.zarr", unit(rng.normal(size=(6, 16))), labels=np.arange(6) % 2, classnames=["x", "y"])
+    out = tmp_path / "out"
+    main(["coverage", "--train", str(tmp_path / "a.zarr"), str(tmp_path / "b.zarr"), "--test",
+          str(tmp_path / "test.zarr"), "--json", str(out / "cov.json"), "--plot", str(out / "cov.png")])
+    report = json.loads((out / "cov.json").read_text())
+    assert report["n_train"] == 40 and {r["nearest_store"] for r in report["images"]} <= {"a", "b"}
+    assert (out / "cov.png").stat().st_size > 0 and "eps_T" in capsys.readouterr().out
+
+    random_store(tmp_path / "other.zarr", unit(rng.normal(size=(5, 16))), teacher=dict(FAKE_TEACHER, weights="x"))
+    with pytest.raises(SystemExit) as e:
+        main(["coverage", "--train", str(tmp_path / "other.zarr"), "--test", str(tmp_path / "test.zarr")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("zsd: error:") and err.count("\n") == 1

@@ -35,7 +35,7 @@ def cache_env(tmp_path, monkeypatch):
 
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)
-    for k in (3, 7, 12):
+    for k in (4, 7, 12):
         scores = rng.normal(size=(200, k))
         labels = rng.integers(0, k, 200)
         labels[:3] = np.arange(3)  # every class id below 3 present at least once
@@ -200,3 +200,18 @@ def test_timm_teacher_mapping_and_checkpoint(image_folder, tmp_path, cache_env):
     with pytest.raises(ZsdError, match="not classes of"):
         evaluate(str(store.path), pretrained=str(ckpt), classnames=str(mapping), device="cpu", progress=False,
                  log=lambda m: None)
+
+
+def test_eval_cli(image_folder, tiny_teacher_name, tmp_path, cache_env, capsys):
+    from zsd.cli import main
+
+    store = make_store(image_folder, tmp_path / "pets_test.zarr", tiny_teacher_name, views=1)
+    main(["eval", str(store.path), "--out-dir", str(tmp_path / "res"), "--device", "cpu", "--confusion"])
+    out = capsys.readouterr().out
+    assert "templates pets" in out and "teacher local-dir" in out  # domain guessed from the name
+    res = json.loads((tmp_path / "res" / "pets_test__teacher.json").read_text())
+    assert res["metrics"]["acc1"] == pytest.approx(float(out.splitlines()[-1].split()[2]) / 100, abs=1e-4)
+    assert np.sum(res["metrics"]["confusion_matrix"]) == 12
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(store.path), "--templates", "nonsense"])
+    assert e.value.code == 1 and capsys.readouterr().err.count("\n") == 1

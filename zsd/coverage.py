@@ -328,6 +328,7 @@ def _per_class(records: list[dict], test_store: Store, train_labels: list, neare
     for n, rec in enumerate(records):
         if rec["label"] is not None:
             rows.setdefault(rec["label"], []).append(n)
+    train_labelled = any(lab is not None for lab in train_labels)
     out = []
     for name in test_store.classnames:
         idx = rows.get(name, [])
@@ -336,7 +337,8 @@ def _per_class(records: list[dict], test_store: Store, train_labels: list, neare
         eps = np.array([records[n]["eps_t"] for n in idx])
         entry = {"class": name, "n": len(idx), "median_eps_t": float(np.median(eps)), "mean_eps_t": float(eps.mean()),
                  "max_eps_t": float(eps.max()),
-                 "nearest_same_class": float(np.mean([train_labels[nearest[n]] == name for n in idx]))}
+                 "nearest_same_class": (float(np.mean([train_labels[nearest[n]] == name for n in idx]))
+                                        if train_labelled else None)}
         if "agree" in records[idx[0]]:
             entry["agreement"] = float(np.mean([records[n]["agree"] for n in idx]))
             entry["direct_certified"] = float(np.mean([records[n]["direct_certified"] for n in idx]))
@@ -369,7 +371,8 @@ def coverage_text(report: dict) -> str:
     if report["per_class"]:
         lines.append("  least-covered classes (median eps_T, nearest train image of the same class):")
         for p in report["per_class"][:5]:
-            lines.append(f"    {p['class']:<28} {p['median_eps_t']:.4f}  {100 * p['nearest_same_class']:.0f} %")
+            same = "-" if p["nearest_same_class"] is None else f"{100 * p['nearest_same_class']:.0f} %"
+            lines.append(f"    {p['class']:<28} {p['median_eps_t']:.4f}  {same}")
     lines.append("  least-covered test images:")
     for w in report["least_covered"][:5]:
         lines.append(f"    {w['key']}  eps_T {w['eps_t']:.4f}  nearest {w['nearest'][0]['key']}")
