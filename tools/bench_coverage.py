@@ -30,7 +30,8 @@ def make_stores(workdir: Path, train_rows: int, test_rows: int, dim: int, leaks:
     from zsd.teachers import teacher_id
 
     teacher = {"backend": "bench", "model": "random", "weights": "none", "preprocess": {}, "dim": dim}
-    train_path, test_path = workdir / f"train_{train_rows}x{dim}.zarr", workdir / f"test_{test_rows}x{dim}.zarr"
+    train_path, test_path = (workdir / f"train_{train_rows}x{dim}.zarr",
+                             workdir / f"test_{test_rows}x{dim}_leaks{leaks}_of{train_rows}.zarr")
     for path, n, seed in ((train_path, train_rows, 0), (test_path, test_rows, 1)):
         if path.exists() and open_store(path).complete():
             continue

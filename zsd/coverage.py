@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.store import WRITTEN, Store, open_store
+from zsd.store import Store, open_store
 
 DEFAULT_BLOCK_ROWS = 65536
 DUP_THRESHOLD = 1e-2  # teacher-space L2 distance below which a train image counts as a copy of a test image
@@ -124,6 +124,9 @@ def pair_distances(queries: np.ndarray, pairs_q: np.ndarray, pairs_j: np.ndarray
 # ---------------------------------------------------------------- the audit
 
 def _check_stores(train: list[Store], test: Store):
+    names = [s.path.name for s in train]
+    if len(set(names)) < len(names):
+        raise ZsdError(f"train stores need distinct names (records and student embeddings are kept by name): {', '.join(names)}")
     for s in [test, *train]:
         if s.rows == 0 or not s.written().any():
             raise ZsdError(f"{s.path} holds no written embeddings")
@@ -170,6 +173,8 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
                 "nearest_store": names[s], "eps_t": float(e)}
                for key, lab, j, s, e in zip(test_keys, test_labels, nn_t[:, 0], store_of, eps_t)]
 
+    if student is None and not test_store.classnames:
+        notes.append("the test store is unlabelled (no class names): no per-class coverage")
     if student is not None:
         student_part = _student_certificates(student, train_stores, test_store, test_rows, T, nn_t, k, block_rows,
                                              pretrained, templates, classnames, device, batch_size, workers,
@@ -225,12 +230,13 @@ def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t,
         raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but the "
                        f"stores hold teacher {test_store.teacher_id}'s embeddings")
     dev = next(model.parameters()).device
-    embed = dict(device=dev, batch_size=batch_size, workers=workers, progress=progress, log=log)
+    embed = dict(device=dev, batch_size=batch_size, workers=workers, progress=progress)
     s_test = student_embeddings(run_dir, test_store, model, config, **embed)
     s_train = [student_embeddings(run_dir, s, model, config, **embed) for s in train_stores]
     if not s_test.written()[test_rows].all():
         raise ZsdError(f"the student could not embed every test image the teacher embedded ({s_test.path})")
     S = s_test.embeddings(view=0)[test_rows].astype(np.float32)
+    log(f"student embeddings: {s_test.path} and {len(s_train)} train store(s) in {s_test.path.parent}")
 
     out = {"student": {"run_dir": str(run_dir), "model": config["student"], "weights": s_test.teacher["weights"],
                        "test_embeddings": str(s_test.path), "train_embeddings": [str(s.path) for s in s_train]}}

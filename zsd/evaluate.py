@@ -23,8 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from zsd.cache import ViewDataset, _collate, cache_teacher
 from zsd.errors import ZsdError
 from zsd.store import FAILED, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.student import load_student, student_fingerprint
 from zsd.teachers import DEFAULT_TEACHER, Teacher, create_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess, normalize
@@ -141,16 +143,12 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred:
 # ---------------------------------------------------------------- student embeddings
 
 def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
-                       device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True,
-                       log=print) -> Store:
+                       device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
     """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/.
 
     Reused when it exists, matches this student checkpoint and the source store, and is
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
     """
-    from zsd.cache import ViewDataset, _collate
-    from zsd.student import load_student, student_fingerprint
-
     run_dir = Path(run_dir)
     if model is None:
         model, config = load_student(run_dir, device)
@@ -222,8 +220,6 @@ def _flush(store: Store, c: int, buf: dict) -> None:
 def prepare_test_store(test: str, teacher: str | None, pretrained: str | None, device: str,
                        workers: int | None, progress: bool, log) -> Store:
     """A store name/path opens as is; an image folder is first cached with the teacher (1 view)."""
-    from zsd.cache import cache_teacher
-
     folder = Path(test)
     if folder.is_dir() and not (folder / "zarr.json").exists():
         teacher = teacher or DEFAULT_TEACHER
@@ -279,14 +275,12 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     results.append({"model": store.teacher["model"], "pretrained": store.teacher["weights"], "role": "teacher",
                     "metrics": metrics, "n_images": int(rows.sum()), "embeddings": str(store.path), **common})
     for run_dir in students:
-        from zsd.student import load_student
-
         student, config = load_student(run_dir, resolve_device(device))
         if config.get("teacher_id") != store.teacher_id:
             raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
                            f"{store.path} holds teacher {store.teacher_id}'s embeddings")
         emb = student_embeddings(run_dir, store, student, config, device=next(student.parameters()).device,
-                                 batch_size=batch_size, workers=workers or 0, progress=progress, log=log)
+                                 batch_size=batch_size, workers=workers or 0, progress=progress)
         ok = rows & emb.written()
         scores = emb.embeddings(view=0).astype(np.float64) @ z.T
         metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)
