@@ -413,7 +413,7 @@ def plot_coverage(report: dict, path: str | os.PathLike) -> None:
                                       (np.array([2 * r["bound"] for r in imgs]), "2 B", "x")):
             axes[2].scatter(values[agree], margin[agree], s=6, marker=marker, label=f"{label}, agree")
             axes[2].scatter(values[~agree], margin[~agree], s=12, marker=marker, c="red", label=f"{label}, disagree")
-        top = max(float(margin.max()), 1e-6)
+        top = max(float(margin.max()), 2 * max(r["bound"] for r in imgs), 1e-6)
         axes[2].plot([0, top], [0, top], "k--", lw=0.8)
         axes[2].set(xlabel="2 delta, 2 B", ylabel="teacher margin", title="certificates (above the line: certified)")
         axes[2].legend(fontsize=6)
