@@ -10,7 +10,9 @@ import click
 
 from zsd import __version__
 from zsd.cache import cache_teacher
+from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.errors import ZsdError
+from zsd.evaluate import evaluate, results_table
 from zsd.store import DEFAULT_CHUNK_ROWS, open_store
 from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 
@@ -154,6 +156,77 @@ def info_cmd(store, as_json):
         click.echo(f"  norms     view 0 mean {norm['mean']:.4f}, min {norm['min']:.4f}, max {norm['max']:.4f}")
     for f in info["failures"][:10]:
         click.echo(f"  failed    {f['key']}: {f['reason']}")
+
+@cli.command("eval")
+@click.argument("test")
+@click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
+              help="A `zsd train` run folder; repeat for several students.")
+@click.option("--templates", default=None, help="Prompt templates: a domain (pets, flowers, food, aircraft, cars, "
+              "textures, imagenet, default) or a file (JSON list, JSON with \"templates\", or one per line) "
+              "[default: guessed from the test set's name].")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="JSON list of class names in store order, or a mapping store class -> name or "
+                   "{\"imagenet_name\": ...}; classes missing from a mapping are left out.")
+@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the test store's teacher was "
+              "loaded from one (its hash is checked); for an image folder TEST, the teacher's tag or file.")
+@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]; "
+              "a store knows its teacher.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="Write one CLIP_benchmark-style JSON per model here (DATASET__MODEL.json).")
+@click.option("--confusion", is_flag=True, help="Include confusion matrices in the JSON.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir, confusion, device, batch_size, workers):
+    """Zero-shot accuracy of the teacher and students on TEST (a labelled store, or an image folder).
+
+    Prints top-1, top-5, mean per-class recall and top-1 agreement with the teacher. Every model
+    sees its own deterministic eval transform (resize + centre crop). Student embeddings are kept
+    in RUN_DIR/embeddings/TEST.zarr, where `zsd coverage` reuses them.
+    """
+    results = evaluate(test, list(students), teacher=teacher, pretrained=pretrained, templates=templates,
+                       classnames=classnames, device=device, batch_size=batch_size, workers=workers,
+                       confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
+    click.echo(results_table(results))
+
+
+@cli.command("coverage")
+@click.option("--train", "train", multiple=True, required=True,
+              help="Train store (name or path); repeat for several, or pass space-separated after one --train.")
+@click.argument("more_train", nargs=-1)
+@click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
+@click.option("--student", default=None, type=click.Path(file_okay=False),
+              help="A `zsd train` run folder: adds witnesses, the lemma's bound and the certificates.")
+@click.option("-k", "k", default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
+@click.option("--block-rows", default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
+@click.option("--dup-threshold", default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
+@click.option("--templates", default=None, help="As in `zsd eval` (for the teacher margins).")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
+@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report (with per-image records) here.")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
+@click.option("--worst", default=20, show_default=True, help="How many least-covered test images to list.")
+@click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, pretrained,
+                 json_out, plot, worst, device, batch_size, workers):
+    """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
+
+    Per test image: its nearest train image in teacher space and eps_T. With a student: a witness
+    train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
+    teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
+    """
+    report = coverage(list(train) + list(more_train), test, student, k=k, block_rows=block_rows,
+                      pretrained=pretrained, templates=templates, classnames=classnames,
+                      dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
+                      workers=workers, log=lambda m: click.echo(m, err=True))
+    click.echo(coverage_text(report))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+    if plot:
+        plot_coverage(report, plot)
 
 
 def main(argv=None):

@@ -1,0 +1,321 @@
+"""Zero-shot evaluation of the teacher and its students on a labelled test store.
+
+The teacher's image embeddings come from the test store (view 0: its deterministic eval
+transform). A student's come from a store of the same format that `student_embeddings`
+writes into the student's run folder (RUN_DIR/embeddings/<test>.zarr), computed with the
+student's own deterministic eval transform; `zsd coverage` reuses those stores.
+Both are classified against the teacher's zero-shot classifier: CLIP_benchmark's procedure
+(per class: embed every template, normalise, average, renormalise), or a timm teacher's
+classifier rows looked up by ImageNet class name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from zsd.cache import ViewDataset, _collate, cache_teacher
+from zsd.errors import ZsdError
+from zsd.store import FAILED, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.student import load_student, student_fingerprint
+from zsd.teachers import DEFAULT_TEACHER, Teacher, create_teacher, resolve_device, teacher_id
+from zsd.templates import resolve_templates
+from zsd.views import Preprocess, normalize
+
+
+# ---------------------------------------------------------------- classes and classifier
+
+def prompt_name(folder_name: str) -> str:
+    return folder_name.replace("_", " ")
+
+
+def select_classes(store_classnames: list[str], classnames_file: str | None) -> tuple[list[int], list[str], str]:
+    """(store class indices to evaluate, their names for the classifier, a note on dropped classes).
+
+    The file is a JSON list (one name per store class, in store order), or a JSON object mapping
+    store class name -> name or -> {"imagenet_name": ...}; classes missing from a mapping are
+    left out of the evaluation. Comma-separated synonym lists ("Siamese cat, Siamese") keep the first.
+    """
+    if not classnames_file:
+        if not store_classnames:
+            raise ZsdError("the test store has no class names (unlabelled images): pass --classnames FILE "
+                           "or a labelled test set")
+        return list(range(len(store_classnames))), [prompt_name(c) for c in store_classnames], ""
+    path = Path(classnames_file)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ZsdError(f"cannot read --classnames {path} as JSON ({e})") from None
+    if isinstance(data, list):
+        if len(data) != len(store_classnames):
+            raise ZsdError(f"--classnames {path} lists {len(data)} names but the test store has "
+                           f"{len(store_classnames)} classes")
+        return list(range(len(data))), [str(n).split(",")[0].strip() for n in data], ""
+    if not isinstance(data, dict):
+        raise ZsdError(f"--classnames {path} is neither a JSON list nor a JSON object")
+    keep, names = [], []
+    for i, folder in enumerate(store_classnames):
+        if folder not in data:
+            continue
+        entry = data[folder]
+        name = entry.get("imagenet_name") or entry.get("name") if isinstance(entry, dict) else entry
+        if not isinstance(name, str) or not name.strip():
+            raise ZsdError(f"--classnames {path}: entry {folder!r} has no name (a string or {{\"imagenet_name\": ...}})")
+        keep.append(i)
+        names.append(name.split(",")[0].strip())
+    if not keep:
+        raise ZsdError(f"--classnames {path} maps none of the test store's classes "
+                       f"({', '.join(store_classnames[:5])}, ...)")
+    dropped = len(store_classnames) - len(keep)
+    note = f"{dropped} of {len(store_classnames)} classes are not in {path.name} and are left out" if dropped else ""
+    return keep, names, note
+
+
+def open_eval_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None,
+                      device: str = "auto") -> Teacher:
+    """Rebuild the teacher that made a store, from the store's fingerprint."""
+    model, weights = fingerprint["model"], fingerprint["weights"]
+    if pretrained is None:
+        if weights.startswith("tag:"):
+            pretrained = weights[len("tag:"):]
+        elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
+            raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): "
+                           "pass that file with --pretrained FILE")
+    teacher = create_teacher(model, pretrained, device)
+    if teacher.weights != weights:
+        raise ZsdError(f"{pretrained or model} is not the checkpoint the store was made with "
+                       f"({teacher.weights[:19]}... != {weights[:19]}...)")
+    if teacher.id != store_teacher_id:
+        raise ZsdError(f"the rebuilt teacher {model} has id {teacher.id}, the store's is {store_teacher_id} "
+                       "(other preprocessing?): re-cache the test set with this zsd")
+    return teacher
+
+
+def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str], cache: bool = True) -> np.ndarray:
+    """(K, D) float32 unit rows; cached per (teacher id, names, templates) in the cache dir."""
+    key = hashlib.sha256(json.dumps([teacher.id, names, templates]).encode()).hexdigest()[:20]
+    path = cache_dir() / "classifiers" / f"{key}.npy"
+    if cache and path.is_file():
+        return np.load(path)
+    z = teacher.classifier(names, templates).float().numpy().astype(np.float32)
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, z)
+        os.replace(tmp, path)
+    return z
+
+
+# ---------------------------------------------------------------- metrics
+
+def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred: np.ndarray | None = None,
+                           confusion: bool = False) -> dict:
+    """top-1, top-5 (top-K when K < 5), mean per-class recall (over classes present), agreement."""
+    n, k = scores.shape
+    order = np.argsort(-scores, axis=1, kind="stable")
+    pred = order[:, 0]
+    top = min(5, k)
+    recalls = [float((pred[labels == c] == c).mean()) for c in np.unique(labels)]
+    out = {
+        "acc1": float((pred == labels).mean()),
+        "acc5": float((order[:, :top] == labels[:, None]).any(axis=1).mean()),
+        "mean_per_class_recall": float(np.mean(recalls)),
+    }
+    if teacher_pred is not None:
+        out["agreement_with_teacher"] = float((pred == teacher_pred).mean())
+    if confusion:
+        matrix = np.zeros((k, k), dtype=np.int64)
+        np.add.at(matrix, (labels, pred), 1)
+        out["confusion_matrix"] = matrix.tolist()
+    return out
+
+
+# ---------------------------------------------------------------- student embeddings
+
+def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
+                       device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
+    """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/.
+
+    Reused when it exists, matches this student checkpoint and the source store, and is
+    complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
+    """
+    run_dir = Path(run_dir)
+    if model is None:
+        model, config = load_student(run_dir, device)
+    if not store.complete():
+        raise ZsdError(f"{store.path} is not complete: finish `zsd cache-teacher` before computing student embeddings")
+    fingerprint = student_fingerprint(run_dir, config)
+    sid = teacher_id(fingerprint)
+    source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
+    out = run_dir / "embeddings" / store.path.name
+    keys = store.keys()
+    if out.exists():
+        old = open_store(out, mode="r+")
+        if old.teacher_id == sid and old.attrs.get("embeds") == source and np.array_equal(old.keys(), keys):
+            if old.complete():
+                return old
+        else:  # an earlier checkpoint's or another store's embeddings: they describe nothing now
+            shutil.rmtree(out)
+    emb_store = create_store(out, keys=keys, labels=store.labels(), locs=store.locs(), views=1,
+                             dim=int(config["embed_dim"]), teacher=fingerprint, teacher_id=sid,
+                             classnames=store.classnames, sources=store.sources,
+                             chunk_rows=store.chunk_rows, extra={"embeds": source})
+
+    pre = Preprocess.from_dict(config["preprocess"])
+    teacher_status, teacher_errors = store.status(), store.errors()
+    batches, buffers = [], {}
+    for c in emb_store.pending_chunks():
+        sl = emb_store.chunk_slice(c)
+        n = sl.stop - sl.start
+        ok = [r for r in range(sl.start, sl.stop) if teacher_status[r] == WRITTEN]
+        status = np.where(teacher_status[sl] == WRITTEN, WRITTEN, FAILED).astype(np.uint8)
+        errors = [str(e) or "not embedded by the teacher" if s != WRITTEN else ""
+                  for s, e in zip(teacher_status[sl], teacher_errors[sl])]
+        buffers[c] = {"start": sl.start, "left": len(ok), "emb": np.zeros((n, 1, emb_store.dim), np.float16),
+                      "view": np.zeros((n, 1, 5), np.int32), "error": errors, "status": status}
+        if not ok:
+            _flush(emb_store, c, buffers.pop(c))
+        batches += [ok[s:s + batch_size] for s in range(0, len(ok), batch_size)]
+    dataset = ViewDataset(store.sources, list(keys), store.locs(), pre, 1, 0, (1.0, 1.0))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
+    model = model.to(device).eval()
+    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"student -> {out.parent.parent.name}/{out.name}",
+               disable=not progress, dynamic_ncols=True)
+    for items in loader:
+        c = items[0][0] // emb_store.chunk_rows
+        buf = buffers[c]
+        good = [it for it in items if it[1] is not None]
+        if good:
+            x = normalize(torch.stack([it[1][0] for it in good]), pre.mean, pre.std).to(device)
+            z = model.encode_images(x).cpu().numpy().astype(np.float16)
+            for it, e in zip(good, z):
+                buf["emb"][it[0] - buf["start"], 0], buf["view"][it[0] - buf["start"]] = e, it[2]
+        for it in items:
+            if it[1] is None:  # the teacher read it, so this is rare (a file changed since)
+                buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
+        buf["left"] -= len(items)
+        if buf["left"] == 0:
+            _flush(emb_store, c, buffers.pop(c))
+        bar.update(len(items))
+    bar.close()
+    return emb_store
+
+
+def _flush(store: Store, c: int, buf: dict) -> None:
+    store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
+
+
+# ---------------------------------------------------------------- the evaluation
+
+def prepare_test_store(test: str, teacher: str | None, pretrained: str | None, device: str,
+                       workers: int | None, progress: bool, log) -> Store:
+    """A store name/path opens as is; an image folder is first cached with the teacher (1 view)."""
+    folder = Path(test)
+    if folder.is_dir() and not (folder / "zarr.json").exists():
+        teacher = teacher or DEFAULT_TEACHER
+        tag = hashlib.sha256(json.dumps([str(folder.resolve()), teacher, pretrained]).encode()).hexdigest()[:8]
+        out = cache_dir() / f"{folder.name}-{tag}.zarr"
+        log(f"caching test images of {folder} with {teacher} into {out}")
+        cache_teacher([str(folder)], str(out), teacher=teacher, pretrained=pretrained, views=1, workers=workers,
+                      device=device, progress=progress, log=log)
+        return open_store(out)
+    return open_store(resolve_store(test))
+
+
+def dataset_name(store: Store) -> str:
+    return store.path.name.removesuffix(".zarr")
+
+
+def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None, pretrained: str | None = None,
+             templates: str | None = None, classnames: str | None = None, device: str = "auto",
+             batch_size: int = 128, workers: int | None = 0, confusion: bool = False,
+             out_dir: str | None = None, progress: bool = True, log=print) -> list[dict]:
+    """Zero-shot metrics of the teacher and every student; one CLIP_benchmark-shaped dict each."""
+    store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
+    if store.rows == 0:
+        raise ZsdError(f"{store.path} holds no images")
+    labels = store.labels()
+    if not store.classnames or (labels < 0).all():
+        raise ZsdError(f"{store.path} is unlabelled: zero-shot accuracy needs a labelled test set")
+    keep, names, note = select_classes(store.classnames, classnames)
+    if note:
+        log(f"note: {note}")
+    model = open_eval_teacher(store.teacher, store.teacher_id, pretrained, device)
+    dataset = dataset_name(store)
+    template_source, template_list = resolve_templates(templates, dataset)
+    z = zero_shot_classifier(model, names, template_list).astype(np.float64)
+
+    new_label = np.full(max(len(store.classnames), 1), -1)
+    new_label[keep] = np.arange(len(keep))
+    mapped = np.where(labels >= 0, new_label[np.maximum(labels, 0)], -1)
+    rows = store.written() & (mapped >= 0)
+    dropped = int((store.written() & (labels >= 0) & (mapped < 0)).sum())
+    if dropped:
+        log(f"note: {dropped} test images of classes outside --classnames are left out")
+    if not rows.any():
+        raise ZsdError(f"{store.path} has no written, labelled rows of the evaluated classes")
+    teacher_scores = store.embeddings(view=0).astype(np.float64) @ z.T
+    teacher_pred = teacher_scores.argmax(axis=1)
+
+    common = {"dataset": dataset, "task": "zeroshot_classification", "language": "en",
+              "teacher_id": store.teacher_id, "classnames": names, "templates": template_source,
+              "n_templates": len(template_list), "classes_note": note, "dropped_rows": dropped}
+    results = []
+    metrics = classification_metrics(teacher_scores[rows], mapped[rows], teacher_pred[rows], confusion)
+    results.append({"model": store.teacher["model"], "pretrained": store.teacher["weights"], "role": "teacher",
+                    "metrics": metrics, "n_images": int(rows.sum()), "embeddings": str(store.path), **common})
+    for run_dir in students:
+        student, config = load_student(run_dir, resolve_device(device))
+        if config.get("teacher_id") != store.teacher_id:
+            raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
+                           f"{store.path} holds teacher {store.teacher_id}'s embeddings")
+        emb = student_embeddings(run_dir, store, student, config, device=next(student.parameters()).device,
+                                 batch_size=batch_size, workers=workers or 0, progress=progress)
+        ok = rows & emb.written()
+        scores = emb.embeddings(view=0).astype(np.float64) @ z.T
+        metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)
+        results.append({"model": config["student"], "pretrained": emb.teacher["weights"], "role": "student",
+                        "run_dir": str(run_dir), "metrics": metrics, "n_images": int(ok.sum()),
+                        "embeddings": str(emb.path), **common})
+    if out_dir:
+        write_results(results, out_dir)
+    return results
+
+
+def result_label(result: dict) -> str:
+    label = "teacher" if result["role"] == "teacher" else Path(result["run_dir"]).resolve().name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label)
+
+
+def write_results(results: list[dict], out_dir: str | os.PathLike) -> list[Path]:
+    """One JSON per (data set, model), as CLIP_benchmark writes them: easy to glob and aggregate."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for r in results:
+        path = out_dir / f"{r['dataset']}__{result_label(r)}.json"
+        path.write_text(json.dumps(r, indent=2) + "\n")
+        paths.append(path)
+    return paths
+
+
+def results_table(results: list[dict]) -> str:
+    head = f"{'model':<28} {'acc1':>7} {'acc5':>7} {'mpcr':>7} {'agree':>7} {'n':>7}"
+    lines = [f"{results[0]['dataset']}: zero-shot, templates {results[0]['templates']}", head, "-" * len(head)]
+    for r in results:
+        m = r["metrics"]
+        name = "teacher " + r["model"] if r["role"] == "teacher" else result_label(r)
+        lines.append(f"{name[:28]:<28} {100 * m['acc1']:>7.2f} {100 * m['acc5']:>7.2f} "
+                     f"{100 * m['mean_per_class_recall']:>7.2f} {100 * m['agreement_with_teacher']:>7.2f} "
+                     f"{r['n_images']:>7}")
+    return "\n".join(lines)
