@@ -345,7 +345,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
             epoch_losses.append(loss_sum)
             last_loss = loss_sum
             if main_proc:
-                record = {"step": step, "epoch": epoch, "loss": loss_sum, "terms": term_sums,
+                record = {"step": step, "epoch": epoch, "images": n_images, "loss": loss_sum, "terms": term_sums,
                           "lr": optimizer.param_groups[0]["lr"],
                           "images_per_s": n_images / max(time.perf_counter() - t0, 1e-9),
                           "dist": _distances_summary(dists), "skipped_images": skipped_total}
