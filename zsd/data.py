@@ -119,41 +119,56 @@ class TrainTargets:
 
     # --- order
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        """(rows_per_epoch, 3) int64 array of (store, row, view): the samples of one epoch, in order."""
+        """(rows_per_epoch, 3) int64 array of (store, row, view): the samples of one epoch, in order.
+
+        Vectorised, so that an epoch of a DataComp-scale store is ordered in seconds.
+        """
         rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
-        blocks = []  # per store: its blocks in a random order, each an array of written rows
+        # Per store: its written rows laid out block after block, blocks in a random order.
+        rows, bounds = [], []
         for src in self.sources:
             if src.in_ram:
-                per = [np.array([r]) for r in rng.permutation(src.rows)]
+                rows.append(rng.permutation(src.rows))
+                bounds.append(np.arange(len(src.rows) + 1))
             else:
-                cr = src.store.chunk_rows
-                per = [src.rows[(src.rows >= c * cr) & (src.rows < (c + 1) * cr)]
-                       for c in rng.permutation(src.store.n_chunks)]
-                per = [b for b in per if len(b)]
-            blocks.append(per)
+                edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
+                chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
+                rows.append(np.concatenate([src.rows[edges[c]:edges[c + 1]] for c in chunks]))
+                bounds.append(np.concatenate([[0], np.cumsum(edges[chunks + 1] - edges[chunks])]))
+        n_blocks = np.array([len(b) - 1 for b in bounds])
+
+        # The sequence of blocks of this epoch, as (store, block) pairs.
         if self.sources[0].weight is None:
-            flat = [(i, b) for i, per in enumerate(blocks) for b in per]
-            sequence = [flat[j] for j in rng.permutation(len(flat))]
-        else:
+            first_block = np.concatenate([[0], np.cumsum(n_blocks)])
+            ids = rng.permutation(first_block[-1])
+            store = np.searchsorted(first_block, ids, side="right") - 1
+            block = ids - first_block[store]
+        else:  # each block >= 1 row, so rows_per_epoch draws always fill the epoch
             p = np.array([src.weight / src.block_rows for src in self.sources])
-            p /= p.sum()
-            sequence, cursor, n = [], [0] * len(blocks), 0
-            while n < self.rows_per_epoch:
-                i = int(rng.choice(len(blocks), p=p))
-                b = blocks[i][cursor[i] % len(blocks[i])]
-                cursor[i] += 1
-                sequence.append((i, b))
-                n += len(b)
-        samples = []
-        window = self.shuffle_chunks
-        for w0 in range(0, len(sequence), window):
-            part = np.concatenate([np.stack([np.full(len(b), i), b], 1) for i, b in sequence[w0:w0 + window]])
-            if len(part) > 1:
-                part = part[rng.permutation(len(part))]
-            samples.append(part)
-        samples = np.concatenate(samples)[:self.rows_per_epoch]
-        views = np.array([self.sources[i].store.views for i in samples[:, 0]])
-        return np.concatenate([samples, (rng.random(len(samples)) * views).astype(np.int64)[:, None]], 1)
+            store = rng.choice(len(self.sources), size=self.rows_per_epoch, p=p / p.sum())
+            block = np.empty_like(store)
+            for i, n in enumerate(n_blocks):
+                mine = store == i
+                block[mine] = np.arange(mine.sum()) % n  # cycle through the store's own permutation
+        all_bounds = np.concatenate(bounds)
+        where = np.concatenate([[0], np.cumsum(n_blocks + 1)])[store] + block
+        starts, lengths = all_bounds[where], all_bounds[where + 1] - all_bounds[where]
+        keep = np.searchsorted(np.cumsum(lengths), self.rows_per_epoch) + 1
+        store, starts, lengths = store[:keep], starts[:keep], lengths[:keep]
+
+        # Expand blocks into samples; shuffle the samples within windows of `shuffle_chunks` blocks.
+        total = int(lengths.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        sample_store = np.repeat(store, lengths)
+        position = np.repeat(starts, lengths) + within
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        sample_row = np.concatenate(rows)[offsets[sample_store] + position]
+        window = np.repeat(np.arange(len(store)) // self.shuffle_chunks, lengths)
+        shuffled = np.lexsort((rng.random(total), window))[:self.rows_per_epoch]
+        sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
+        views = np.array([src.store.views for src in self.sources])[sample_store]
+        sample_view = (rng.random(len(sample_row)) * views).astype(np.int64)
+        return np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
 
     # --- targets
     def targets(self, items: np.ndarray) -> torch.Tensor:

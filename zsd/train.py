@@ -225,7 +225,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
         model.load_state_dict(init_model.state_dict())
     text = None
     if any(n in NEEDS_TEXT for n in loss_weights):
-        if (data.labels(np.array([[i, r, 0] for i, s in enumerate(data.sources) for r in s.rows])) < 0).any():
+        if any((src.labels[src.rows] < 0).any() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
         run_dir.mkdir(parents=True, exist_ok=True)
         if main_proc:
@@ -273,7 +273,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
     plan = BatchPlan(data, seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
     loader = DataLoader(ViewDataset(data, student_pre), batch_sampler=plan, num_workers=workers,
-                        collate_fn=collate, persistent_workers=False, prefetch_factor=4 if workers else None,
+                        collate_fn=collate, prefetch_factor=4 if workers else None,
                         pin_memory=dev.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
