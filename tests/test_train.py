@@ -16,7 +16,7 @@ from zsd.store import PENDING, open_store
 from zsd.student import load_student, student_preprocess
 from zsd.teachers import create_teacher
 from zsd.train import STATE, train
-from zsd.views import normalize
+from zsd.views import normalize, resize_pixels
 
 STUDENT = "test_resnet"
 FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", progress=False,
@@ -54,7 +54,10 @@ def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name)
         np.testing.assert_allclose(z, emb[:, view].astype(np.float32), atol=2e-3)
         # and the student input is those pixels at the student's resolution and normalisation
         item, x, err = ds[(0, 0, view)]
+        sp = ds.student_pre
         assert err == "" and x.shape == (3, 32, 32)
+        torch.testing.assert_close(x, normalize(resize_pixels(px[0], 32, sp.interpolation), sp.mean, sp.std))
+        assert sp.mean != pre.mean  # the student's own normalisation, not the teacher's
     # a wrong view (other crop) does not reproduce it: the check can fail
     px = torch.stack([ds.teacher_pixels(0, r, 1) for r in range(s.rows)])
     z = teacher.encode_images(normalize(px, pre.mean, pre.std)).numpy()
@@ -128,11 +131,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
 
     monkeypatch.setattr(zsd.losses, "l2_loss", poisoned)
     run = tmp_path / "run"
-    with pytest.raises(ZsdError, match=r"loss became nan at step 3.*last good checkpoint \(step 2\)"):
+    with pytest.raises(ZsdError, match=r"loss became nan at step 4.*last good checkpoint \(step 2\)"):
         train([store], out=str(run), steps=6, save_every=2, **FAST)
     a, b = weights(reference), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the step-2 weights, not the poisoned ones
     assert torch.load(run / STATE, weights_only=False)["step"] == 2
+    assert (run / "log.jsonl").read_text().count('"loss"') == 3  # step 3 was logged, not saved
+    # resuming after the crash continues from step 2; the log forgets what came after it
+    monkeypatch.setattr(zsd.losses, "l2_loss", real)
+    train([store], out=str(run), steps=6, save_every=2, resume=True, **FAST)
+    logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
+    assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_stage_init_and_teacher_mismatch(store, image_folder, tmp_path, tiny_clip_dir):
@@ -175,8 +184,10 @@ def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp
     assert "unreadable images skipped" in messages[-1]
 
 
-def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name):
+def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name, monkeypatch):
     assert parse_target("a.zarr=0.7") == ("a.zarr", 0.7) and parse_target("pets") == ("pets", None)
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path))
+    assert TrainTargets(["s=2"], log=lambda m: None).sources[0].store.path == tmp_path / "s.zarr"  # bare name
     second = make_store(image_folder, tmp_path / "b.zarr", tiny_teacher_name, views=1)
     targets = TrainTargets([f"{store}=1", f"{second}=9"], log=lambda m: None)
     counts = np.bincount(np.concatenate([targets.epoch_order(0, e)[:, 0] for e in range(30)]), minlength=2)

@@ -136,6 +136,16 @@ def _distances_summary(d: np.ndarray) -> dict:
             "max": float(d.max())}
 
 
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
 def _setup_distributed(device: str):
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -280,6 +290,8 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
 
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            _truncate_log(run_dir / LOG, start)
     log_file = open(run_dir / LOG, "a") if main_proc else None
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train {student} -> {run_dir.name}",
                disable=not (progress and main_proc), dynamic_ncols=True)
@@ -328,7 +340,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
             if finite.item():
                 where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
                     else "no checkpoint was written yet"
-                raise ZsdError(f"loss became {loss_sum} at step {step}: stopping; {where} in {run_dir}")
+                raise ZsdError(f"loss became {loss_sum} at step {step + 1}: stopping; {where} in {run_dir}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
