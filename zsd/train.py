@@ -115,6 +115,7 @@ def save_checkpoint(run_dir: Path, model, criterion, optimizer, config: dict, st
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
         "seed": seed,
+        "teacher_id": config["teacher_id"],
         "train_args": config["train_args"],
     }
     tmp = run_dir / (STATE + ".tmp")
@@ -199,14 +200,17 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
     total = steps if steps is not None else max(1, round((epochs or 1) * steps_per_epoch))
 
     # Resume: the run's own arguments win, so the continuation is the same run.
-    state = None
+    state, init_recorded = None, init
     if resume and (run_dir / STATE).is_file():
         state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
         prev = state["train_args"]
         for name, now in (("student", student), ("batch_size", batch_size), ("seed", seed)):
             if now is not None and prev.get(name) is not None and prev[name] != now:
                 raise ZsdError(f"--resume: {run_dir} was trained with {name}={prev[name]}, not {now}")
-        student, student_res, init = prev["student"], prev["student_res"], prev["init"]
+        if state["teacher_id"] != data.teacher_id:
+            raise ZsdError(f"--resume: {run_dir} was trained on another teacher's targets (id {state['teacher_id']})")
+        student, student_res = prev["student"], prev["student_res"]
+        init_recorded, init = prev["init"], None  # the checkpoint holds the weights
         if prev["total_steps"] != total:
             raise ZsdError(f"--resume: {run_dir} is a run of {prev['total_steps']} steps, not {total}: "
                            "pass the same --epochs/--steps")
@@ -271,7 +275,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
     train_args = {"targets": list(targets), "student": student, "student_res": student_pre.size,
                   "losses": loss_weights, "epochs": epochs, "steps": steps, "total_steps": total,
                   "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-                  "schedule": schedule, "accum": accum, "init": init, "precision": precision, "seed": seed,
+                  "schedule": schedule, "accum": accum, "init": init_recorded, "precision": precision, "seed": seed,
                   "superclass": superclass, "world_size": world}
     config = {"student": student, "embed_dim": data.dim, "preprocess": student_pre.to_dict(),
               "teacher": data.teacher, "teacher_id": data.teacher_id, "classnames": data.classnames,
