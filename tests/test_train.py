@@ -220,3 +220,29 @@ def test_cli_train_and_one_line_errors(store, tmp_path, capsys):
                   "--loss", "hinge", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "zsd: error: unknown loss 'hinge'; choose from l2, mse, cosine, contrastive-image, clip, mp"
+
+
+def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monkeypatch):
+    import zsd.train
+
+    args = dict(steps=6, save_every=2, **FAST)
+    train([store], out=str(tmp_path / "full"), **args)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def killed_midway(obj, path, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the state of step 4: half a file, then the process dies
+            open(path, "wb").write(b"half a pickle")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(zsd.train.torch, "save", killed_midway)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train([store], out=str(run), **args)
+    monkeypatch.setattr(zsd.train.torch, "save", real_save)
+    assert torch.load(run / STATE, weights_only=False)["step"] == 2  # the last good state is intact
+    train([store], out=str(run), resume=True, **args)
+    a, b = weights(tmp_path / "full"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
