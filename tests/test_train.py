@@ -81,6 +81,15 @@ def test_data_order_is_a_function_of_seed_and_epoch(store):
     np.testing.assert_array_equal(streamed.targets(order).numpy(), emb[order[:, 1], order[:, 2]].astype(np.float32))
 
 
+def test_streamed_store_trains_and_resumes_identically(store, tmp_path):
+    args = dict(steps=4, in_ram="no", shuffle_chunks=1, **FAST)
+    train([store], out=str(tmp_path / "full"), **args)
+    train([store], out=str(tmp_path / "parts"), stop_after=3, **args)
+    train([store], out=str(tmp_path / "parts"), resume=True, **args)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):
     run = tmp_path / "run"
     summary = train([store], out=str(run), steps=24, **{**FAST, "lr": 3e-3, "precision": "bf16"})
