@@ -255,3 +255,11 @@ def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monke
     train([store], out=str(run), resume=True, **args)
     a, b = weights(tmp_path / "full"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_papers_student_family_builds():
+    """TinyViT (the paper's student) takes no img_size argument; the student must still build."""
+    from zsd.student import Student
+
+    model = Student("tiny_vit_5m_224", 16, 224)
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
