@@ -311,22 +311,27 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, lr, warmup, total, schedule)
             loss_sum, term_sums, dists, n_images = 0.0, {}, [], 0
-            for a in range(accum):
+            for _ in range(accum):
                 items, pixels, errors = next(batches)
                 skipped_images += len(errors)
-                if pixels is None or len(pixels) < 2:  # unreadable images; BatchNorm needs two samples
+                # Unreadable images leave holes; BatchNorm needs two samples. Under DDP every rank
+                # skips together, or the others would wait for this one's gradients forever.
+                usable = torch.tensor([0.0 if pixels is None or len(pixels) < 2 else 1.0])
+                if world > 1:
+                    dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+                if not usable.item():
                     continue
                 x = pixels.to(dev, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t = data.targets(items).to(dev)
                 labels = data.labels(items).to(dev)
-                sync = a == accum - 1 or world == 1
-                with (train_model.no_sync() if not sync else nullcontext()):
-                    with autocast:
-                        s = train_model(x)
-                    loss, terms = criterion(s, t, labels)
-                    (loss / accum).backward()
+                # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
+                # micro-batch cannot leave the earlier ones unsynchronised.
+                with autocast:
+                    s = train_model(x)
+                loss, terms = criterion(s, t, labels)
+                (loss / accum).backward()
                 loss_sum += loss.item() / accum
                 for k, v in terms.items():
                     term_sums[k] = term_sums.get(k, 0.0) + v.item() / accum
