@@ -263,3 +263,25 @@ def test_the_papers_student_family_builds():
 
     model = Student("tiny_vit_5m_224", 16, 224)
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
+
+
+def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, tiny_teacher_name):
+    # a teacher whose weights were a local file: the store records only its hash
+    s = open_store(store, mode="r+")
+    attrs = dict(s.attrs)
+    attrs["teacher"] = {**attrs["teacher"], "model": "ViT-B-32", "weights": "sha256:" + "0" * 64}
+    s.group.attrs["zsd"] = attrs
+    with pytest.raises(ZsdError, match="pass --teacher-weights FILE"):
+        train([store], out=str(tmp_path / "a"), steps=1, losses=["clip"], **FAST)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"not the teacher")
+    with pytest.raises(ZsdError, match="is not the file the targets were cached with"):
+        train([store], out=str(tmp_path / "b"), steps=1, losses=["mp"], teacher_weights=str(other), **FAST)
+    # unlabelled rows (a flat folder) cannot be used by class-prompt losses
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in image_folder.rglob("*.*"):
+        shutil.copy(p, flat / p.name)
+    unlabelled = make_store(flat, tmp_path / "flat.zarr", tiny_teacher_name, views=1)
+    with pytest.raises(ZsdError, match="need class labels|need labelled rows"):
+        train([unlabelled], out=str(tmp_path / "c"), steps=1, losses=["clip"], **FAST)
