@@ -228,6 +228,65 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
     if plot:
         plot_coverage(report, plot)
 
+@cli.command("train")
+@click.option("--targets", "targets", multiple=True, required=True, metavar="STORE[=W]",
+              help="Target store (path, or a bare name in the cache dir); repeat to mix stores. "
+                   "STORE=W gives mixing weights (per row; give one to every store or none).")
+@click.option("--student", default=None, help="timm model name, e.g. tiny_vit_11m_224, efficientnet_b0, resnet18 "
+                                             "[default with --init: the init student's].")
+@click.option("--out", required=True, help="Run folder: student.safetensors/.json, train_state.pt, log.jsonl.")
+@click.option("--loss", "losses", multiple=True, metavar="L[=W]",
+              help="Loss and weight, repeatable: l2 (default), mse, cosine, contrastive-image, clip, mp; "
+                   "e.g. --loss l2 --loss clip=0.5.")
+@click.option("--epochs", type=float, default=None, help="Epochs over all target rows [default: 1].")
+@click.option("--steps", type=int, default=None, help="Optimizer steps instead of --epochs.")
+@click.option("--batch-size", default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
+@click.option("--lr", default=5e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", default=0.05, show_default=True)
+@click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
+@click.option("--accum", default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
+@click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
+@click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
+              help="bf16 autocast (also on CPU) or plain fp32.")
+@click.option("--no-channels-last", is_flag=True, help="Keep the default NCHW memory format.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
+@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--seed", default=0, show_default=True, help="Seeds the student's init and the data order.")
+@click.option("--save-every", default=500, show_default=True, help="Write a checkpoint every N steps.")
+@click.option("--stop-after", type=int, default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
+@click.option("--superclass", default="object", show_default=True,
+              help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
+@click.option("--teacher-weights", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="For clip/mp when the teacher's weights were a local file: that file.")
+@click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
+@click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
+              student_res, init, resume, device, precision, no_channels_last, compile_, workers, seed, save_every,
+              stop_after, superclass, teacher_weights, in_ram, shuffle_chunks, json_out):
+    """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
+
+    Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
+    source; the teacher itself is not run (except once for clip/mp class-prompt embeddings).
+    Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP).
+    """
+    from zsd.train import train
+
+    summary = train(list(targets), student, out, losses=list(losses), epochs=epochs, steps=steps,
+                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule,
+                    accum=accum, student_res=student_res, init=init, resume=resume, device=device,
+                    precision=precision, channels_last=not no_channels_last, compile=compile_, workers=workers,
+                    seed=seed, save_every=save_every, stop_after=stop_after, superclass=superclass,
+                    teacher_weights=teacher_weights, in_ram=in_ram, shuffle_chunks=shuffle_chunks,
+                    log=lambda m: click.echo(m, err=True))
+    if json_out:
+        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+
 
 def main(argv=None):
     try:

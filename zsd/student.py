@@ -27,7 +27,10 @@ class Student(nn.Module):
         super().__init__()
         kwargs = {"img_size": image_size} if image_size and _takes_img_size(name) else {}
         try:
-            self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            try:
+                self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+            except TypeError:  # ViT-like models without a fixed grid (TinyViT) take no img_size
+                self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
         except RuntimeError as e:
             raise ZsdError(f"cannot create timm student {name!r}: {str(e).splitlines()[0]}") from None
         # Pooled output width: head_hidden_size where a pre-logits layer follows the features (MobileNetV3).

@@ -1,0 +1,287 @@
+"""The trainer on tiny stores made by the tiny teacher: views, order, resume, init, failures, CLI."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from zsd.cache import cache_teacher
+from zsd.cli import main as cli_main
+from zsd.data import TrainTargets, ViewDataset, parse_target
+from zsd.errors import ZsdError
+from zsd.store import PENDING, open_store
+from zsd.student import load_student, student_preprocess
+from zsd.teachers import create_teacher
+from zsd.train import STATE, train
+from zsd.views import normalize, resize_pixels
+
+STUDENT = "test_resnet"
+FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", progress=False,
+            precision="fp32", log=lambda m: None)
+
+
+def make_store(image_folder, path, teacher, views=3):
+    cache_teacher([str(image_folder)], str(path), teacher=teacher, pretrained=None, views=views, chunk_rows=4,
+                  workers=0, progress=False, log=lambda m: None)
+    return str(path)
+
+
+@pytest.fixture
+def store(image_folder, tmp_path, tiny_teacher_name):
+    return make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
+
+
+def weights(run_dir):
+    return load_file(str(run_dir / "student.safetensors"))
+
+
+def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
+    """The pixels the trainer rebuilds for a (row, view), fed to the teacher, give the cached embedding."""
+    targets = TrainTargets([store], log=lambda m: None)
+    ds = ViewDataset(targets, student_preprocess(STUDENT, 32))
+    teacher = create_teacher(tiny_teacher_name, None, "cpu")
+    s = open_store(store)
+    emb = s.embeddings()
+    pre = teacher.preprocess
+    params = s.view_params()
+    assert (params[:, 1:, :4] != params[:, :1, :4]).any()  # augmented views really are other crops
+    for view in range(s.views):
+        px = torch.stack([ds.teacher_pixels(0, r, view) for r in range(s.rows)])
+        z = teacher.encode_images(normalize(px, pre.mean, pre.std)).numpy()
+        np.testing.assert_allclose(z, emb[:, view].astype(np.float32), atol=2e-3)
+        # and the student input is those pixels at the student's resolution and normalisation
+        item, x, err = ds[(0, 0, view)]
+        sp = ds.student_pre
+        assert err == "" and x.shape == (3, 32, 32)
+        torch.testing.assert_close(x, normalize(resize_pixels(px[0], 32, sp.interpolation), sp.mean, sp.std))
+        assert sp.mean != pre.mean  # the student's own normalisation, not the teacher's
+    # a wrong view (other crop) does not reproduce it: the check can fail
+    px = torch.stack([ds.teacher_pixels(0, r, 1) for r in range(s.rows)])
+    z = teacher.encode_images(normalize(px, pre.mean, pre.std)).numpy()
+    assert np.abs(z - emb[:, 2].astype(np.float32)).max() > 1e-2
+
+
+def test_data_order_is_a_function_of_seed_and_epoch(store):
+    targets = TrainTargets([store], log=lambda m: None)
+    a, b = targets.epoch_order(0, 0), targets.epoch_order(0, 0)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, targets.epoch_order(0, 1))
+    assert sorted(a[:, 1]) == list(range(12))  # every row once per epoch
+    assert set(a[:, 2]) <= {0, 1, 2}
+    streamed = TrainTargets([store], in_ram="no", shuffle_chunks=1, log=lambda m: None)
+    order = streamed.epoch_order(0, 0)
+    assert sorted(order[:, 1]) == list(range(12))
+    # one chunk at a time: each run of 4 samples is one chunk's rows
+    assert all(len({r // 4 for r in order[i:i + 4, 1]}) == 1 for i in range(0, 12, 4))
+    # streamed targets are the stored ones
+    emb = open_store(store).embeddings()
+    np.testing.assert_array_equal(streamed.targets(order).numpy(), emb[order[:, 1], order[:, 2]].astype(np.float32))
+
+
+def test_streamed_store_trains_and_resumes_identically(store, tmp_path):
+    args = dict(steps=4, in_ram="no", shuffle_chunks=1, **FAST)
+    train([store], out=str(tmp_path / "full"), **args)
+    train([store], out=str(tmp_path / "parts"), stop_after=3, **args)
+    train([store], out=str(tmp_path / "parts"), resume=True, **args)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):
+    run = tmp_path / "run"
+    summary = train([store], out=str(run), steps=24, **{**FAST, "lr": 3e-3, "precision": "bf16"})
+    assert summary["finished"] and summary["steps"] == 24
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 24 and sum(1 for r in log if "epoch_end" in r) == 8
+    first, last = np.mean([r["loss"] for r in steps[:3]]), np.mean([r["loss"] for r in steps[-3:]])
+    assert last < 0.7 * first
+    r = steps[-1]
+    assert set(r["dist"]) == {"mean", "p50", "p90", "max"} and r["dist"]["max"] >= r["dist"]["p90"] >= r["dist"]["p50"]
+    assert r["loss"] == pytest.approx(r["terms"]["l2"]) and r["images_per_s"] > 0 and r["lr"] == 3e-3
+    model, cfg = load_student(run)
+    s = open_store(store)
+    assert cfg["teacher_id"] == s.teacher_id and cfg["embed_dim"] == s.dim and cfg["preprocess"]["size"] == 32
+    assert cfg["train_args"]["total_steps"] == 24 and (run / STATE).is_file()
+    assert not list(run.glob("*.tmp"))
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
+    args = dict(steps=8, losses=["l2", "contrastive-image=0.5"], save_every=3, **FAST)
+    train([store], out=str(tmp_path / "full"), **args)
+    train([store], out=str(tmp_path / "parts"), stop_after=5, **args)
+    assert open_store(store) and json.loads((tmp_path / "parts/student.json").read_text())["step"] == 5
+    with pytest.raises(ZsdError, match="--resume"):
+        train([store], out=str(tmp_path / "parts"), **args)
+    train([store], out=str(tmp_path / "parts"), resume=True, **args)
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full_log = (tmp_path / "full/log.jsonl").read_text().splitlines()
+    parts_log = (tmp_path / "parts/log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["loss"] for x in full_log if "\"loss\"" in x] == \
+           [json.loads(x)["loss"] for x in parts_log if "\"loss\"" in x]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
+    import zsd.losses
+
+    reference = tmp_path / "ref"
+    train([store], out=str(reference), steps=2, **FAST)
+    calls = {"n": 0}
+    real = zsd.losses.l2_loss
+
+    def poisoned(s, t):
+        calls["n"] += 1
+        return real(s, t) * (float("nan") if calls["n"] == 4 else 1.0)
+
+    monkeypatch.setattr(zsd.losses, "l2_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(ZsdError, match=r"loss became nan at step 4.*last good checkpoint \(step 2\)"):
+        train([store], out=str(run), steps=6, save_every=2, **FAST)
+    a, b = weights(reference), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the step-2 weights, not the poisoned ones
+    assert torch.load(run / STATE, weights_only=False)["step"] == 2
+    assert (run / "log.jsonl").read_text().count('"loss"') == 3  # step 3 was logged, not saved
+    # resuming after the crash continues from step 2; the log forgets what came after it
+    monkeypatch.setattr(zsd.losses, "l2_loss", real)
+    train([store], out=str(run), steps=6, save_every=2, resume=True, **FAST)
+    logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
+    assert logged == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_stage_init_and_teacher_mismatch(store, image_folder, tmp_path, tiny_clip_dir):
+    stage1 = tmp_path / "stage1"
+    train([store], out=str(stage1), steps=3, **FAST)
+    stage2 = tmp_path / "stage2"
+    # the student name comes from --init; a zero-lr run keeps the init weights exactly
+    args = {**FAST, "student": None, "lr": 0.0}
+    train([store], out=str(stage2), steps=1, init=str(stage1), **args)
+    a, b = weights(stage1), weights(stage2)
+    assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
+    assert json.loads((stage2 / "student.json").read_text())["train_args"]["init"] == str(stage1)
+
+    # the same tiny architecture with other weights is another teacher
+    other_dir = tmp_path / "other_clip"
+    shutil.copytree(tiny_clip_dir, other_dir)
+    from safetensors.torch import load_file as lf, save_file
+    w = lf(str(other_dir / "open_clip_model.safetensors"))
+    w = {k: v + 0.01 for k, v in w.items()}
+    save_file(w, str(other_dir / "open_clip_model.safetensors"))
+    other = make_store(image_folder, tmp_path / "other.zarr", f"local-dir:{other_dir}", views=1)
+    with pytest.raises(ZsdError, match="another teacher"):
+        train([other], out=str(tmp_path / "bad"), steps=1, init=str(stage1), **args)
+    with pytest.raises(ZsdError, match="different teachers"):
+        train([store, other], out=str(tmp_path / "bad2"), steps=1, **FAST)
+
+
+def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp_path):
+    s = open_store(store, mode="r+")
+    st = s.status()
+    st[4:8] = PENDING  # chunk 1 not written yet
+    s.group["status"][:] = st
+    (image_folder / "cat" / "cat_0.png").write_bytes(b"not an image any more")  # row 0
+    shutil.rmtree(image_folder / "fish_tank")  # rows 8..11 gone
+    messages = []
+    summary = train([store], out=str(tmp_path / "run"), steps=1, **{**FAST, "batch_size": 8, "log": messages.append})
+    assert summary["skipped_rows"] == 4
+    assert any("skipping 4 of 12 rows not written (4 pending, 0 failed)" in m for m in messages)
+    assert summary["skipped_images"] == 5 and summary["images"] == 3  # 8 written rows: 5 unreadable, 3 trained
+    assert "unreadable images skipped" in messages[-1]
+
+
+def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name, monkeypatch):
+    assert parse_target("a.zarr=0.7") == ("a.zarr", 0.7) and parse_target("pets") == ("pets", None)
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path))
+    assert TrainTargets(["s=2"], log=lambda m: None).sources[0].store.path == tmp_path / "s.zarr"  # bare name
+    second = make_store(image_folder, tmp_path / "b.zarr", tiny_teacher_name, views=1)
+    targets = TrainTargets([f"{store}=1", f"{second}=9"], log=lambda m: None)
+    counts = np.bincount(np.concatenate([targets.epoch_order(0, e)[:, 0] for e in range(30)]), minlength=2)
+    assert 0.85 < counts[1] / counts.sum() < 0.95
+    with pytest.raises(ZsdError, match="every"):
+        TrainTargets([f"{store}=1", second])
+
+
+def test_clip_and_mp_use_cached_class_prompt_embeddings(store, tmp_path, tiny_teacher_name):
+    run = tmp_path / "run"
+    train([store], out=str(run), steps=2, losses={"mp": 1.0, "clip": 0.5}, superclass="animal", **FAST)
+    cached = torch.load(run / "text_embeddings.pt", weights_only=True)
+    assert cached["key"]["classes"] == ["cat", "dog", "fish tank"]
+    teacher = create_teacher(tiny_teacher_name, None, "cpu")
+    expected = teacher.classifier(["cat", "dog", "fish tank"], ["a photo of a {c}, a type of animal."])
+    torch.testing.assert_close(cached["embeddings"], expected)
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
+    assert set(log[0]["terms"]) == {"mp", "clip"}
+
+
+def test_cli_train_and_one_line_errors(store, tmp_path, capsys):
+    out = tmp_path / "cli_run"
+    cli_main(["train", "--targets", store, "--student", STUDENT, "--student-res", "32", "--out", str(out),
+              "--steps", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--loss", "l2",
+              "--loss", "cosine=0.5", "--json", str(tmp_path / "summary.json")])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 2 and load_student(out)[1]["train_args"]["losses"] == {"l2": 1.0, "cosine": 0.5}
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--targets", store, "--student", STUDENT, "--out", str(tmp_path / "x"),
+                  "--loss", "hinge", "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "zsd: error: unknown loss 'hinge'; choose from l2, mse, cosine, contrastive-image, clip, mp"
+
+
+def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monkeypatch):
+    import zsd.train
+
+    args = dict(steps=6, save_every=2, **FAST)
+    train([store], out=str(tmp_path / "full"), **args)
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def killed_midway(obj, path, *a, **k):
+        saves["n"] += 1
+        if saves["n"] == 2:  # the state of step 4: half a file, then the process dies
+            open(path, "wb").write(b"half a pickle")
+            raise KeyboardInterrupt
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(zsd.train.torch, "save", killed_midway)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train([store], out=str(run), **args)
+    monkeypatch.setattr(zsd.train.torch, "save", real_save)
+    assert torch.load(run / STATE, weights_only=False)["step"] == 2  # the last good state is intact
+    train([store], out=str(run), resume=True, **args)
+    a, b = weights(tmp_path / "full"), weights(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_papers_student_family_builds():
+    """TinyViT (the paper's student) takes no img_size argument; the student must still build."""
+    from zsd.student import Student
+
+    model = Student("tiny_vit_5m_224", 16, 224)
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
+
+
+def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, tiny_teacher_name):
+    # a teacher whose weights were a local file: the store records only its hash
+    s = open_store(store, mode="r+")
+    attrs = dict(s.attrs)
+    attrs["teacher"] = {**attrs["teacher"], "model": "ViT-B-32", "weights": "sha256:" + "0" * 64}
+    s.group.attrs["zsd"] = attrs
+    with pytest.raises(ZsdError, match="pass --teacher-weights FILE"):
+        train([store], out=str(tmp_path / "a"), steps=1, losses=["clip"], **FAST)
+    other = tmp_path / "other.bin"
+    other.write_bytes(b"not the teacher")
+    with pytest.raises(ZsdError, match="is not the file the targets were cached with"):
+        train([store], out=str(tmp_path / "b"), steps=1, losses=["mp"], teacher_weights=str(other), **FAST)
+    # unlabelled rows (a flat folder) cannot be used by class-prompt losses
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in image_folder.rglob("*.*"):
+        shutil.copy(p, flat / p.name)
+    unlabelled = make_store(flat, tmp_path / "flat.zarr", tiny_teacher_name, views=1)
+    with pytest.raises(ZsdError, match="need class labels|need labelled rows"):
+        train([unlabelled], out=str(tmp_path / "c"), steps=1, losses=["clip"], **FAST)

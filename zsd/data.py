@@ -1,0 +1,274 @@
+"""Training data: teacher views rebuilt from a store's recorded sources, with their cached targets.
+
+A sample is (store, row, view). Its pixels are rebuilt exactly as the teacher saw them
+(`render_view` with the stored crop box + flip), then resized to the student's resolution and
+normalised with the student's mean/std; its target is the cached embedding of that view.
+
+Data order is a pure function of (seed, epoch), so a resumed run finds the batch of any step
+again without replaying the ones before it:
+- stores whose embeddings fit in RAM are loaded whole and their rows are permuted freely;
+- larger stores are streamed: their row chunks are visited in a random order and the rows of a
+  window of `shuffle_chunks` consecutive chunks are shuffled together (a shuffle buffer), so
+  every chunk is read from disk once per epoch (webdataset rows follow the shard order, so
+  their images are read shard by shard too);
+- with mixing weights, each block (a row in RAM, a chunk when streaming) is taken from a store
+  drawn with probability proportional to its weight per row, cycling through that store's own
+  permutation; an epoch has as many rows as all stores together.
+The view of every sample is drawn uniformly from the stored views, also from (seed, epoch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from zsd.errors import ZsdError
+from zsd.sources import BadImage, RowReader, load_rgb
+from zsd.store import FAILED, PENDING, WRITTEN, Store, open_store
+from zsd.views import Preprocess, normalize, render_view, resize_pixels
+
+
+def parse_target(spec: str) -> tuple[str, float | None]:
+    """`a.zarr=0.7` -> ("a.zarr", 0.7); `pets` -> ("pets", None)."""
+    name, sep, weight = spec.rpartition("=")
+    if sep:
+        try:
+            w = float(weight)
+        except ValueError:
+            return spec, None
+        if not w > 0:
+            raise ZsdError(f"mixing weight in --targets {spec} must be positive")
+        return name, w
+    return spec, None
+
+
+def ram_budget() -> int:
+    """Bytes of embeddings we are willing to hold in RAM: a third of physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+@dataclass
+class Source:
+    """One target store as the trainer uses it."""
+
+    store: Store
+    weight: float | None
+    rows: np.ndarray  # written rows, ascending
+    labels: np.ndarray  # per store row, remapped into the merged class list (-1 unlabelled)
+    in_ram: bool
+    block_rows: int  # 1 in RAM, chunk_rows when streaming
+
+
+class TrainTargets:
+    """The target stores of a run: checks, data order, and cached embeddings by (store, row, view)."""
+
+    def __init__(self, specs: list[str], *, in_ram: str = "auto", shuffle_chunks: int = 16, log=print):
+        if not specs:
+            raise ZsdError("pass at least one --targets STORE")
+        parsed = [parse_target(s) for s in specs]
+        weights = [w for _, w in parsed]
+        if any(w is None for w in weights) and any(w is not None for w in weights):
+            raise ZsdError("give a mixing weight to every --targets STORE=W or to none")
+        stores = [open_store(name) for name, _ in parsed]
+        ids = {s.teacher_id for s in stores}
+        if len(ids) > 1:
+            raise ZsdError("the --targets stores come from different teachers ("
+                           + ", ".join(f"{s.path.name}: {s.teacher['model']} id {s.teacher_id}" for s in stores)
+                           + "); a student learns one teacher")
+        self.teacher, self.teacher_id = stores[0].teacher, stores[0].teacher_id
+        self.dim = stores[0].dim
+        self.shuffle_chunks = max(1, shuffle_chunks)
+
+        # One class list for all stores: classes with the same name are the same class.
+        self.classnames: list[str] = []
+        index: dict[str, int] = {}
+        for s in stores:
+            for c in s.classnames:
+                if c not in index:
+                    index[c] = len(self.classnames)
+                    self.classnames.append(c)
+
+        budget = ram_budget()
+        self.sources: list[Source] = []
+        self.skipped_rows = 0
+        for s, w in zip(stores, weights):
+            status = s.status()
+            rows = np.flatnonzero(status == WRITTEN)
+            if len(rows) < s.rows:
+                log(f"warning: {s.path}: skipping {s.rows - len(rows)} of {s.rows} rows not written "
+                    f"({int((status == PENDING).sum())} pending, {int((status == FAILED).sum())} failed)")
+                self.skipped_rows += s.rows - len(rows)
+            if not len(rows):
+                raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
+            remap = np.array([index[c] for c in s.classnames] + [-1], dtype=np.int64)
+            labels = remap[s.labels().astype(np.int64)]  # label -1 picks the trailing -1
+            fits = s.rows * s.views * s.dim * 2 <= budget
+            ram = {"auto": fits, "yes": True, "no": False}[in_ram]
+            self.sources.append(Source(s, w, rows, labels, ram, 1 if ram else s.chunk_rows))
+        self.rows_per_epoch = sum(len(src.rows) for src in self.sources)
+        self._emb = [src.store.embeddings() if src.in_ram else None for src in self.sources]
+        self._chunks: OrderedDict = OrderedDict()  # (store, chunk) -> fp16 (rows, V, D), streaming only
+
+    # --- order
+    def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
+        """(rows_per_epoch, 3) int64 array of (store, row, view): the samples of one epoch, in order.
+
+        Vectorised, so that an epoch of a DataComp-scale store is ordered in seconds.
+        """
+        rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
+        # Per store: its written rows laid out block after block, blocks in a random order.
+        rows, bounds = [], []
+        for src in self.sources:
+            if src.in_ram:
+                rows.append(rng.permutation(src.rows))
+                bounds.append(np.arange(len(src.rows) + 1))
+            else:
+                edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
+                chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
+                rows.append(np.concatenate([src.rows[edges[c]:edges[c + 1]] for c in chunks]))
+                bounds.append(np.concatenate([[0], np.cumsum(edges[chunks + 1] - edges[chunks])]))
+        n_blocks = np.array([len(b) - 1 for b in bounds])
+
+        # The sequence of blocks of this epoch, as (store, block) pairs.
+        if self.sources[0].weight is None:
+            first_block = np.concatenate([[0], np.cumsum(n_blocks)])
+            ids = rng.permutation(first_block[-1])
+            store = np.searchsorted(first_block, ids, side="right") - 1
+            block = ids - first_block[store]
+        else:  # each block >= 1 row, so rows_per_epoch draws always fill the epoch
+            p = np.array([src.weight / src.block_rows for src in self.sources])
+            store = rng.choice(len(self.sources), size=self.rows_per_epoch, p=p / p.sum())
+            block = np.empty_like(store)
+            for i, n in enumerate(n_blocks):
+                mine = store == i
+                block[mine] = np.arange(mine.sum()) % n  # cycle through the store's own permutation
+        all_bounds = np.concatenate(bounds)
+        where = np.concatenate([[0], np.cumsum(n_blocks + 1)])[store] + block
+        starts, lengths = all_bounds[where], all_bounds[where + 1] - all_bounds[where]
+        keep = np.searchsorted(np.cumsum(lengths), self.rows_per_epoch) + 1
+        store, starts, lengths = store[:keep], starts[:keep], lengths[:keep]
+
+        # Expand blocks into samples; shuffle the samples within windows of `shuffle_chunks` blocks.
+        total = int(lengths.sum())
+        within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        sample_store = np.repeat(store, lengths)
+        position = np.repeat(starts, lengths) + within
+        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+        sample_row = np.concatenate(rows)[offsets[sample_store] + position]
+        window = np.repeat(np.arange(len(store)) // self.shuffle_chunks, lengths)
+        shuffled = np.lexsort((rng.random(total), window))[:self.rows_per_epoch]
+        sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
+        views = np.array([src.store.views for src in self.sources])[sample_store]
+        sample_view = (rng.random(len(sample_row)) * views).astype(np.int64)
+        return np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
+
+    # --- targets
+    def targets(self, items: np.ndarray) -> torch.Tensor:
+        """Cached embeddings (n, D) float32 of (store, row, view) items."""
+        out = np.empty((len(items), self.dim), np.float32)
+        for j, (i, row, view) in enumerate(items):
+            emb = self._emb[i]
+            if emb is not None:
+                out[j] = emb[row, view]
+            else:
+                store = self.sources[i].store
+                c = row // store.chunk_rows
+                chunk = self._chunk(i, c)
+                out[j] = chunk[row - c * store.chunk_rows, view]
+        return torch.from_numpy(out)
+
+    def _chunk(self, i: int, c: int) -> np.ndarray:
+        key = (i, c)
+        if key in self._chunks:
+            self._chunks.move_to_end(key)
+            return self._chunks[key]
+        store = self.sources[i].store
+        self._chunks[key] = store.group["emb"][store.chunk_slice(c)]
+        while len(self._chunks) > 2 * self.shuffle_chunks + 2:  # a window plus its neighbour
+            self._chunks.popitem(last=False)
+        return self._chunks[key]
+
+    def labels(self, items: np.ndarray) -> torch.Tensor:
+        return torch.tensor([int(self.sources[i].labels[row]) for i, row, _ in items], dtype=torch.long)
+
+
+class ViewDataset(Dataset):
+    """(store, row, view) -> (item, normalised student input (3, R, R) | None, error).
+
+    Runs in DataLoader workers; an image that can no longer be read comes back as None with
+    its reason, and the batch goes on without it.
+    """
+
+    def __init__(self, targets: TrainTargets, student_pre: Preprocess):
+        self.readers = [RowReader(src.store.sources) for src in targets.sources]
+        self.keys = [src.store.keys() for src in targets.sources]
+        self.locs = [src.store.locs() for src in targets.sources]
+        self.params = [src.store.view_params() for src in targets.sources]
+        self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
+        self.student_pre = student_pre
+
+    def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
+        """The uint8 pixels (3, S, S) the teacher saw for this view."""
+        img = load_rgb(self.readers[i].read(self.keys[i][row], self.locs[i][row]))
+        return render_view(img, view, self.params[i][row, view], self.teacher_pre)
+
+    def __getitem__(self, item):
+        i, row, view = (int(x) for x in item)
+        try:
+            px = self.teacher_pixels(i, row, view)
+        except BadImage as e:
+            return item, None, str(e)
+        except OSError as e:
+            return item, None, f"unreadable ({e.strerror or e})"
+        px = resize_pixels(px, self.student_pre.size, self.student_pre.interpolation)
+        return item, normalize(px, self.student_pre.mean, self.student_pre.std), ""
+
+
+def collate(samples):
+    """Keep the readable samples: (items (n, 3), pixels (n, 3, R, R) | None, [errors])."""
+    ok = [s for s in samples if s[1] is not None]
+    errors = [s[2] for s in samples if s[1] is None]
+    items = np.array([s[0] for s in ok], dtype=np.int64).reshape(-1, 3)
+    pixels = torch.stack([s[1] for s in ok]) if ok else None
+    return items, pixels, errors
+
+
+class BatchPlan:
+    """The micro-batches of one rank from optimizer step `start` on, epoch after epoch.
+
+    Global step g of epoch e uses samples [g*B, (g+1)*B) of `epoch_order(seed, e)` (the last
+    partial batch of an epoch is dropped); it is split into `accum` micro-batches, and each
+    micro-batch into `world` interleaved shards, one per rank.
+    """
+
+    def __init__(self, targets: TrainTargets, seed: int, batch_size: int, accum: int, world: int, rank: int,
+                 start: int, total: int):
+        self.targets, self.seed = targets, seed
+        self.batch_size, self.accum, self.world, self.rank = batch_size, accum, world, rank
+        self.start, self.total = start, total
+        self.steps_per_epoch = targets.rows_per_epoch // batch_size
+
+    def __iter__(self):
+        micro = self.batch_size // self.accum
+        step = self.start
+        while step < self.total:
+            epoch, k = divmod(step, self.steps_per_epoch)
+            order = self.targets.epoch_order(self.seed, epoch)
+            for g in range(k, self.steps_per_epoch):
+                if step >= self.total:
+                    return
+                batch = order[g * self.batch_size:(g + 1) * self.batch_size]
+                for a in range(self.accum):
+                    yield [tuple(x) for x in batch[a * micro:(a + 1) * micro][self.rank::self.world]]
+                step += 1
+
+    def __len__(self):
+        return (self.total - self.start) * self.accum

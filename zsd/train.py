@@ -1,0 +1,403 @@
+"""The trainer: a timm student regresses the cached teacher embeddings of one or more stores.
+
+    zsd train --targets cache/pets.zarr --student tiny_vit_11m_224 --out runs/pets
+
+RUN_DIR after a run:
+    student.safetensors + student.json   the student (final, or the last good checkpoint)
+    train_state.pt                       optimizer, step, RNG and data-order state for --resume
+    log.jsonl                            one JSON object per step and per epoch
+    text_embeddings.pt                   class-prompt embeddings (only for the clip/mp losses)
+
+Every checkpoint file is written to a temporary name and renamed into place, so a kill at any
+moment leaves the previous checkpoint intact. The data order is a function of (seed, epoch)
+(see zsd.data), so --resume continues with exactly the batches an uninterrupted run would see.
+The teacher is never run, except once for the class-prompt text embeddings of clip/mp.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
+from zsd.errors import ZsdError
+from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
+from zsd.student import Student, _unwrap, load_student, save_student, student_preprocess
+from zsd.teachers import create_teacher, file_sha256, resolve_device
+
+STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
+PROMPT = "a photo of a {c}, a type of {superclass}."
+
+
+def parse_losses(specs) -> dict[str, float]:
+    """["l2", "clip=0.5"] or {"l2": 1.0} -> {"l2": 1.0, "clip": 0.5}."""
+    if isinstance(specs, dict):
+        out = {k: float(v) for k, v in specs.items()}
+    else:
+        out = {}
+        for spec in specs or ["l2"]:
+            name, _, w = spec.partition("=")
+            try:
+                out[name] = float(w) if w else 1.0
+            except ValueError:
+                raise ZsdError(f"--loss {spec}: the weight after '=' must be a number") from None
+    bad = [n for n in out if n not in LOSSES]
+    if bad:
+        raise ZsdError(f"unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
+    return out or {"l2": 1.0}
+
+
+# --- class-prompt text embeddings (the one place the teacher is used)
+
+def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
+                          teacher_weights: str | None = None, log=print) -> torch.Tensor:
+    """(K, D) teacher embeddings of "a photo of a {class}, a type of {superclass}." per class.
+
+    Cached in RUN_DIR/text_embeddings.pt keyed by teacher id and prompts. timm teachers have no
+    text tower: their classifier rows (looked up by class name) are the class embeddings.
+    """
+    if not targets.classnames:
+        raise ZsdError("the clip and mp losses need class labels, but the --targets stores have no classes")
+    names = [c.replace("_", " ") for c in targets.classnames]
+    template = PROMPT.replace("{superclass}", superclass)
+    key = {"teacher_id": targets.teacher_id, "template": template, "classes": names}
+    path = run_dir / TEXT
+    if path.is_file():
+        cached = torch.load(path, weights_only=True)
+        if cached["key"] == key:
+            return cached["embeddings"]
+    fp = targets.teacher
+    model, weights = fp["model"], fp["weights"]
+    if weights.startswith("tag:"):
+        pretrained = weights[len("tag:"):]
+    elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
+        if not teacher_weights:
+            raise ZsdError(f"the teacher's weights are a local file ({weights[:19]}...) whose path the store does "
+                           "not record: pass --teacher-weights FILE for the clip/mp text embeddings")
+        if "sha256:" + file_sha256(teacher_weights) != weights:
+            raise ZsdError(f"--teacher-weights {teacher_weights} is not the file the targets were cached with")
+        pretrained = teacher_weights
+    else:  # local-dir:, hf-hub:, timm's own weights: the model name says it all
+        pretrained = teacher_weights
+    log(f"computing {len(names)} class-prompt embeddings with the teacher {model}")
+    teacher = create_teacher(model, pretrained, "cpu")
+    if teacher.id != targets.teacher_id:
+        raise ZsdError(f"the teacher loaded for text embeddings ({model}, id {teacher.id}) is not the targets' "
+                       f"teacher (id {targets.teacher_id})")
+    emb = teacher.classifier(names, [template]).float()
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"key": key, "embeddings": emb}, tmp)
+    os.replace(tmp, path)
+    return emb
+
+
+# --- checkpoints
+
+def save_checkpoint(run_dir: Path, model, criterion, optimizer, config: dict, step: int, seed: int) -> None:
+    """Student files, then train_state.pt; each atomic. The state carries its own copy of the weights,
+    so a kill between the two writes still resumes consistently."""
+    save_student(run_dir, model, {**config, "step": step})
+    state = {
+        "step": step,
+        "model": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()},
+        "criterion": criterion.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "seed": seed,
+        "teacher_id": config["teacher_id"],
+        "train_args": config["train_args"],
+    }
+    tmp = run_dir / (STATE + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, run_dir / STATE)
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, schedule: str) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if schedule == "cosine":
+        progress = (step - warmup) / max(1, total - warmup)
+        return base * 0.5 * (1 + math.cos(math.pi * progress))
+    return base
+
+
+def _distances_summary(d: np.ndarray) -> dict:
+    return {"mean": float(d.mean()), "p50": float(np.percentile(d, 50)), "p90": float(np.percentile(d, 90)),
+            "max": float(d.max())}
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+def _setup_distributed(device: str):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPUs."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 1, 0, resolve_device(device)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return world, rank, dev
+
+
+def train(targets: list[str], student: str | None = None, out: str = "runs/student", *,
+          losses: dict | list | None = None, epochs: float | None = None, steps: int | None = None,
+          batch_size: int = 256, lr: float = 5e-4, weight_decay: float = 0.05, warmup: int = 0,
+          schedule: str = "constant", accum: int = 1, student_res: int | None = None, init: str | None = None,
+          resume: bool = False, device: str = "auto", precision: str | None = None, channels_last: bool = True,
+          compile: bool = False, workers: int | None = None, seed: int = 0, save_every: int = 500,
+          stop_after: int | None = None, superclass: str = "object", teacher_weights: str | None = None,
+          in_ram: str = "auto", shuffle_chunks: int = 16, progress: bool = True, log=print) -> dict:
+    """Train a student on cached teacher embeddings; returns a summary dict (see the end).
+
+    `batch_size` is images per optimizer step over all processes and accumulation steps.
+    `epochs` (may be fractional) or `steps` sets the run length (default: 1 epoch).
+    `stop_after` ends this invocation after that many steps with a checkpoint (job time limits):
+    `resume=True` continues the same run as if it had never stopped.
+    """
+    t_start = time.perf_counter()
+    world, rank, dev = _setup_distributed(device)
+    main_proc = rank == 0
+    say = log if main_proc else (lambda m: None)
+    run_dir = Path(out)
+    loss_weights = parse_losses(losses)
+    precision = precision or ("bf16" if dev.type in ("cpu", "cuda") else "fp32")
+    if precision not in ("bf16", "fp32"):
+        raise ZsdError(f"--precision {precision}: choose bf16 or fp32")
+    if batch_size % (accum * world):
+        raise ZsdError(f"--batch-size {batch_size} must be divisible by accumulation steps x processes "
+                       f"({accum} x {world})")
+    if epochs is not None and steps is not None:
+        raise ZsdError("pass --epochs or --steps, not both")
+
+    data = TrainTargets(list(targets), in_ram=in_ram, shuffle_chunks=shuffle_chunks, log=say)
+    steps_per_epoch = data.rows_per_epoch // batch_size
+    if steps_per_epoch == 0:
+        raise ZsdError(f"the targets have {data.rows_per_epoch} usable rows, fewer than one batch "
+                       f"(--batch-size {batch_size})")
+    total = steps if steps is not None else max(1, round((epochs or 1) * steps_per_epoch))
+
+    # Resume: the run's own arguments win, so the continuation is the same run.
+    state, init_recorded = None, init
+    if resume and (run_dir / STATE).is_file():
+        state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
+        prev = state["train_args"]
+        for name, now in (("student", student), ("batch_size", batch_size), ("seed", seed)):
+            if now is not None and prev.get(name) is not None and prev[name] != now:
+                raise ZsdError(f"--resume: {run_dir} was trained with {name}={prev[name]}, not {now}")
+        if state["teacher_id"] != data.teacher_id:
+            raise ZsdError(f"--resume: {run_dir} was trained on another teacher's targets (id {state['teacher_id']})")
+        student, student_res = prev["student"], prev["student_res"]
+        init_recorded, init = prev["init"], None  # the checkpoint holds the weights
+        if prev["total_steps"] != total:
+            raise ZsdError(f"--resume: {run_dir} is a run of {prev['total_steps']} steps, not {total}: "
+                           "pass the same --epochs/--steps")
+    elif resume:
+        say(f"--resume: no {STATE} in {run_dir}, starting fresh")
+    elif (run_dir / STATE).is_file():
+        raise ZsdError(f"{run_dir} already holds a training run: pass --resume to continue it or another --out")
+
+    init_cfg = None
+    if init:
+        init_model, init_cfg = load_student(init)
+        if init_cfg.get("teacher_id") != data.teacher_id:
+            raise ZsdError(f"--init {init} was distilled from another teacher (id {init_cfg.get('teacher_id')}) "
+                           f"than the targets' ({data.teacher['model']}, id {data.teacher_id})")
+        student = student or init_cfg["student"]
+        if student != init_cfg["student"]:
+            raise ZsdError(f"--init {init} is a {init_cfg['student']} student, not {student}")
+        student_res = student_res or init_cfg["preprocess"]["size"]
+    if not student:
+        raise ZsdError("pass --student TIMM_NAME (or --init an earlier run)")
+
+    torch.manual_seed(seed)
+    student_pre = student_preprocess(student, student_res)
+    model = Student(student, data.dim, student_pre.size)
+    if init_cfg is not None:
+        model.load_state_dict(init_model.state_dict())
+    text = None
+    if any(n in NEEDS_TEXT for n in loss_weights):
+        if any((src.labels[src.rows] < 0).any() for src in data.sources):
+            raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if main_proc:
+            class_text_embeddings(data, superclass, run_dir, teacher_weights, log=say)
+        if world > 1:
+            dist.barrier()
+        text = class_text_embeddings(data, superclass, run_dir, teacher_weights, log=say)
+    criterion = Criterion(loss_weights, text)
+    model.to(dev)
+    criterion.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
+                                   {"params": list(criterion.parameters()), "weight_decay": 0.0}],
+                                  lr=lr, weight_decay=weight_decay)
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        criterion.load_state_dict(state["criterion"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        start = state["step"]
+        say(f"resuming {run_dir} at step {start} of {total}")
+    train_model = model
+    if compile:
+        train_model = torch.compile(train_model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    train_args = {"targets": list(targets), "student": student, "student_res": student_pre.size,
+                  "losses": loss_weights, "epochs": epochs, "steps": steps, "total_steps": total,
+                  "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
+                  "schedule": schedule, "accum": accum, "init": init_recorded, "precision": precision, "seed": seed,
+                  "superclass": superclass, "world_size": world}
+    config = {"student": student, "embed_dim": data.dim, "preprocess": student_pre.to_dict(),
+              "teacher": data.teacher, "teacher_id": data.teacher_id, "classnames": data.classnames,
+              "train_args": train_args}
+
+    # Data: one loader for the whole run; its batches are fixed by (seed, step), not by loader state.
+    if workers is None:
+        workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+    plan = BatchPlan(data, seed, batch_size, accum, world, rank, start, total if stop_after is None
+                     else min(total, start + stop_after))
+    loader = DataLoader(ViewDataset(data, student_pre), batch_sampler=plan, num_workers=workers,
+                        collate_fn=collate, prefetch_factor=4 if workers else None,
+                        pin_memory=dev.type == "cuda",
+                        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+    autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+
+    if main_proc:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if state is not None:
+            _truncate_log(run_dir / LOG, start)
+    log_file = open(run_dir / LOG, "a") if main_proc else None
+    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {student} -> {run_dir.name}",
+               disable=not (progress and main_proc), dynamic_ncols=True)
+    skipped_images, skipped_total, seen, step, last_loss = 0, 0, 0, start, None
+    last_good = start if state is not None else None
+    epoch_losses: list[float] = []
+    batches = iter(loader)
+    model.train()
+    try:
+        while step < plan.total:
+            t0 = time.perf_counter()
+            epoch = step // steps_per_epoch
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, lr, warmup, total, schedule)
+            loss_sum, term_sums, dists, n_images = 0.0, {}, [], 0
+            for _ in range(accum):
+                items, pixels, errors = next(batches)
+                skipped_images += len(errors)
+                # Unreadable images leave holes; BatchNorm needs two samples. Under DDP every rank
+                # skips together, or the others would wait for this one's gradients forever.
+                usable = torch.tensor([0.0 if pixels is None or len(pixels) < 2 else 1.0])
+                if world > 1:
+                    dist.all_reduce(usable, op=dist.ReduceOp.MIN)
+                if not usable.item():
+                    continue
+                x = pixels.to(dev, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                t = data.targets(items).to(dev)
+                labels = data.labels(items).to(dev)
+                # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
+                # micro-batch cannot leave the earlier ones unsynchronised.
+                with autocast:
+                    s = train_model(x)
+                loss, terms = criterion(s, t, labels)
+                (loss / accum).backward()
+                loss_sum += loss.item() / accum
+                for k, v in terms.items():
+                    term_sums[k] = term_sums.get(k, 0.0) + v.item() / accum
+                with torch.no_grad():
+                    sn = torch.nn.functional.normalize(s.float(), dim=-1)
+                    dists.append((sn - t).norm(dim=-1).cpu().numpy())
+                n_images += len(items)
+            finite = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0])
+            if world > 1:
+                dist.all_reduce(finite)
+                for p in criterion.parameters():  # the temperatures live outside DDP
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            if finite.item():
+                where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
+                    else "no checkpoint was written yet"
+                raise ZsdError(f"loss became {loss_sum} at step {step + 1}: stopping; {where} in {run_dir}")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            dists = np.concatenate(dists) if dists else np.zeros(1)
+            if world > 1:
+                gathered = [None] * world
+                dist.all_gather_object(gathered, (dists, n_images, skipped_images))
+                dists = np.concatenate([g[0] for g in gathered])
+                n_images = sum(g[1] for g in gathered)
+                skipped_total = sum(g[2] for g in gathered)
+            else:
+                skipped_total = skipped_images
+            seen += n_images
+            epoch_losses.append(loss_sum)
+            last_loss = loss_sum
+            if main_proc:
+                record = {"step": step, "epoch": epoch, "images": n_images, "loss": loss_sum, "terms": term_sums,
+                          "lr": optimizer.param_groups[0]["lr"],
+                          "images_per_s": n_images / max(time.perf_counter() - t0, 1e-9),
+                          "dist": _distances_summary(dists), "skipped_images": skipped_total}
+                log_file.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", max_dist=f"{dists.max():.3f}")
+                if step % steps_per_epoch == 0:
+                    log_file.write(json.dumps({"epoch_end": epoch, "step": step,
+                                               "mean_loss": float(np.mean(epoch_losses))}) + "\n")
+                    epoch_losses = []
+                log_file.flush()
+                if step % save_every == 0 and step < plan.total:
+                    save_checkpoint(run_dir, model, criterion, optimizer, config, step, seed)
+                    last_good = step
+        if main_proc:
+            save_checkpoint(run_dir, model, criterion, optimizer, config, step, seed)
+    finally:
+        bar.close()
+        if log_file:
+            log_file.close()
+        del batches
+    if world > 1:
+        dist.barrier()
+    elapsed = time.perf_counter() - t_start
+    summary = {"run_dir": str(run_dir), "student": student, "steps": step, "total_steps": total,
+               "finished": step >= total, "epochs": step / steps_per_epoch, "images": seen,
+               "skipped_images": skipped_total, "skipped_rows": data.skipped_rows,
+               "final_loss": last_loss, "seconds": round(elapsed, 2),
+               "images_per_s": round(seen / max(elapsed, 1e-9), 2), "teacher_id": data.teacher_id}
+    if main_proc:
+        say(f"{run_dir}: {step}/{total} steps, {seen} images in {elapsed:.1f} s ({summary['images_per_s']} img/s)"
+            + (f", {skipped_total} unreadable images skipped" if skipped_total else "")
+            + ("" if summary["finished"] else "; continue with --resume"))
+    return summary
