@@ -88,22 +88,165 @@ def cache_all(work: Path, views: int, log) -> dict:
     return {"stores": stores, "summaries": summaries}
 
 
+STUDENTS = ["mobilenetv3_small_050", "lcnet_050"]  # 1.88M and 2.24M parameters with the projection (<= 50 %)
+FEATURE_LOSSES = ["l2", "mse", "cosine", "contrastive-image"]
+LABEL_LOSSES = ["clip", "mp"]  # need class "text" embeddings: only the ImageNet stores' classes have them
+AGNOSTIC = ["flowers102", "food10", "dtd10", "imagenet_no_pets"]
+
+
+def param_count(student: str, dim: int) -> int:
+    from zsd.student import Student
+
+    return sum(p.numel() for p in Student(student, dim).parameters())
+
+
+def run_training(name: str, stores: dict, targets: list[str], student: str, loss: str, steps: int, args,
+                 init: str | None = None, log=print) -> dict:
+    from zsd.train import train
+
+    run_dir = Path(args.out) / "runs" / name
+    log(f"[train] {name}: {student}, loss {loss}, {steps} steps on {', '.join(targets)}"
+        + (f", init {init}" if init else ""))
+    return train([str(stores[t]) for t in targets], student, str(run_dir), losses=[loss], steps=steps,
+                 batch_size=args.batch_size, student_res=args.student_res, init=init, resume=True, seed=0,
+                 device="cpu", workers=1, superclass="object", log=log, progress=False)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "results" / "proxy"))
     ap.add_argument("--views", type=int, default=4, help="cached views per training image")
+    ap.add_argument("--steps", type=int, default=120, help="training steps per run (domain-agnostic)")
+    ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the domain-specific stage (Finding 3)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--student-res", type=int, default=128)
     ap.add_argument("--cache-only", action="store_true", help="only run the teacher passes")
     args = ap.parse_args()
     require_data()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    timeline = {}
     t0 = time.time()
     cached = cache_all(out, args.views, log=print)
-    print(json.dumps({k: {kk: v[kk] for kk in ("rows", "written", "failed", "images_per_s", "seconds")}
-                      for k, v in cached["summaries"].items()}, indent=1))
-    print(f"[cache] done in {time.time() - t0:.0f} s")
+    stores = cached["stores"]
+    timeline["teacher passes"] = time.time() - t0
     if args.cache_only:
         return
+
+    from zsd.coverage import coverage, plot_coverage
+    from zsd.evaluate import evaluate
+
+    # Training: every student with every feature loss on the domain-agnostic stores; the label
+    # losses (and l2 for a like-for-like comparison) on the labelled ImageNet stores.
+    t1 = time.time()
+    runs = {}
+    for student in STUDENTS:
+        for loss in FEATURE_LOSSES:
+            name = f"{student}__{loss}__agnostic"
+            runs[name] = dict(student=student, loss=loss, data="agnostic (4 stores)",
+                              summary=run_training(name, stores, AGNOSTIC, student, loss, args.steps, args))
+    for loss in ["l2"] + LABEL_LOSSES:
+        name = f"{STUDENTS[0]}__{loss}__imagenet"
+        runs[name] = dict(student=STUDENTS[0], loss=loss, data="ImageNet sample (labelled)",
+                          summary=run_training(name, stores, ["imagenet_no_pets", "imagenet_dogs_cats"],
+                                               STUDENTS[0], loss, args.steps, args))
+    # Finding 3: the domain-specific stand-in alone, vs after the domain-agnostic stage.
+    s0 = STUDENTS[0]
+    name = f"{s0}__l2__specific_only"
+    runs[name] = dict(student=s0, loss="l2", data="dogs/cats only (stage 2 from scratch)",
+                      summary=run_training(name, stores, ["imagenet_dogs_cats"], s0, "l2", args.stage2_steps, args))
+    name = f"{s0}__l2__agnostic_then_specific"
+    runs[name] = dict(student=s0, loss="l2", data="agnostic, then dogs/cats (two stages)",
+                      summary=run_training(name, stores, ["imagenet_dogs_cats"], s0, "l2", args.stage2_steps, args,
+                                           init=str(out / "runs" / f"{s0}__l2__agnostic")))
+    timeline["training"] = time.time() - t1
+
+    # Evaluation on the 25 pets breeds that are ImageNet classes, and the coverage audit.
+    t2 = time.time()
+    mapping = str(PETS_IMAGENET)
+    run_dirs = [str(out / "runs" / n) for n in runs]
+    results = evaluate(str(stores["pets_test"]), run_dirs, pretrained=WEIGHTS, classnames=mapping,
+                       templates="pets", device="cpu", out_dir=str(out / "eval"), log=print, progress=False)
+    teacher_res = results[0]
+    by_dir = {Path(r["run_dir"]).name: r for r in results[1:]}
+    agnostic_train = [str(stores[t]) for t in AGNOSTIC]
+    base_cov = coverage(agnostic_train + [str(stores["imagenet_dogs_cats"])], str(stores["pets_test"]),
+                        pretrained=WEIGHTS, classnames=mapping, templates="pets", log=print, progress=False)
+    plot_coverage(base_cov, out / "coverage_teacher_space.png")
+    rows = []
+    for name, run in runs.items():
+        train_names = {"agnostic": AGNOSTIC, "imagenet": ["imagenet_no_pets", "imagenet_dogs_cats"]}.get(
+            name.split("__")[-1], ["imagenet_dogs_cats"])
+        cov = coverage([str(stores[t]) for t in train_names], str(stores["pets_test"]), str(out / "runs" / name),
+                       pretrained=WEIGHTS, classnames=mapping, templates="pets", log=lambda m: None,
+                       progress=False)
+        if name == f"{s0}__l2__agnostic":
+            plot_coverage(cov, out / f"coverage_{name}.png")
+        cert, m = cov["certificate"], by_dir[name]["metrics"]
+        s = run["summary"]
+        rows.append({"run": name, "student": run["student"], "params_M": round(param_count(run["student"], 1280) / 1e6, 2),
+                     "loss": run["loss"], "data": run["data"], "steps": s.get("steps"),
+                     "train_images_per_s": s.get("images_per_s"), "train_seconds": s.get("seconds"),
+                     "final_train_loss": s.get("final_loss"),
+                     "acc1": m["acc1"], "agreement": m["agreement_with_teacher"], "mean_delta": cert["delta"]["mean"],
+                     "lemma_certified": cert["lemma_certified"], "direct_certified": cert["direct_certified"],
+                     "median_eps_t": cov["eps_t"]["median"]})
+    timeline["evaluation and coverage"] = time.time() - t2
+
+    report = {"teacher": {"model": TEACHER, "weights": WEIGHTS, "params_M": 4.65,
+                          "acc1": teacher_res["metrics"]["acc1"], "n_test": teacher_res["n_images"]},
+              "test": "pets37 test, 25 breeds that are ImageNet classes",
+              "coverage_of_test_by_training_stores": {"eps_t": base_cov["eps_t"],
+                                                      "near_duplicates": base_cov["near_duplicates"],
+                                                      "per_class": base_cov["per_class"]},
+              "cache": {k: {kk: v[kk] for kk in ("rows", "written", "failed", "images_per_s", "seconds")}
+                        for k, v in cached["summaries"].items()},
+              "settings": vars(args), "runs": rows, "seconds": {k: round(v, 1) for k, v in timeline.items()},
+              "torch_threads": __import__("torch").get_num_threads(), "cpu_count": os.cpu_count()}
+    (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(report))
+    plot_runs(rows, teacher_res["metrics"]["acc1"], out / "accuracy_by_run.png")
+    print(markdown(report))
+
+
+def markdown(report: dict) -> str:
+    t = report["teacher"]
+    lines = [f"Teacher {t['model']} ({t['params_M']}M params): top-1 {100 * t['acc1']:.1f} % on {report['test']} "
+             f"({t['n_test']} images).", "",
+             "| student | params | loss | training data | steps | img/s | top-1 | agreement | mean δ | lemma-cert. | direct-cert. |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        lines.append(f"| {r['student']} | {r['params_M']}M | {r['loss']} | {r['data']} | {r['steps']} | "
+                     f"{r['train_images_per_s']} | {100 * r['acc1']:.1f} % | {100 * r['agreement']:.1f} % | "
+                     f"{r['mean_delta']:.3f} | {100 * r['lemma_certified']:.1f} % | {100 * r['direct_certified']:.1f} % |")
+    e = report["coverage_of_test_by_training_stores"]["eps_t"]
+    lines += ["", f"Coverage of the pets test set by all training stores (teacher space): ε_T median {e['median']:.3f}, "
+                  f"p90 {e['p90']:.3f}, max {e['max']:.3f}; near-duplicates "
+                  f"{report['coverage_of_test_by_training_stores']['near_duplicates']}.",
+              "", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
+              + f" ({report['cpu_count']} CPU cores, {report['torch_threads']} torch threads).", ""]
+    return "\n".join(lines)
+
+
+def plot_runs(rows: list[dict], teacher_acc: float, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    names = [f"{r['student'].split('_')[0]} {r['loss']}\n{r['run'].split('__')[-1]}" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [100 * r["acc1"] for r in rows], 0.4, label="top-1")
+    ax.bar([i + 0.2 for i in x], [100 * r["agreement"] for r in rows], 0.4, label="agreement with teacher")
+    ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label="teacher top-1")
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("%")
+    ax.set_title("pets (25 ImageNet breeds): students distilled from EfficientNet-Lite0 on a CPU budget")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader, load_rgb, scan_sources
-from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, WRITTEN, create_store, open_store, resolve_store
+from zsd.sources import BadImage, RowReader, scan_sources
+from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -37,11 +37,9 @@ class ViewDataset(Dataset):
     def __getitem__(self, row):
         t0 = time.perf_counter()
         try:
-            img = load_rgb(self.reader.read(self.keys[row], self.locs[row]))
+            img = self.reader.image(self.keys[row], self.locs[row])
         except BadImage as e:
             return row, None, None, str(e), time.perf_counter() - t0
-        except OSError as e:
-            return row, None, None, f"unreadable ({e.strerror or e})", time.perf_counter() - t0
         params = sample_views(img.width, img.height, self.views, self.view_seed, row, self.crop_scale, self.pre)
         pixels = torch.stack([render_view(img, v, params[v], self.pre) for v in range(self.views)])
         return row, pixels, params, "", time.perf_counter() - t0
@@ -118,80 +116,105 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows)
 
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
-    per_batch = max(1, batch_size // views)
-    batches = []
-    for c in chunks:
-        sl = store.chunk_slice(c)
-        batches += [list(range(s, min(s + per_batch, sl.stop))) for s in range(sl.start, sl.stop, per_batch)]
-    todo = sum(len(b) for b in batches)
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
     dataset = ViewDataset(store.sources, list(store.keys()), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0,
-                        collate_fn=_collate, pin_memory=model.device.type == "cuda",
-                        prefetch_factor=4 if workers and todo else None)
+    run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
+                     workers=workers, pin_memory=model.device.type == "cuda",
+                     desc=f"cache-teacher -> {store.path.name}", progress=progress)
 
-    pre = model.preprocess
-    timing = Counter()
-    reasons = Counter()
+    elapsed = time.perf_counter() - t_start
+    info = store.info()
+    summary = {
+        "store": str(store.path), "rows": info["rows"], "processed": run["done"], "failed_now": run["failed"],
+        "written": info["written"], "failed": info["failed"], "pending": info["pending"],
+        "complete": info["complete"], "seconds": round(elapsed, 2),
+        "images_per_s": round(run["done"] / max(run["seconds"], 1e-9), 2), "loop_seconds": run["seconds"],
+        "phases_s": run["phases_s"], "failure_reasons": run["failure_reasons"],
+        "shard": [shard_index, num_shards], "problems": scan.problems,
+    }
+    log(_summary_text(summary))
+    return summary
+
+
+def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *, images_per_batch: int,
+               workers: int = 0, skip: dict[int, str] | None = None, pin_memory: bool = False, desc: str = "",
+               progress: bool = True) -> dict:
+    """Mapper and writer: encode every view of the rows of `chunks` and write whole chunks.
+
+    `encode` maps normalised pixels (n, 3, S, S) to normalised embeddings (n, D). A batch never
+    crosses a chunk and always starts at the same row, so every run feeds the encoder the same
+    batches. Rows in `skip` are recorded as failed with their reason, without being read.
+    """
+    skip = skip or {}
+    views, pre = dataset.views, dataset.pre
+    batches, live = [], {}
+    for c in chunks:
+        sl = store.chunk_slice(c)
+        rows = [r for r in range(sl.start, sl.stop) if r not in skip]
+        live[c] = len(rows)
+        batches += [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
+    todo = sum(live.values())
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
+                        pin_memory=pin_memory, prefetch_factor=4 if workers and todo else None)
+    timing, reasons = Counter(), Counter()
     done = failed = 0
     buffers: dict[int, dict] = {}
-    bar = tqdm(total=todo, unit="img", desc=f"cache-teacher -> {store.path.name}", disable=not progress,
-               dynamic_ncols=True)
+
+    def buffer(c):  # allocated on first use: a DataComp-scale pass holds one or two chunks at a time
+        if c not in buffers:
+            sl = store.chunk_slice(c)
+            n = sl.stop - sl.start
+            buf = buffers[c] = {"emb": np.zeros((n, views, store.dim), np.float16), "error": [""] * n,
+                                "view": np.zeros((n, views, 5), np.int32), "status": np.full(n, WRITTEN, np.uint8),
+                                "start": sl.start, "left": live[c]}
+            for r in range(sl.start, sl.stop):
+                if r in skip:
+                    buf["error"][r - sl.start], buf["status"][r - sl.start] = skip[r], FAILED
+        return buffers[c]
+
+    def flush(c):
+        t0 = time.perf_counter()
+        buf = buffers.pop(c)
+        store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
+        timing["writing"] += time.perf_counter() - t0
+
+    for c in chunks:  # chunks with nothing to read are written at once
+        if live[c] == 0:
+            buffer(c)
+            flush(c)
+    bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     t_loop = t_wait = time.perf_counter()
     for items in loader:
         timing["waiting for images"] += time.perf_counter() - t_wait
         c = items[0][0] // store.chunk_rows
-        buf = buffers.get(c)
-        if buf is None:
-            sl = store.chunk_slice(c)
-            n = sl.stop - sl.start
-            buf = buffers[c] = {"start": sl.start, "left": n, "emb": np.zeros((n, views, store.dim), np.float16),
-                                "view": np.zeros((n, views, 5), np.int32), "error": [""] * n,
-                                "status": np.full(n, WRITTEN, np.uint8)}
-        ok = [it for it in items if it[1] is not None]
+        buf = buffer(c)
         timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
+        ok = [it for it in items if it[1] is not None]
         if ok:
             t0 = time.perf_counter()
             x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
-            z = model.encode_images(x).view(len(ok), views, -1).numpy().astype(np.float16)
-            timing["teacher"] += time.perf_counter() - t0
+            z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
+            timing["encoder"] += time.perf_counter() - t0
             for it, e in zip(ok, z):
-                i = it[0] - buf["start"]
-                buf["emb"][i], buf["view"][i] = e, it[2]
+                buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
         for it in items:
             if it[1] is None:
-                i = it[0] - buf["start"]
-                buf["error"][i], buf["status"][i] = it[3], FAILED
+                buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
                 reasons[it[3].split(" (")[0]] += 1
                 failed += 1
         buf["left"] -= len(items)
         if buf["left"] == 0:
-            t0 = time.perf_counter()
-            store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
-            timing["writing"] += time.perf_counter() - t0
-            del buffers[c]
+            flush(c)
         done += len(items)
         bar.update(len(items))
         if failed:
             bar.set_postfix(failed=failed)
         t_wait = time.perf_counter()
     bar.close()
-    loop = time.perf_counter() - t_loop
-
-    elapsed = time.perf_counter() - t_start
-    info = store.info()
-    summary = {
-        "store": str(store.path), "rows": info["rows"], "processed": done, "failed_now": failed,
-        "written": info["written"], "failed": info["failed"], "pending": info["pending"],
-        "complete": info["complete"], "seconds": round(elapsed, 2),
-        "images_per_s": round(done / max(loop, 1e-9), 2), "loop_seconds": round(loop, 2),
-        "phases_s": {k: round(v, 2) for k, v in timing.items()}, "failure_reasons": dict(reasons),
-        "shard": [shard_index, num_shards], "problems": scan.problems,
-    }
-    log(_summary_text(summary))
-    return summary
+    return {"done": done, "failed": failed, "seconds": round(time.perf_counter() - t_loop, 2),
+            "phases_s": {k: round(v, 2) for k, v in timing.items()}, "failure_reasons": dict(reasons)}
 
 
 def _summary_text(s: dict) -> str:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader, load_rgb
+from zsd.sources import BadImage, RowReader
 from zsd.store import FAILED, PENDING, WRITTEN, Store, open_store
 from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
@@ -217,7 +217,7 @@ class ViewDataset(Dataset):
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
         """The uint8 pixels (3, S, S) the teacher saw for this view."""
-        img = load_rgb(self.readers[i].read(self.keys[i][row], self.locs[i][row]))
+        img = self.readers[i].image(self.keys[i][row], self.locs[i][row])
         return render_view(img, view, self.params[i][row, view], self.teacher_pre)
 
     def __getitem__(self, item):
@@ -226,8 +226,6 @@ class ViewDataset(Dataset):
             px = self.teacher_pixels(i, row, view)
         except BadImage as e:
             return item, None, str(e)
-        except OSError as e:
-            return item, None, f"unreadable ({e.strerror or e})"
         px = resize_pixels(px, self.student_pre.size, self.student_pre.interpolation)
         return item, normalize(px, self.student_pre.mean, self.student_pre.std), ""
 

@@ -19,17 +19,14 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from zsd.cache import ViewDataset, _collate, cache_teacher
+from zsd.cache import ViewDataset, cache_teacher, embed_rows
 from zsd.errors import ZsdError
-from zsd.store import FAILED, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_fingerprint
 from zsd.teachers import DEFAULT_TEACHER, Teacher, create_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
-from zsd.views import Preprocess, normalize
+from zsd.views import Preprocess
 
 
 # ---------------------------------------------------------------- classes and classifier
@@ -171,48 +168,16 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
                              classnames=store.classnames, sources=store.sources,
                              chunk_rows=store.chunk_rows, extra={"embeds": source})
 
-    pre = Preprocess.from_dict(config["preprocess"])
-    teacher_status, teacher_errors = store.status(), store.errors()
-    batches, buffers = [], {}
-    for c in emb_store.pending_chunks():
-        sl = emb_store.chunk_slice(c)
-        n = sl.stop - sl.start
-        ok = [r for r in range(sl.start, sl.stop) if teacher_status[r] == WRITTEN]
-        status = np.where(teacher_status[sl] == WRITTEN, WRITTEN, FAILED).astype(np.uint8)
-        errors = [str(e) or "not embedded by the teacher" if s != WRITTEN else ""
-                  for s, e in zip(teacher_status[sl], teacher_errors[sl])]
-        buffers[c] = {"start": sl.start, "left": len(ok), "emb": np.zeros((n, 1, emb_store.dim), np.float16),
-                      "view": np.zeros((n, 1, 5), np.int32), "error": errors, "status": status}
-        if not ok:
-            _flush(emb_store, c, buffers.pop(c))
-        batches += [ok[s:s + batch_size] for s in range(0, len(ok), batch_size)]
-    dataset = ViewDataset(store.sources, list(keys), store.locs(), pre, 1, 0, (1.0, 1.0))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate)
+    # Rows the teacher could not embed are recorded as failed here too, without being read.
+    status, errors = store.status(), store.errors()
+    skip = {int(r): str(errors[r]) or "not embedded by the teacher" for r in np.flatnonzero(status != WRITTEN)}
+    dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]),
+                          1, 0, (1.0, 1.0))
     model = model.to(device).eval()
-    bar = tqdm(total=sum(len(b) for b in batches), unit="img", desc=f"student -> {out.parent.parent.name}/{out.name}",
-               disable=not progress, dynamic_ncols=True)
-    for items in loader:
-        c = items[0][0] // emb_store.chunk_rows
-        buf = buffers[c]
-        good = [it for it in items if it[1] is not None]
-        if good:
-            x = normalize(torch.stack([it[1][0] for it in good]), pre.mean, pre.std).to(device)
-            z = model.encode_images(x).cpu().numpy().astype(np.float16)
-            for it, e in zip(good, z):
-                buf["emb"][it[0] - buf["start"], 0], buf["view"][it[0] - buf["start"]] = e, it[2]
-        for it in items:
-            if it[1] is None:  # the teacher read it, so this is rare (a file changed since)
-                buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
-        buf["left"] -= len(items)
-        if buf["left"] == 0:
-            _flush(emb_store, c, buffers.pop(c))
-        bar.update(len(items))
-    bar.close()
+    embed_rows(emb_store, dataset, lambda x: model.encode_images(x.to(device)), emb_store.pending_chunks(),
+               images_per_batch=batch_size, workers=workers, skip=skip,
+               desc=f"student -> {out.parent.parent.name}/{out.name}", progress=progress)
     return emb_store
-
-
-def _flush(store: Store, c: int, buf: dict) -> None:
-    store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
 
 
 # ---------------------------------------------------------------- the evaluation

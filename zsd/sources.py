@@ -262,5 +262,13 @@ class RowReader:
         with open(os.path.join(desc["root"], key), "rb") as f:
             return f.read()
 
+    def image(self, key: str, loc) -> Image.Image:
+        """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
+        try:
+            data = self.read(key, loc)
+        except OSError as e:
+            raise BadImage(f"unreadable ({e.strerror or e})") from None
+        return load_rgb(data)
+
     def __getstate__(self):
         return {"descs": self.descs, "_files": {}}
