@@ -339,14 +339,14 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
                     sn = torch.nn.functional.normalize(s.float(), dim=-1)
                     dists.append((sn - t).norm(dim=-1).cpu().numpy())
                 n_images += len(items)
-            finite = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0])
+            nonfinite = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0])  # on any rank stops all
             if world > 1:
-                dist.all_reduce(finite)
+                dist.all_reduce(nonfinite)
                 for p in criterion.parameters():  # the temperatures live outside DDP
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world
-            if finite.item():
+            if nonfinite.item():
                 where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
                     else "no checkpoint was written yet"
                 raise ZsdError(f"loss became {loss_sum} at step {step + 1}: stopping; {where} in {run_dir}")
