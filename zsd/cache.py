@@ -140,7 +140,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
 
 def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *, images_per_batch: int,
                workers: int = 0, skip: dict[int, str] | None = None, pin_memory: bool = False, desc: str = "",
-               progress: bool = True) -> dict:
+               encoder_name: str = "teacher", progress: bool = True) -> dict:
     """Mapper and writer: encode every view of the rows of `chunks` and write whole chunks.
 
     `encode` maps normalised pixels (n, 3, S, S) to normalised embeddings (n, D). A batch never
@@ -196,7 +196,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             t0 = time.perf_counter()
             x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
             z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
-            timing["encoder"] += time.perf_counter() - t0
+            timing[encoder_name] += time.perf_counter() - t0
             for it, e in zip(ok, z):
                 buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
         for it in items:

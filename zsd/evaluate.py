@@ -176,7 +176,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     model = model.to(device).eval()
     embed_rows(emb_store, dataset, lambda x: model.encode_images(x.to(device)), emb_store.pending_chunks(),
                images_per_batch=batch_size, workers=workers, skip=skip,
-               desc=f"student -> {out.parent.parent.name}/{out.name}", progress=progress)
+               desc=f"student -> {out.parent.parent.name}/{out.name}", encoder_name="student", progress=progress)
     return emb_store
 
 
