@@ -215,3 +215,21 @@ def test_eval_cli(image_folder, tiny_teacher_name, tmp_path, cache_env, capsys):
     with pytest.raises(SystemExit) as e:
         main(["eval", str(store.path), "--templates", "nonsense"])
     assert e.value.code == 1 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_eval_cli_embeds_train_stores_on_request(image_folder, tiny_teacher_name, tmp_path, cache_env):
+    from zsd.cli import main
+
+    test = make_store(image_folder, tmp_path / "test.zarr", tiny_teacher_name, views=1)
+    train = make_store(image_folder / "dog", tmp_path / "train.zarr", tiny_teacher_name, views=2)
+    run = tmp_path / "run"
+    model, config = make_student(run, test.path)
+    main(["eval", str(test.path), "--student", str(run), "--embed", str(train.path), "--device", "cpu"])
+    emb = open_store(run / "embeddings" / "train.zarr")
+    assert emb.complete() and list(emb.keys()) == list(train.keys()) and emb.views == 1
+    pre = Preprocess.from_dict(config["preprocess"])
+    reader = RowReader(train.sources)
+    x = torch.stack([normalize(render_view(load_rgb(reader.read(k, l)), 0, None, pre), pre.mean, pre.std)
+                     for k, l in zip(train.keys(), train.locs())])
+    np.testing.assert_allclose(emb.embeddings(view=0).astype(np.float32), model.eval().encode_images(x).numpy(),
+                               atol=2e-3)

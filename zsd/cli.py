@@ -12,7 +12,7 @@ from zsd import __version__
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.errors import ZsdError
-from zsd.evaluate import evaluate, results_table
+from zsd.evaluate import evaluate, results_table, student_embeddings
 from zsd.store import DEFAULT_CHUNK_ROWS, open_store
 from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 
@@ -177,7 +177,10 @@ def info_cmd(store, as_json):
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
-def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir, confusion, device, batch_size, workers):
+@click.option("--embed", "embed_stores", multiple=True,
+              help="Also write each student's embeddings of this (train) store into RUN_DIR/embeddings/; repeatable.")
+def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir, confusion, device, batch_size,
+             workers, embed_stores):
     """Zero-shot accuracy of the teacher and students on TEST (a labelled store, or an image folder).
 
     Prints top-1, top-5, mean per-class recall and top-1 agreement with the teacher. Every model
@@ -188,6 +191,10 @@ def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir
                        classnames=classnames, device=device, batch_size=batch_size, workers=workers,
                        confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
     click.echo(results_table(results))
+    for run_dir in students:
+        for name in embed_stores:
+            emb = student_embeddings(run_dir, open_store(name), device=device, batch_size=batch_size, workers=workers)
+            click.echo(f"{run_dir}: embeddings of {name} in {emb.path}", err=True)
 
 
 @cli.command("coverage")
