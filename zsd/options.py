@@ -23,6 +23,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
+from zsd.recipes import read_json
 
 # A generator takes chat messages ([{"role": ..., "content": ...}]) and returns the reply text.
 Generator = Callable[[list[dict]], str]
@@ -42,12 +43,7 @@ class Options:
 
 def load_options(path: str | Path) -> Options:
     path = Path(path)
-    if not path.exists():
-        raise ZsdError(f"Options file {path} does not exist; create it with `zsd options RECIPE --out {path}` or write it by hand.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ZsdError(f"Options file {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
+    data = read_json(path, "Options file", f"create it with `zsd options RECIPE --out {path}` or write it by hand")
     classes = data.get("classes") if isinstance(data, dict) else None
     if not isinstance(classes, dict) or not classes:
         raise ZsdError(f'Options file {path} needs a non-empty "classes" object: {{"classes": {{"<class>": {{"<dimension>": [...]}}}}}}.')

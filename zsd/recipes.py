@@ -101,13 +101,18 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         path = RECIPES_DIR / f"{name_or_path}.json"
         if not path.exists():
             raise ZsdError(f"Unknown recipe {str(name_or_path)!r}; pass one of {', '.join(recipe_names())} or a path to a recipe .json file.")
-    if not path.exists():
-        raise ZsdError(f"Recipe file {path} does not exist; pass a recipe name ({', '.join(recipe_names())}) or an existing .json path.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ZsdError(f"Recipe {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
+    data = read_json(path, "Recipe file", f"pass a recipe name ({', '.join(recipe_names())}) or an existing .json path")
     return recipe_from_dict(data, source=str(path))
+
+
+def read_json(path: Path, what: str, if_missing: str):
+    """A user's JSON file, or one sentence saying what is wrong with it."""
+    if not path.exists():
+        raise ZsdError(f"{what} {path} does not exist; {if_missing}.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ZsdError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
 
 
 def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
