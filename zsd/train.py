@@ -34,7 +34,7 @@ from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import Student, _unwrap, load_student, save_student, student_preprocess
-from zsd.teachers import create_teacher, file_sha256, resolve_device
+from zsd.teachers import create_teacher, file_sha256, resolve_device, resolve_packaged_weights
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
 PROMPT = "a photo of a {c}, a type of {superclass}."
@@ -79,6 +79,7 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
             return cached["embeddings"]
     fp = targets.teacher
     model, weights = fp["model"], fp["weights"]
+    teacher_weights = resolve_packaged_weights(teacher_weights)
     if weights.startswith("tag:"):
         pretrained = weights[len("tag:"):]
     elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
