@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from zsd.cache import cache_teacher
+from zsd.cache import cache_teacher, keep_freed_memory
 from zsd.teachers import create_teacher
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet1k_sample" / "val"
@@ -69,6 +69,7 @@ def main():
     ap.add_argument("--model", default="ViT-B-32")
     ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
+    keep_freed_memory()  # cache-teacher sets it on CPU; the raw side gets the same allocator
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "imgs").mkdir()

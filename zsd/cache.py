@@ -7,6 +7,7 @@ run feeds the teacher identical batches and writes identical bytes.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections import Counter
@@ -47,6 +48,22 @@ class ViewDataset(Dataset):
 
 def _collate(items):
     return items
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed blocks up to 32 MiB on the heap instead of returning them to the OS.
+
+    A CPU forward allocates and frees multi-MiB activations; by default glibc serves those with
+    fresh mmaps, and once decoding allocations sit between forwards every forward page-faults its
+    activations anew. Measured on a 2-core CPU (tools/bench_cache.py, ViT-B-32): the pass ran at
+    0.83-0.86 of the raw forward's throughput without this and 0.91 with it. No-op off glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def _shard_from_env(num_shards, shard_index):
@@ -109,6 +126,8 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     t_start = time.perf_counter()
+    if device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available()):
+        keep_freed_memory()
     model = create_teacher(teacher, pretrained, device)
     scan = scan_sources(sources)
     for problem in scan.problems:
