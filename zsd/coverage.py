@@ -220,7 +220,8 @@ def _train_label_names(stores: list[Store]) -> list:
 def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t, k, block_rows, pretrained,
                           templates, classnames, device, batch_size, workers, progress, log, notes) -> dict:
     """Witnesses, bounds and (for a labelled test set) margins and certificates per test row."""
-    from zsd.evaluate import open_eval_teacher, select_classes, student_embeddings, zero_shot_classifier
+    from zsd.evaluate import select_classes, student_embeddings, zero_shot_classifier
+    from zsd.teachers import rebuild_teacher
     from zsd.student import load_student
     from zsd.teachers import resolve_device
     from zsd.templates import resolve_templates
@@ -248,7 +249,7 @@ def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t,
     keep, class_names, _ = select_classes(test_store.classnames, classnames)
     if len(keep) < 2:
         raise ZsdError("margins need at least 2 classes")
-    teacher = open_eval_teacher(test_store.teacher, test_store.teacher_id, pretrained, device)
+    teacher = rebuild_teacher(test_store.teacher, test_store.teacher_id, pretrained, device)
     _, template_list = resolve_templates(templates, test_store.path.name.removesuffix(".zarr"))
     z = zero_shot_classifier(teacher, class_names, template_list)
     out.update(certify(T, S, z, out))

@@ -24,7 +24,7 @@ from zsd.cache import ViewDataset, cache_teacher, embed_rows
 from zsd.errors import ZsdError
 from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_fingerprint
-from zsd.teachers import DEFAULT_TEACHER, Teacher, create_teacher, resolve_device, teacher_id
+from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess
 
@@ -75,26 +75,6 @@ def select_classes(store_classnames: list[str], classnames_file: str | None) -> 
     dropped = len(store_classnames) - len(keep)
     note = f"{dropped} of {len(store_classnames)} classes are not in {path.name} and are left out" if dropped else ""
     return keep, names, note
-
-
-def open_eval_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None,
-                      device: str = "auto") -> Teacher:
-    """Rebuild the teacher that made a store, from the store's fingerprint."""
-    model, weights = fingerprint["model"], fingerprint["weights"]
-    if pretrained is None:
-        if weights.startswith("tag:"):
-            pretrained = weights[len("tag:"):]
-        elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
-            raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): "
-                           "pass that file with --pretrained FILE")
-    teacher = create_teacher(model, pretrained, device)
-    if teacher.weights != weights:
-        raise ZsdError(f"{pretrained or model} is not the checkpoint the store was made with "
-                       f"({teacher.weights[:19]}... != {weights[:19]}...)")
-    if teacher.id != store_teacher_id:
-        raise ZsdError(f"the rebuilt teacher {model} has id {teacher.id}, the store's is {store_teacher_id} "
-                       "(other preprocessing?): re-cache the test set with this zsd")
-    return teacher
 
 
 def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str], cache: bool = True) -> np.ndarray:
@@ -215,7 +195,7 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     keep, names, note = select_classes(store.classnames, classnames)
     if note:
         log(f"note: {note}")
-    model = open_eval_teacher(store.teacher, store.teacher_id, pretrained, device)
+    model = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
     dataset = dataset_name(store)
     template_source, template_list = resolve_templates(templates, dataset)
     z = zero_shot_classifier(model, names, template_list).astype(np.float64)

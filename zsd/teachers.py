@@ -294,3 +294,32 @@ def create_teacher(name: str = DEFAULT_TEACHER, pretrained: str | None = None,
     if name.startswith("timm:"):
         return TimmTeacher(name[len("timm:"):], pretrained, dev)
     return OpenClipTeacher(name, pretrained, dev)
+
+
+def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None, device: str = "auto",
+                    option: str = "--pretrained") -> Teacher:
+    """Rebuild the teacher that made a store from its fingerprint; `option` names the user's flag.
+
+    A tag or a model folder says where the weights are; a checkpoint file is recorded only by its
+    hash, so the user passes the file and its hash is checked.
+    """
+    model, weights = fingerprint["model"], fingerprint["weights"]
+    pretrained = resolve_packaged_weights(pretrained)
+    if pretrained is None:
+        if weights.startswith("tag:"):
+            pretrained = weights[len("tag:"):]
+        elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
+            raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): "
+                           f"pass {option} FILE")
+    if weights.startswith("sha256:") and pretrained and Path(pretrained).is_file() \
+            and "sha256:" + file_sha256(pretrained) != weights:  # before loading: any file may be passed
+        raise ZsdError(f"{option} {pretrained} is not the file the targets were cached with (not the checkpoint "
+                       f"hash {weights[:19]}...)")
+    teacher = create_teacher(model, pretrained, device)
+    if teacher.weights != weights:
+        raise ZsdError(f"{option} {pretrained or model} is not the file the targets were cached with (its hash "
+                       f"{teacher.weights[:19]}... is not the checkpoint hash {weights[:19]}...)")
+    if teacher.id != store_teacher_id:
+        raise ZsdError(f"the rebuilt teacher {model} has id {teacher.id}, the store's is {store_teacher_id} "
+                       "(other preprocessing?): re-cache with this zsd")
+    return teacher

@@ -34,7 +34,7 @@ from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import Student, _unwrap, load_student, save_student, student_preprocess
-from zsd.teachers import create_teacher, file_sha256, resolve_device, resolve_packaged_weights
+from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
 PROMPT = "a photo of a {c}, a type of {superclass}."
@@ -77,25 +77,8 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
         cached = torch.load(path, weights_only=True)
         if cached["key"] == key:
             return cached["embeddings"]
-    fp = targets.teacher
-    model, weights = fp["model"], fp["weights"]
-    teacher_weights = resolve_packaged_weights(teacher_weights)
-    if weights.startswith("tag:"):
-        pretrained = weights[len("tag:"):]
-    elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
-        if not teacher_weights:
-            raise ZsdError(f"the teacher's weights are a local file ({weights[:19]}...) whose path the store does "
-                           "not record: pass --teacher-weights FILE for the clip/mp text embeddings")
-        if "sha256:" + file_sha256(teacher_weights) != weights:
-            raise ZsdError(f"--teacher-weights {teacher_weights} is not the file the targets were cached with")
-        pretrained = teacher_weights
-    else:  # local-dir:, hf-hub:, timm's own weights: the model name says it all
-        pretrained = teacher_weights
-    log(f"computing {len(names)} class-prompt embeddings with the teacher {model}")
-    teacher = create_teacher(model, pretrained, "cpu")
-    if teacher.id != targets.teacher_id:
-        raise ZsdError(f"the teacher loaded for text embeddings ({model}, id {teacher.id}) is not the targets' "
-                       f"teacher (id {targets.teacher_id})")
+    teacher = rebuild_teacher(targets.teacher, targets.teacher_id, teacher_weights, "cpu", option="--teacher-weights")
+    log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
     tmp = path.with_name(path.name + ".tmp")
     torch.save({"key": key, "embeddings": emb}, tmp)
