@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, scan_sources
-from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, WRITTEN, Store, create_store, open_store, resolve_store
+from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -144,11 +144,12 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
                      desc=f"cache-teacher -> {store.path.name}", progress=progress)
 
     elapsed = time.perf_counter() - t_start
-    info = store.info()
+    status = store.status()  # counts only: info()'s norm statistics would read every embedding
     summary = {
-        "store": str(store.path), "rows": info["rows"], "processed": run["done"], "failed_now": run["failed"],
-        "written": info["written"], "failed": info["failed"], "pending": info["pending"],
-        "complete": info["complete"], "seconds": round(elapsed, 2),
+        "store": str(store.path), "rows": store.rows, "processed": run["done"], "failed_now": run["failed"],
+        "written": int((status == WRITTEN).sum()), "failed": int((status == FAILED).sum()),
+        "pending": int((status == PENDING).sum()), "complete": bool((status != PENDING).all()),
+        "seconds": round(elapsed, 2),
         "images_per_s": round(run["done"] / max(run["seconds"], 1e-9), 2), "loop_seconds": run["seconds"],
         "phases_s": run["phases_s"], "failure_reasons": run["failure_reasons"],
         "shard": [shard_index, num_shards], "problems": scan.problems,
