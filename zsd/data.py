@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader
+from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, open_store
 from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
@@ -89,17 +89,12 @@ class TrainTargets:
 
         # One class list for all stores: classes with the same name are the same class.
         self.classnames: list[str] = []
-        index: dict[str, int] = {}
-        for s in stores:
-            for c in s.classnames:
-                if c not in index:
-                    index[c] = len(self.classnames)
-                    self.classnames.append(c)
+        remaps = [merge_classnames(self.classnames, s.classnames) for s in stores]
 
         budget = ram_budget()
         self.sources: list[Source] = []
         self.skipped_rows = 0
-        for s, w in zip(stores, weights):
+        for s, w, store_remap in zip(stores, weights, remaps):
             status = s.status()
             rows = np.flatnonzero(status == WRITTEN)
             if len(rows) < s.rows:
@@ -108,7 +103,7 @@ class TrainTargets:
                 self.skipped_rows += s.rows - len(rows)
             if not len(rows):
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
-            remap = np.array([index[c] for c in s.classnames] + [-1], dtype=np.int64)
+            remap = np.array(store_remap + [-1], dtype=np.int64)
             labels = remap[s.labels().astype(np.int64)]  # label -1 picks the trailing -1
             fits = s.rows * s.views * s.dim * 2 <= budget
             ram = {"auto": fits, "yes": True, "no": False}[in_ram]

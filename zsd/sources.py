@@ -102,17 +102,21 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for p in parts for x in expand_braces(head + p + tail)]
 
 
+def merge_classnames(merged: list[str], names: list[str]) -> list[int]:
+    """Add `names` to `merged` (same name, same class) and return each name's index in it."""
+    for name in names:
+        if name not in merged:
+            merged.append(name)
+    return [merged.index(name) for name in names]
+
+
 def scan_sources(specs: list[str]) -> Scan:
     """Scan every SOURCE argument in order; labels are indices into the union of class names."""
     scan = Scan()
     for spec in specs:
         index = len(scan.descs)
         desc, keys, labels, locs, classnames = _scan_one(spec, index, scan.problems)
-        remap = []
-        for name in classnames:
-            if name not in scan.classnames:
-                scan.classnames.append(name)
-            remap.append(scan.classnames.index(name))
+        remap = merge_classnames(scan.classnames, classnames)
         scan.descs.append(desc)
         scan.keys += keys
         scan.labels += [remap[lab] if lab >= 0 else -1 for lab in labels]
