@@ -7,7 +7,6 @@ run feeds the teacher identical batches and writes identical bytes.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import time
 from collections import Counter
@@ -17,11 +16,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
+
+
+# Views per teacher forward on a CPU: measured with the proxy teacher (tf_efficientnet_lite0) on 2
+# cores, throughput is flat from 16 to 64 and halves at 128, where activations outgrow the caches.
+CPU_BATCH = 32
 
 
 class ViewDataset(Dataset):
@@ -50,22 +55,6 @@ def _collate(items):
     return items
 
 
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed blocks up to 32 MiB on the heap instead of returning them to the OS.
-
-    A CPU forward allocates and frees multi-MiB activations; by default glibc serves those with
-    fresh mmaps, and once decoding allocations sit between forwards every forward page-faults its
-    activations anew. Measured on a 2-core CPU (tools/bench_cache.py, ViT-B-32): the pass ran at
-    0.83-0.86 of the raw forward's throughput without this and 0.91 with it. No-op off glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):
-        return False
-
-
 def _shard_from_env(num_shards, shard_index):
     """--num-shards/--shard-index, else torchrun's WORLD_SIZE/RANK, else one shard."""
     if num_shards is None:
@@ -86,9 +75,11 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         return create_store(path, **fresh)
     store = open_store(path, mode="r+")
     if store.teacher_id != teacher.id:
-        raise ZsdError(f"{path} holds embeddings of another teacher ({store.teacher['model']}, "
-                       f"{store.teacher['weights']}, id {store.teacher_id}); this run's teacher is "
-                       f"{teacher.model_name} ({teacher.weights}, id {teacher.id}): choose another --out")
+        old = store.teacher
+        raise ZsdError(f"{path} holds embeddings of another teacher ({old['model']}, {old['weights']}, "
+                       f"{old.get('precision', 'fp32')}, id {store.teacher_id}); this run's teacher is "
+                       f"{teacher.model_name} ({teacher.weights}, {teacher.precision}, id {teacher.id}): "
+                       "choose another --out (or the store's --precision)")
     for name, want in (("views", views), ("view_seed", view_seed), ("crop_scale", list(crop_scale))):
         if store.attrs[name] != want:
             raise ZsdError(f"{path} was made with {name}={store.attrs[name]}, not {want}: "
@@ -111,13 +102,17 @@ def _describe(desc: dict) -> str:
 
 
 def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHER,
-                  pretrained: str | None = None, views: int = 1, batch_size: int = 256,
+                  pretrained: str | None = None, views: int = 1, batch_size: int | None = None,
+                  precision: str = "auto",
                   workers: int | None = None, device: str = "auto", num_shards: int | None = None,
                   shard_index: int | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS, view_seed: int = 0,
                   crop_scale=(0.9, 1.0), progress: bool = True, log=print) -> dict:
     """Embed every image of `sources` with the teacher into the store `out`; resumable.
 
-    `batch_size` counts views per teacher forward (images per batch = batch_size // views).
+    `batch_size` counts views per teacher forward (images per batch = batch_size // views); by
+    default 256 on a GPU and 32 on a CPU, where larger batches only add memory traffic (docs: the
+    CPU section of the README). `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is
+    part of the teacher's fingerprint, so one store never mixes precisions.
     Returns a summary dict (rows, written, failed, seconds per phase, images/s).
     """
     if views < 1:
@@ -126,9 +121,12 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     t_start = time.perf_counter()
-    if device.startswith("cpu") or (device == "auto" and not torch.cuda.is_available()):
-        keep_freed_memory()
-    model = create_teacher(teacher, pretrained, device)
+    model = create_teacher(teacher, pretrained, device, precision)
+    tune_allocator(model.device)
+    if batch_size is None:
+        batch_size = CPU_BATCH if model.device.type == "cpu" else 256
+    if batch_size < 1:
+        raise ZsdError("--batch-size must be at least 1")
     scan = scan_sources(sources)
     for problem in scan.problems:
         log(f"warning: {problem}")

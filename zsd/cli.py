@@ -107,9 +107,12 @@ def _parse_scale(value: str) -> tuple[float, float]:
               help=f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
 @click.option("--views", default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
-@click.option("--batch-size", default=256, show_default=True, help="Views per teacher forward.")
+@click.option("--batch-size", type=int, default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
 @click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
+                   "store's teacher id, so a store never mixes precisions.")
 @click.option("--num-shards", type=int, default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
 @click.option("--shard-index", type=int, default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
 @click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
@@ -117,7 +120,7 @@ def _parse_scale(value: str) -> tuple[float, float]:
               help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
-def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, num_shards,
+def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, precision, num_shards,
                       shard_index, chunk_rows, crop_scale, view_seed, json_out):
     """Embed the images of SOURCES with the teacher into the store OUT (resumable).
 
@@ -126,7 +129,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
     the same command continues where it stopped; more sources after the original ones are appended.
     """
     summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
-                            batch_size=batch_size, workers=workers, device=device, num_shards=num_shards,
+                            batch_size=batch_size, workers=workers, device=device, precision=precision,
+                            num_shards=num_shards,
                             shard_index=shard_index, chunk_rows=chunk_rows, view_seed=view_seed,
                             crop_scale=crop_scale, log=lambda m: click.echo(m, err=True))
     if json_out:

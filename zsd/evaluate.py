@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from zsd.cache import ViewDataset, cache_teacher, embed_rows
+from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
 from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_fingerprint
@@ -154,6 +155,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]),
                           1, 0, (1.0, 1.0))
     model = model.to(device).eval()
+    tune_allocator(next(model.parameters()).device)
     embed_rows(emb_store, dataset, lambda x: model.encode_images(x.to(device)), emb_store.pending_chunks(),
                images_per_batch=batch_size, workers=workers, skip=skip,
                desc=f"student -> {out.parent.parent.name}/{out.name}", encoder_name="student", progress=progress)

@@ -40,8 +40,14 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def teacher_id(fingerprint: dict) -> str:
-    """Hash of what determines the embeddings (not library versions, which only get recorded)."""
+    """Hash of what determines the embeddings (not library versions, which only get recorded).
+
+    fp32 is the reference precision: stores written before precision was recorded were fp32 on
+    CPU and keep their ids; any other precision is part of the hash, so stores never mix them.
+    """
     core = {k: fingerprint[k] for k in ("backend", "model", "weights", "preprocess")}
+    if fingerprint.get("precision", "fp32") != "fp32":
+        core["precision"] = fingerprint["precision"]
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -49,6 +55,18 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 autocast on CUDA (tensor cores), fp32 on CPU (the reference embeddings)."""
+    if precision not in PRECISIONS:
+        raise ZsdError(f"--precision {precision}: choose {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 class Teacher:
@@ -60,6 +78,7 @@ class Teacher:
     preprocess: Preprocess
     dim: int
     device: torch.device
+    precision: str = "fp32"  # "fp32" or "bf16" (autocast): the forward's compute precision
 
     @property
     def fingerprint(self) -> dict:
@@ -72,6 +91,7 @@ class Teacher:
             "weights": self.weights,
             "preprocess": self.preprocess.to_dict(),
             "dim": self.dim,
+            "precision": self.precision,
             "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__, "timm": timm.__version__},
         }
 
@@ -84,7 +104,8 @@ class Teacher:
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        if self.precision == "bf16":
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
                 z = self._forward(x)
         else:
             z = self._forward(x)
@@ -286,14 +307,18 @@ def load_state_dict_by_name_or_position(model: torch.nn.Module, path: str) -> No
 
 
 def create_teacher(name: str = DEFAULT_TEACHER, pretrained: str | None = None,
-                   device: str = "auto") -> Teacher:
+                   device: str = "auto", precision: str = "auto") -> Teacher:
     """`pretrained` defaults to the paper's weights for the paper's model, and to nothing otherwise."""
     dev = resolve_device(device)
+    precision = resolve_precision(precision, dev)
     if pretrained is None and name == DEFAULT_TEACHER:
         pretrained = DEFAULT_PRETRAINED
     if name.startswith("timm:"):
-        return TimmTeacher(name[len("timm:"):], pretrained, dev)
-    return OpenClipTeacher(name, pretrained, dev)
+        teacher = TimmTeacher(name[len("timm:"):], pretrained, dev)
+    else:
+        teacher = OpenClipTeacher(name, pretrained, dev)
+    teacher.precision = precision
+    return teacher
 
 
 def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None, device: str = "auto",
@@ -315,7 +340,7 @@ def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | 
             and "sha256:" + file_sha256(pretrained) != weights:  # before loading: any file may be passed
         raise ZsdError(f"{option} {pretrained} is not the file the targets were cached with (not the checkpoint "
                        f"hash {weights[:19]}...)")
-    teacher = create_teacher(model, pretrained, device)
+    teacher = create_teacher(model, pretrained, device, fingerprint.get("precision", "fp32"))
     if teacher.weights != weights:
         raise ZsdError(f"{option} {pretrained or model} is not the file the targets were cached with (its hash "
                        f"{teacher.weights[:19]}... is not the checkpoint hash {weights[:19]}...)")

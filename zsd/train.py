@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
@@ -163,6 +164,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
     """
     t_start = time.perf_counter()
     world, rank, dev = _setup_distributed(device)
+    tune_allocator(dev)
     main_proc = rank == 0
     say = log if main_proc else (lambda m: None)
     run_dir = Path(out)
