@@ -170,12 +170,10 @@ def test_eval_image_folder_is_cached_first(image_folder, tiny_teacher_name, cach
     assert len(list(cache_env.glob("imgs-*.zarr"))) == 1
 
 
-def test_timm_teacher_mapping_and_checkpoint(image_folder, tmp_path, cache_env):
+def test_timm_teacher_mapping_and_checkpoint(image_folder, resnet_checkpoint, tmp_path, cache_env):
     import timm
 
-    torch.manual_seed(0)
-    ckpt = tmp_path / "resnet.pt"
-    torch.save(timm.create_model("test_resnet").state_dict(), ckpt)
+    ckpt = resnet_checkpoint
     store = make_store(image_folder, tmp_path / "t.zarr", "timm:test_resnet", pretrained=str(ckpt), views=1)
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"cat": {"imagenet_name": "Egyptian cat"}, "dog": "beagle"}))
