@@ -168,6 +168,29 @@ def test_coverage_unlabelled_test_store_with_student(image_folder, tiny_teacher_
     assert "agreement" not in report["certificate"]
 
 
+def test_coverage_prototypes_need_no_checkpoint_file(image_folder, resnet_checkpoint, tmp_path, monkeypatch):
+    from zsd.cli import main
+    from zsd.evaluate import prototype_classifier
+
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+    cache_train_and_test(image_folder, tmp_path, "timm:test_resnet", str(resnet_checkpoint))
+    run = tmp_path / "run"
+    make_student(run, tmp_path / "train.zarr")
+    # without --pretrained: the teacher, loaded from a checkpoint file, is never rebuilt
+    main(["coverage", "--train", str(tmp_path / "train.zarr"), "--test", str(tmp_path / "test.zarr"), "--student",
+          str(run), "--classes-from", str(tmp_path / "train.zarr"), "-k", "2", "--device", "cpu", "--json",
+          str(tmp_path / "cov.json")])
+    report = json.loads((tmp_path / "cov.json").read_text())
+    assert report["classifier"]["kind"] == "prototypes"
+    assert report["classifier"]["store"] == str(tmp_path / "train.zarr")
+
+    # the teacher margins are taken against the train store's prototypes
+    train, test = open_store(tmp_path / "train.zarr"), open_store(tmp_path / "test.zarr")
+    z = prototype_classifier(train, test.classnames).astype(np.float64)
+    top2 = np.sort(test.embeddings(view=0).astype(np.float64) @ z.T, axis=1)[:, -2:]
+    np.testing.assert_allclose([r["margin"] for r in report["images"]], top2[:, 1] - top2[:, 0], atol=1e-6)
+
+
 def test_coverage_cli(tmp_path, capsys):
     from zsd.cli import main
 
