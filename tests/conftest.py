@@ -42,6 +42,45 @@ def tiny_teacher_name(tiny_clip_dir):
     return f"local-dir:{tiny_clip_dir}"
 
 
+FAKE_TEACHER = {"backend": "test", "model": "random", "weights": "none", "preprocess": {}, "dim": 16}
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def random_store(path, emb, labels=None, classnames=(), teacher=FAKE_TEACHER, failed=(), chunk_rows=8):
+    """A store holding the given (N, D) or (N, views, D) embeddings (as fp16), some rows marked failed."""
+    from zsd.store import FAILED, WRITTEN, create_store
+    from zsd.teachers import teacher_id
+
+    emb = emb[:, None, :] if emb.ndim == 2 else emb
+    n, views, d = emb.shape
+    store = create_store(path, keys=[f"img{i:05d}" for i in range(n)],
+                         labels=labels if labels is not None else np.full(n, -1), locs=np.zeros((n, 4)), views=views,
+                         dim=d, teacher=teacher, teacher_id=teacher_id(teacher), classnames=list(classnames),
+                         sources=[], chunk_rows=chunk_rows)
+    status = np.full(n, WRITTEN, np.uint8)
+    status[list(failed)] = FAILED
+    for c in range(store.n_chunks):
+        sl = store.chunk_slice(c)
+        store.write_chunk(c, emb[sl], np.zeros((sl.stop - sl.start, views, 5), np.int32),
+                          [""] * (sl.stop - sl.start), status[sl])
+    return store
+
+
+@pytest.fixture
+def resnet_checkpoint(tmp_path):
+    """A checkpoint file of timm's test_resnet: a teacher that is rebuilt only from --pretrained FILE."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path / "resnet.pt"
+    torch.save(timm.create_model("test_resnet").state_dict(), path)
+    return path
+
+
 def make_image(path, seed, size=(48, 40), mode="RGB"):
     rng = np.random.default_rng(seed)
     arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)

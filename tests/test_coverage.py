@@ -4,37 +4,15 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import make_image
+from conftest import FAKE_TEACHER, make_image, random_store, unit
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
 from zsd.coverage import certify, coverage, nearest_train, pair_distances, plot_coverage, witnesses
 from zsd.errors import ZsdError
-from zsd.store import FAILED, WRITTEN, create_store, open_store
-from zsd.teachers import teacher_id
+from zsd.store import open_store
 
 torch.set_num_threads(1)
-FAKE_TEACHER = {"backend": "test", "model": "random", "weights": "none", "preprocess": {}, "dim": 16}
-
-
-def unit(x):
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def random_store(path, emb, labels=None, classnames=(), teacher=FAKE_TEACHER, failed=(), chunk_rows=8):
-    """A store holding the given embeddings (as fp16), with some rows marked failed."""
-    n, d = emb.shape
-    store = create_store(path, keys=[f"img{i:05d}" for i in range(n)],
-                         labels=labels if labels is not None else np.full(n, -1), locs=np.zeros((n, 4)), views=1,
-                         dim=d, teacher=teacher, teacher_id=teacher_id(teacher), classnames=list(classnames),
-                         sources=[], chunk_rows=chunk_rows)
-    status = np.full(n, WRITTEN, np.uint8)
-    status[list(failed)] = FAILED
-    for c in range(store.n_chunks):
-        sl = store.chunk_slice(c)
-        store.write_chunk(c, emb[sl, None, :], np.zeros((sl.stop - sl.start, 1, 5), np.int32),
-                          [""] * (sl.stop - sl.start), status[sl])
-    return store
 
 
 def test_nearest_matches_numpy_bruteforce(tmp_path):
@@ -105,15 +83,20 @@ def test_certificates_never_certify_a_disagreement(tmp_path):
     assert counts[0] > 0 and counts[1] > counts[0] and counts[2] > 0 and counts[1] < counts[3]
 
 
-def test_coverage_with_tiny_trained_student(image_folder, tiny_teacher_name, tmp_path, monkeypatch):
-    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+def cache_train_and_test(image_folder, tmp_path, teacher, pretrained=None, train_views=1):
+    """tmp_path/train.zarr of image_folder, tmp_path/test.zarr of 3 new images of each of its classes."""
     test_folder = tmp_path / "test_imgs"
     for c, name in enumerate(["cat", "dog", "fish_tank"]):
         for i in range(3):
             make_image(test_folder / name / f"t{i}.png", seed=500 + 10 * c + i, size=(44, 40))
-    kw = dict(teacher=tiny_teacher_name, pretrained=None, chunk_rows=4, workers=0, progress=False, log=lambda m: None)
-    cache_teacher([str(image_folder)], str(tmp_path / "train.zarr"), views=2, **kw)
+    kw = dict(teacher=teacher, pretrained=pretrained, chunk_rows=4, workers=0, progress=False, log=lambda m: None)
+    cache_teacher([str(image_folder)], str(tmp_path / "train.zarr"), views=train_views, **kw)
     cache_teacher([str(test_folder)], str(tmp_path / "test.zarr"), views=1, **kw)
+
+
+def test_coverage_with_tiny_trained_student(image_folder, tiny_teacher_name, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+    cache_train_and_test(image_folder, tmp_path, tiny_teacher_name, train_views=2)
     run = tmp_path / "run"
     make_student(run, tmp_path / "train.zarr", steps=30)
 
@@ -183,6 +166,29 @@ def test_coverage_unlabelled_test_store_with_student(image_folder, tiny_teacher_
     assert any("unlabelled" in n for n in report["notes"])
     assert "bound" in report["images"][0] and "margin" not in report["images"][0]
     assert "agreement" not in report["certificate"]
+
+
+def test_coverage_prototypes_need_no_checkpoint_file(image_folder, resnet_checkpoint, tmp_path, monkeypatch):
+    from zsd.cli import main
+    from zsd.evaluate import prototype_classifier
+
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+    cache_train_and_test(image_folder, tmp_path, "timm:test_resnet", str(resnet_checkpoint))
+    run = tmp_path / "run"
+    make_student(run, tmp_path / "train.zarr")
+    # without --pretrained: the teacher, loaded from a checkpoint file, is never rebuilt
+    main(["coverage", "--train", str(tmp_path / "train.zarr"), "--test", str(tmp_path / "test.zarr"), "--student",
+          str(run), "--classes-from", str(tmp_path / "train.zarr"), "-k", "2", "--device", "cpu", "--json",
+          str(tmp_path / "cov.json")])
+    report = json.loads((tmp_path / "cov.json").read_text())
+    assert report["classifier"]["kind"] == "prototypes"
+    assert report["classifier"]["store"] == str(tmp_path / "train.zarr")
+
+    # the teacher margins are taken against the train store's prototypes
+    train, test = open_store(tmp_path / "train.zarr"), open_store(tmp_path / "test.zarr")
+    z = prototype_classifier(train, test.classnames).astype(np.float64)
+    top2 = np.sort(test.embeddings(view=0).astype(np.float64) @ z.T, axis=1)[:, -2:]
+    np.testing.assert_allclose([r["margin"] for r in report["images"]], top2[:, 1] - top2[:, 0], atol=1e-6)
 
 
 def test_coverage_cli(tmp_path, capsys):

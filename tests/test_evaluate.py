@@ -4,13 +4,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAKE_TEACHER, random_store, unit
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, top_k_accuracy_score
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
 from zsd.errors import ZsdError
-from zsd.evaluate import (classification_metrics, evaluate, select_classes, student_embeddings,
-                          zero_shot_classifier)
+from zsd.evaluate import (classification_metrics, evaluate, prototype_classifier, select_classes,
+                          student_embeddings, zero_shot_classifier)
 from zsd.sources import RowReader, load_rgb
 from zsd.store import open_store
 from zsd.student import load_student
@@ -170,12 +171,10 @@ def test_eval_image_folder_is_cached_first(image_folder, tiny_teacher_name, cach
     assert len(list(cache_env.glob("imgs-*.zarr"))) == 1
 
 
-def test_timm_teacher_mapping_and_checkpoint(image_folder, tmp_path, cache_env):
+def test_timm_teacher_mapping_and_checkpoint(image_folder, resnet_checkpoint, tmp_path, cache_env):
     import timm
 
-    torch.manual_seed(0)
-    ckpt = tmp_path / "resnet.pt"
-    torch.save(timm.create_model("test_resnet").state_dict(), ckpt)
+    ckpt = resnet_checkpoint
     store = make_store(image_folder, tmp_path / "t.zarr", "timm:test_resnet", pretrained=str(ckpt), views=1)
     mapping = tmp_path / "map.json"
     mapping.write_text(json.dumps({"cat": {"imagenet_name": "Egyptian cat"}, "dog": "beagle"}))
@@ -233,3 +232,89 @@ def test_eval_cli_embeds_train_stores_on_request(image_folder, tiny_teacher_name
                      for k, l in zip(train.keys(), train.locs())])
     np.testing.assert_allclose(emb.embeddings(view=0).astype(np.float32), model.eval().encode_images(x).numpy(),
                                atol=2e-3)
+
+
+def numpy_prototypes(store, classes):
+    """Per test class, given as the list of the store's class indices it stands for: the
+    normalised mean of the normalised view-0 embeddings of the written rows of those classes."""
+    emb = store.embeddings(view=0).astype(np.float64)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    rows = []
+    for members in classes:
+        mean = emb[np.isin(store.labels(), members) & store.written()].mean(0)
+        rows.append(mean / np.linalg.norm(mean))
+    return np.array(rows)
+
+
+def test_prototype_classifier_matches_numpy(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(40, 2, 16)) * rng.uniform(0.5, 2, (40, 2, 1))  # not unit: each row is normalised
+    labels = rng.integers(0, 5, 40)
+    labels[[3, 9]] = -1
+    labels[2] = 0
+    store = random_store(tmp_path / "protos.zarr", emb, labels, ["Cat", "dog", "fish-tank", "bird", "cat"],
+                         failed=[2, 7])
+    z = prototype_classifier(store, ["fish_tank", "cat", "dog"])  # "bird" is not a test class: unused
+    assert z.dtype == np.float32 and z.shape == (3, 16)
+    # view 0 only, written rows only; "Cat" and "cat" are one class and pool their images
+    np.testing.assert_allclose(z, numpy_prototypes(store, [[2], [0, 4], [1]]), atol=1e-6)
+    with pytest.raises(ZsdError, match="'cat' and 'Cat' are one class"):
+        prototype_classifier(store, ["cat", "Cat"])
+
+
+def test_eval_with_prototypes(tmp_path, capsys):
+    from zsd.cli import main
+
+    rng = np.random.default_rng(1)
+    centres = unit(rng.normal(size=(3, 16)))
+    train_labels, test_labels = np.arange(30) % 3, np.arange(12) % 3
+    # the prototype store spells the classes its own way, in another order, with one class more
+    train = random_store(tmp_path / "train.zarr", unit(centres[train_labels] + rng.normal(size=(30, 16))),
+                         (train_labels + 1) % 3, ["fish tank", "Cat", "dog", "bird"])
+    test = random_store(tmp_path / "test.zarr", unit(centres[test_labels] + rng.normal(size=(12, 16))),
+                        test_labels, ["cat", "dog", "fish_tank"])
+    # a FAKE_TEACHER store cannot be rebuilt into a teacher: these runs never load one
+    (res,) = evaluate(str(test.path), classes_from=str(train.path), out_dir=str(tmp_path / "res"), device="cpu",
+                      progress=False, log=lambda m: None)
+    z = numpy_prototypes(train, [[1], [2], [0]])
+    pred = (test.embeddings(view=0).astype(np.float64) @ z.T).argmax(1)
+    assert res["metrics"]["acc1"] == pytest.approx((pred == test_labels).mean())
+    saved = json.loads((tmp_path / "res" / "test__teacher.json").read_text())
+    assert saved["classifier"] == {"kind": "prototypes", "store": str(train.path), "teacher_id": test.teacher_id,
+                                   "images_per_class": {"cat": 10, "dog": 10, "fish_tank": 10}}
+    assert saved["templates"] is None and saved["classnames"] == ["cat", "dog", "fish_tank"]
+
+    lacking = random_store(tmp_path / "lacking.zarr", unit(rng.normal(size=(4, 16))), np.arange(4) % 2,
+                           ["cat", "dog"])
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(test.path), "--classes-from", str(lacking.path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "1 of the 3 test classes (fish_tank)" in err
+    other = random_store(tmp_path / "other.zarr", unit(centres[train_labels]), train_labels,
+                         ["cat", "dog", "fish_tank"], teacher=dict(FAKE_TEACHER, model="another"))
+    with pytest.raises(ZsdError, match=f"teacher {other.teacher_id}.*teacher {test.teacher_id}"):
+        evaluate(str(test.path), classes_from=str(other.path), progress=False, log=lambda m: None)
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["a cat", "a dog", "a fish tank"]))
+    with pytest.raises(ZsdError, match="pass one of them"):
+        evaluate(str(test.path), classes_from=str(train.path), classnames=str(names), progress=False,
+                 log=lambda m: None)
+
+
+def test_prototypes_need_no_checkpoint_file(image_folder, resnet_checkpoint, tmp_path, cache_env):
+    from zsd.cli import main
+
+    store = make_store(image_folder, tmp_path / "t.zarr", "timm:test_resnet", pretrained=str(resnet_checkpoint),
+                       views=1)
+    run = tmp_path / "run"
+    make_student(run, store.path)
+    # without --pretrained: the teacher, loaded from a checkpoint file, is never rebuilt
+    main(["eval", str(store.path), "--classes-from", str(store.path), "--student", str(run), "--out-dir",
+          str(tmp_path / "res"), "--device", "cpu"])
+    res = json.loads((tmp_path / "res" / "t__run.json").read_text())
+    z = prototype_classifier(store, store.classnames).astype(np.float64)
+    emb = open_store(run / "embeddings" / "t.zarr").embeddings(view=0).astype(np.float64)
+    pred, teacher_pred = (emb @ z.T).argmax(1), (store.embeddings(view=0).astype(np.float64) @ z.T).argmax(1)
+    assert res["classifier"]["kind"] == "prototypes"
+    assert res["metrics"]["acc1"] == pytest.approx((pred == store.labels()).mean())
+    assert res["metrics"]["agreement_with_teacher"] == pytest.approx((pred == teacher_pred).mean())

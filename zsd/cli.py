@@ -171,6 +171,11 @@ def info_cmd(store, as_json):
 @click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True),
               help="JSON list of class names in store order, or a mapping store class -> name or "
                    "{\"imagenet_name\": ...}; classes missing from a mapping are left out.")
+@click.option("--classes-from", default=None, metavar="STORE",
+              help="Classify with class prototypes from this labelled store of the same teacher (e.g. the train "
+                   "images' store) instead of class names and templates: per class, the normalised mean of its "
+                   "images' teacher embeddings. Classes match the test store's by name; the teacher is not "
+                   "loaded, so no --pretrained; not with --classnames.")
 @click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the test store's teacher was "
               "loaded from one (its hash is checked); for an image folder TEST, the teacher's tag or file.")
 @click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]; "
@@ -183,8 +188,8 @@ def info_cmd(store, as_json):
 @click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 @click.option("--embed", "embed_stores", multiple=True,
               help="Also write each student's embeddings of this (train) store into RUN_DIR/embeddings/; repeatable.")
-def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir, confusion, device, batch_size,
-             workers, embed_stores):
+def eval_cmd(test, students, templates, classnames, classes_from, pretrained, teacher, out_dir, confusion, device,
+             batch_size, workers, embed_stores):
     """Zero-shot accuracy of the teacher and students on TEST (a labelled store, or an image folder).
 
     Prints top-1, top-5, mean per-class recall and top-1 agreement with the teacher. Every model
@@ -192,8 +197,8 @@ def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir
     in RUN_DIR/embeddings/TEST.zarr, where `zsd coverage` reuses them.
     """
     results = evaluate(test, list(students), teacher=teacher, pretrained=pretrained, templates=templates,
-                       classnames=classnames, device=device, batch_size=batch_size, workers=workers,
-                       confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
+                       classnames=classnames, classes_from=classes_from, device=device, batch_size=batch_size,
+                       workers=workers, confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
     click.echo(results_table(results))
     for run_dir in students:
         for name in embed_stores:
@@ -213,6 +218,8 @@ def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir
 @click.option("--dup-threshold", default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
 @click.option("--templates", default=None, help="As in `zsd eval` (for the teacher margins).")
 @click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
+@click.option("--classes-from", default=None, metavar="STORE",
+              help="As in `zsd eval`: the teacher margins use class prototypes from this labelled store.")
 @click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report (with per-image records) here.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
@@ -220,8 +227,8 @@ def eval_cmd(test, students, templates, classnames, pretrained, teacher, out_dir
 @click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
 @click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
-def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, pretrained,
-                 json_out, plot, worst, device, batch_size, workers):
+def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
+                 pretrained, json_out, plot, worst, device, batch_size, workers):
     """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
 
     Per test image: its nearest train image in teacher space and eps_T. With a student: a witness
@@ -229,7 +236,7 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
     teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
     """
     report = coverage(list(train) + list(more_train), test, student, k=k, block_rows=block_rows,
-                      pretrained=pretrained, templates=templates, classnames=classnames,
+                      pretrained=pretrained, templates=templates, classnames=classnames, classes_from=classes_from,
                       dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
                       workers=workers, log=lambda m: click.echo(m, err=True))
     click.echo(coverage_text(report))

@@ -140,10 +140,14 @@ def _check_stores(train: list[Store], test: Store):
 
 def coverage(train: list[str], test: str, student: str | None = None, *, k: int = 10,
              block_rows: int = DEFAULT_BLOCK_ROWS, pretrained: str | None = None, templates: str | None = None,
-             classnames: str | None = None, dup_threshold: float = DUP_THRESHOLD, worst: int = 20,
-             device: str = "auto", batch_size: int = 128, workers: int = 0, progress: bool = True,
+             classnames: str | None = None, classes_from: str | None = None, dup_threshold: float = DUP_THRESHOLD,
+             worst: int = 20, device: str = "auto", batch_size: int = 128, workers: int = 0, progress: bool = True,
              log=print) -> dict:
-    """The audit as a JSON-ready dict: per-image `images` records plus aggregates."""
+    """The audit as a JSON-ready dict: per-image `images` records plus aggregates.
+
+    The teacher margins use the class embeddings of `zsd.evaluate.build_classifier`: prototypes
+    from the labelled store `classes_from`, or the teacher's zero-shot classifier.
+    """
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     _check_stores(train_stores, test_store)
@@ -164,7 +168,8 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     report = {
         "test": str(test_store.path), "train": [str(s.path) for s in train_stores], "teacher_id": test_store.teacher_id,
         "teacher": {"model": test_store.teacher["model"], "weights": test_store.teacher["weights"]},
-        "student": None, "n_test": int(len(test_rows)), "n_train": int(sum(s.written().sum() for s in train_stores)),
+        "student": None, "classifier": None, "n_test": int(len(test_rows)),
+        "n_train": int(sum(s.written().sum() for s in train_stores)),
         "k": int(nn_t.shape[1]), "dup_threshold": dup_threshold, "notes": notes,
     }
     eps_t = dist_t[:, 0].astype(np.float64)
@@ -177,9 +182,10 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         notes.append("the test store is unlabelled (no class names): no per-class coverage")
     if student is not None:
         student_part = _student_certificates(student, train_stores, test_store, test_rows, T, nn_t, k, block_rows,
-                                             pretrained, templates, classnames, device, batch_size, workers,
-                                             progress, log, notes)
+                                             pretrained, templates, classnames, classes_from, device, batch_size,
+                                             workers, progress, log, notes)
         report["student"] = student_part.pop("student")
+        report["classifier"] = student_part.pop("classifier", None)
         for n, rec in enumerate(records):
             w = int(student_part["witness"][n])
             rec["witness"] = str(train_keys[w])
@@ -218,13 +224,12 @@ def _train_label_names(stores: list[Store]) -> list:
 
 
 def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t, k, block_rows, pretrained,
-                          templates, classnames, device, batch_size, workers, progress, log, notes) -> dict:
+                          templates, classnames, classes_from, device, batch_size, workers, progress, log,
+                          notes) -> dict:
     """Witnesses, bounds and (for a labelled test set) margins and certificates per test row."""
-    from zsd.evaluate import select_classes, student_embeddings, zero_shot_classifier
-    from zsd.teachers import rebuild_teacher
+    from zsd.evaluate import build_classifier, student_embeddings
     from zsd.student import load_student
     from zsd.teachers import resolve_device
-    from zsd.templates import resolve_templates
 
     model, config = load_student(run_dir, resolve_device(device))
     if config.get("teacher_id") != test_store.teacher_id:
@@ -246,13 +251,12 @@ def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t,
         notes.append("the test store is unlabelled (no class names): coverage and bounds only, "
                      "no margins, certificates or agreement")
         return out
-    keep, class_names, _ = select_classes(test_store.classnames, classnames)
-    if len(keep) < 2:
+    classifier = build_classifier(test_store, classes_from=classes_from, classnames=classnames, templates=templates,
+                                  pretrained=pretrained, device=device)
+    if len(classifier.keep) < 2:
         raise ZsdError("margins need at least 2 classes")
-    teacher = rebuild_teacher(test_store.teacher, test_store.teacher_id, pretrained, device)
-    _, template_list = resolve_templates(templates, test_store.path.name.removesuffix(".zarr"))
-    z = zero_shot_classifier(teacher, class_names, template_list)
-    out.update(certify(T, S, z, out))
+    out["classifier"] = classifier.info
+    out.update(certify(T, S, classifier.weights, out))
     return out
 
 

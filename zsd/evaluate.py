@@ -4,9 +4,11 @@ The teacher's image embeddings come from the test store (view 0: its determinist
 transform). A student's come from a store of the same format that `student_embeddings`
 writes into the student's run folder (RUN_DIR/embeddings/<test>.zarr), computed with the
 student's own deterministic eval transform; `zsd coverage` reuses those stores.
-Both are classified against the teacher's zero-shot classifier: CLIP_benchmark's procedure
-(per class: embed every template, normalise, average, renormalise), or a timm teacher's
-classifier rows looked up by ImageNet class name.
+Both are classified against the same class embeddings: the teacher's zero-shot classifier
+(CLIP_benchmark's procedure: per class, embed every template, normalise, average, renormalise;
+or a timm teacher's classifier rows looked up by ImageNet class name), or prototypes: per class,
+the normalised mean of the teacher's normalised embeddings of that class's images in a labelled
+store, which needs no text tower, no class head and no teacher rebuild.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,7 @@ import numpy as np
 from zsd.cache import ViewDataset, cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
+from zsd.sources import class_key
 from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_fingerprint
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
@@ -92,6 +96,76 @@ def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str
             np.save(f, z)
         os.replace(tmp, path)
     return z
+
+
+def prototype_labels(store: Store, classnames: list[str]) -> np.ndarray:
+    """Per row of `store`: the index in `classnames` of its class, or -1 (unlabelled, not written,
+    or a class not in `classnames`). Classes match by `class_key`; a missing one is an error."""
+    index = {}
+    for i, name in enumerate(classnames):
+        first = index.setdefault(class_key(name), i)
+        if first != i:
+            raise ZsdError(f"the test classes {classnames[first]!r} and {name!r} are one class by name "
+                           "(case, spaces, '_' and '-' do not count): prototypes cannot tell them apart")
+    # Several of the store's classes may share a key (merged sources spell a class differently): pooled.
+    to_test = np.array([index.get(class_key(name), -1) for name in store.classnames] + [-1])
+    labels = to_test[store.labels()]  # label -1 picks the trailing -1
+    labels[~store.written()] = -1
+    missing = [name for name, n in zip(classnames, np.bincount(labels[labels >= 0], minlength=len(classnames)))
+               if n == 0]
+    if missing:
+        raise ZsdError(f"{store.path} has no written images of {len(missing)} of the {len(classnames)} test "
+                       f"classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): prototypes need "
+                       "every class")
+    return labels
+
+
+def prototype_classifier(store: Store, classnames: list[str]) -> np.ndarray:
+    """(K, D) float32 unit rows: per class, the normalised mean of the normalised view-0 embeddings
+    of the store's written rows of that class. Streams the store, so any size fits in memory."""
+    labels = prototype_labels(store, classnames)
+    sums = np.zeros((len(classnames), store.dim))
+    for start, block in store.iter_blocks(0):
+        rows = labels[start:start + len(block)]
+        ok = rows >= 0
+        emb = block[ok].astype(np.float64)
+        np.add.at(sums, rows[ok], emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    return (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Classifier:
+    """The class embeddings a test store's images are scored against, and how they were made."""
+
+    keep: list[int]  # the test store's class indices, one per row of `weights`
+    names: list[str]
+    weights: np.ndarray  # (K, D) float32 unit rows
+    info: dict  # the results' "classifier" entry
+    note: str = ""  # classes left out, for the user
+
+
+def build_classifier(store: Store, *, classes_from: str | None = None, classnames: str | None = None,
+                    templates: str | None = None, pretrained: str | None = None, device: str = "auto") -> Classifier:
+    """Prototypes from the labelled store `classes_from`, or the rebuilt teacher's zero-shot classifier."""
+    if classes_from:
+        if classnames:
+            raise ZsdError("--classnames names classes for the text classifier, --classes-from matches the stores' "
+                           "own class names: pass one of them")
+        source = open_store(classes_from)
+        if source.teacher_id != store.teacher_id:
+            raise ZsdError(f"--classes-from {source.path} holds teacher {source.teacher_id}'s embeddings, the test "
+                           f"store {store.path} teacher {store.teacher_id}'s: prototypes need the same teacher")
+        names = store.classnames
+        labels = prototype_labels(source, names)
+        counts = np.bincount(labels[labels >= 0], minlength=len(names))
+        info = {"kind": "prototypes", "store": str(source.path), "teacher_id": source.teacher_id,
+                "images_per_class": dict(zip(names, counts.tolist()))}
+        return Classifier(list(range(len(names))), names, prototype_classifier(source, names), info)
+    keep, names, note = select_classes(store.classnames, classnames)
+    teacher = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
+    template_source, template_list = resolve_templates(templates, dataset_name(store))
+    info = {"kind": "templates", "templates": template_source, "n_templates": len(template_list)}
+    return Classifier(keep, names, zero_shot_classifier(teacher, names, template_list), info, note)
 
 
 # ---------------------------------------------------------------- metrics
@@ -184,23 +258,27 @@ def dataset_name(store: Store) -> str:
 
 
 def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None, pretrained: str | None = None,
-             templates: str | None = None, classnames: str | None = None, device: str = "auto",
-             batch_size: int = 128, workers: int | None = 0, confusion: bool = False,
+             templates: str | None = None, classnames: str | None = None, classes_from: str | None = None,
+             device: str = "auto", batch_size: int = 128, workers: int | None = 0, confusion: bool = False,
              out_dir: str | None = None, progress: bool = True, log=print) -> list[dict]:
-    """Zero-shot metrics of the teacher and every student; one CLIP_benchmark-shaped dict each."""
+    """Zero-shot metrics of the teacher and every student; one CLIP_benchmark-shaped dict each.
+
+    With `classes_from` (a labelled store of the same teacher) every model is scored against its
+    class prototypes (see `build_classifier`), and the teacher is not loaded.
+    """
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     if store.rows == 0:
         raise ZsdError(f"{store.path} holds no images")
     labels = store.labels()
     if not store.classnames or (labels < 0).all():
         raise ZsdError(f"{store.path} is unlabelled: zero-shot accuracy needs a labelled test set")
-    keep, names, note = select_classes(store.classnames, classnames)
+    classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,
+                                  pretrained=pretrained, device=device)
+    keep, names, note = classifier.keep, classifier.names, classifier.note
     if note:
         log(f"note: {note}")
-    model = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
     dataset = dataset_name(store)
-    template_source, template_list = resolve_templates(templates, dataset)
-    z = zero_shot_classifier(model, names, template_list).astype(np.float64)
+    z = classifier.weights.astype(np.float64)
 
     new_label = np.full(max(len(store.classnames), 1), -1)
     new_label[keep] = np.arange(len(keep))
@@ -214,9 +292,11 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     teacher_scores = store.embeddings(view=0).astype(np.float64) @ z.T
     teacher_pred = teacher_scores.argmax(axis=1)
 
+    info = classifier.info
     common = {"dataset": dataset, "task": "zeroshot_classification", "language": "en",
-              "teacher_id": store.teacher_id, "classnames": names, "templates": template_source,
-              "n_templates": len(template_list), "classes_note": note, "dropped_rows": dropped}
+              "teacher_id": store.teacher_id, "classnames": names, "classifier": info,
+              "templates": info.get("templates"), "n_templates": info.get("n_templates", 0),
+              "classes_note": note, "dropped_rows": dropped}
     results = []
     metrics = classification_metrics(teacher_scores[rows], mapped[rows], teacher_pred[rows], confusion)
     results.append({"model": store.teacher["model"], "pretrained": store.teacher["weights"], "role": "teacher",
@@ -258,7 +338,9 @@ def write_results(results: list[dict], out_dir: str | os.PathLike) -> list[Path]
 
 def results_table(results: list[dict]) -> str:
     head = f"{'model':<28} {'acc1':>7} {'acc5':>7} {'mpcr':>7} {'agree':>7} {'n':>7}"
-    lines = [f"{results[0]['dataset']}: zero-shot, templates {results[0]['templates']}", head, "-" * len(head)]
+    info = results[0]["classifier"]
+    how = f"prototypes from {info['store']}" if info["kind"] == "prototypes" else f"templates {info['templates']}"
+    lines = [f"{results[0]['dataset']}: zero-shot, {how}", head, "-" * len(head)]
     for r in results:
         m = r["metrics"]
         name = "teacher " + r["model"] if r["role"] == "teacher" else result_label(r)

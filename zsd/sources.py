@@ -102,6 +102,12 @@ def expand_braces(pattern: str) -> list[str]:
     return [x for p in parts for x in expand_braces(head + p + tail)]
 
 
+def class_key(name: str) -> str:
+    """The one class-name normaliser: names that differ only in case, spaces, '_' or '-' match
+    ("Egyptian_Mau" the folder, "egyptian mau" the prompt or ImageNet synonym)."""
+    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
+
+
 def merge_classnames(merged: list[str], names: list[str]) -> list[int]:
     """Add `names` to `merged` (same name, same class) and return each name's index in it."""
     for name in names:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
+from zsd.sources import class_key
 from zsd.views import Preprocess
 
 DEFAULT_TEACHER = "ViT-B-32"
@@ -257,16 +257,12 @@ class TimmTeacher(Teacher):
         if not isinstance(head, torch.nn.Linear):
             raise ZsdError(f"{self.model_name} has no linear classifier head, so it cannot classify by name")
         index = imagenet_index_by_name() if head.out_features == 1000 else {}
-        missing = [c for c in classnames if _norm_name(c) not in index]
+        missing = [c for c in classnames if class_key(c) not in index]
         if missing:
             raise ZsdError(f"{len(missing)} class names are not classes of {self.model_name}'s head "
                            f"(e.g. {', '.join(missing[:5])}); pass names of its classes or a mapping")
-        rows = head.weight.detach().float().cpu()[[index[_norm_name(c)] for c in classnames]]
+        rows = head.weight.detach().float().cpu()[[index[class_key(c)] for c in classnames]]
         return F.normalize(rows, dim=-1)
-
-
-def _norm_name(name: str) -> str:
-    return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
 def imagenet_index_by_name() -> dict[str, int]:
@@ -278,7 +274,7 @@ def imagenet_index_by_name() -> dict[str, int]:
     for i, wnid in enumerate(info.label_names()):
         out.setdefault(wnid.lower(), i)
         for syn in info.index_to_description(i).split(","):
-            out.setdefault(_norm_name(syn), i)
+            out.setdefault(class_key(syn), i)
     return out
 
 
