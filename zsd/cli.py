@@ -255,7 +255,8 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--accum", default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
 @click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
 @click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches); "
+              "every setting that changes the run must be the same.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16 autocast (also on CPU) or plain fp32.")
@@ -280,17 +281,19 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
     source; the teacher itself is not run (except once for clip/mp class-prompt embeddings).
-    Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP).
+    Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP). --resume continues only the
+    same run: it names every setting that differs from the run's and stops.
     """
-    from zsd.train import train
+    from zsd.train import TrainConfig, train
 
-    summary = train(list(targets), student, out, losses=list(losses), epochs=epochs, steps=steps,
-                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule,
-                    accum=accum, student_res=student_res, init=init, resume=resume, device=device,
-                    precision=precision, channels_last=not no_channels_last, compile=compile_, workers=workers,
-                    seed=seed, save_every=save_every, stop_after=stop_after, superclass=superclass,
-                    teacher_weights=teacher_weights, in_ram=in_ram, shuffle_chunks=shuffle_chunks,
-                    log=lambda m: click.echo(m, err=True))
+    config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
+                         losses=list(losses), superclass=superclass, epochs=epochs, steps=steps,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
+                         lr_schedule=schedule, accum_steps=accum, precision=precision, seed=seed, in_ram=in_ram,
+                         shuffle_chunks=shuffle_chunks, run_dir=out, device=device, workers=workers,
+                         channels_last=not no_channels_last, compile=compile_, save_every=save_every,
+                         teacher_weights=teacher_weights)
+    summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
 
