@@ -13,10 +13,11 @@ from zsd.cli import main as cli_main
 from zsd.data import TrainTargets, ViewDataset, parse_target
 from zsd.errors import ZsdError
 from zsd.store import PENDING, open_store
-from zsd.student import load_student, student_preprocess
+from zsd.sources import RowReader, load_rgb
+from zsd.student import Student, load_student, student_preprocess
 from zsd.teachers import create_teacher
 from zsd.train import STATE, TrainConfig, train
-from zsd.views import normalize, resize_pixels
+from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
 STUDENT = "test_resnet"
 FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", precision="fp32")
@@ -39,8 +40,8 @@ def store(image_folder, tmp_path, tiny_teacher_name):
     return make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
 
 
-def weights(run_dir):
-    return load_file(str(run_dir / "student.safetensors"))
+def weights(run_dir, prefix=""):
+    return load_file(str(run_dir / f"{prefix}student.safetensors"))
 
 
 def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
@@ -115,7 +116,7 @@ def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
-    args = dict(steps=8, losses=["l2", "contrastive-image=0.5"], save_every=3)
+    args = dict(steps=8, losses=["l2", "contrastive-image=0.5"], save_every=3, ema_decay=0.9, ema_warmup=True)
     fit([store], tmp_path / "full", **args)
     fit([store], tmp_path / "parts", stop_after=5, **args)
     assert open_store(store) and json.loads((tmp_path / "parts/student.json").read_text())["step"] == 5
@@ -127,13 +128,49 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
     assert str(refused.value) == (f"--resume: {tmp_path / 'parts'} is another run (lr 0.001 -> 0.002, warmup_steps 0 "
                                   "-> 2): pass its settings again, or another --out for a new run")
     fit([store], tmp_path / "parts", resume=True, **{**args, "save_every": 2})
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for prefix in ("", "ema_"):
+        a, b = weights(tmp_path / "full", prefix), weights(tmp_path / "parts", prefix)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     full_log = (tmp_path / "full/log.jsonl").read_text().splitlines()
     parts_log = (tmp_path / "parts/log.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in full_log if "\"loss\"" in x] == \
            [json.loads(x)["loss"] for x in parts_log if "\"loss\"" in x]
+
+
+def test_ema_of_the_weights_is_saved_and_used_when_asked(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    fit([store], one, steps=1, ema_decay=0.75)
+    fit([store], two, steps=2, ema_decay=0.75)
+    w1, w2, ema = weights(one), weights(two), weights(two, "ema_")
+    # the first update copies the weights; each later one moves the EMA by 1 - decay towards them
+    assert all(torch.equal(weights(one, "ema_")[k], w1[k]) for k in w1)
+    for k in w2:
+        torch.testing.assert_close(ema[k], 0.75 * w1[k] + 0.25 * w2[k] if w2[k].is_floating_point() else w2[k])
+    assert any(not torch.equal(ema[k], w2[k]) for k in w2)
+    assert json.loads((two / "ema_student.json").read_text())["train_config"]["ema_decay"] == 0.75
+
+    # RUN_DIR:ema is that student wherever a student is taken
+    model, config = load_student(f"{two}:ema")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    cli_main(["eval", store, "--student", str(two), "--student", f"{two}:ema", "--templates", "default",
+              "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    assert "two_ema" in capsys.readouterr().out
+    raw, averaged = (open_store(json.loads((tmp_path / f"eval/s__{name}.json").read_text())["embeddings"])
+                     for name in ("two", "two_ema"))
+    assert averaged.path == two / "embeddings" / "ema_s.zarr"
+    assert not np.array_equal(raw.embeddings(), averaged.embeddings())
+    manual = Student(STUDENT, config["embed_dim"], 32)
+    manual.load_state_dict(ema)
+    pre, s = Preprocess.from_dict(config["preprocess"]), open_store(store)
+    reader = RowReader(s.sources)
+    x = torch.stack([normalize(render_view(load_rgb(reader.read(k, loc)), 0, None, pre), pre.mean, pre.std)
+                     for k, loc in zip(s.keys(), s.locs())])
+    np.testing.assert_allclose(averaged.embeddings(view=0).astype(np.float32), manual.eval().encode_images(x),
+                               atol=2e-3)
+    with pytest.raises(ZsdError, match="holds no EMA student .*--ema-decay"):
+        load_student(f"{tmp_path / 'no_run'}:ema")
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
@@ -275,8 +312,6 @@ def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monke
 
 def test_the_papers_student_family_builds():
     """TinyViT (the paper's student) takes no img_size argument; the student must still build."""
-    from zsd.student import Student
-
     model = Student("tiny_vit_5m_224", 16, 224)
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
 

@@ -2,7 +2,10 @@
 
 A trained student is two files in its run folder: `student.safetensors` (weights) and
 `student.json` (what it is: timm name, embedding dim, input preprocessing, the teacher it was
-distilled from, training arguments), so `load_student(RUN_DIR)` rebuilds it with one call.
+distilled from, training config), so `load_student(RUN_DIR)` rebuilds it with one call. A run
+trained with an EMA of its weights also holds `ema_student.safetensors` + `ema_student.json`;
+the student spec `RUN_DIR:ema` names that one wherever a student is taken (load_student, eval,
+coverage).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from zsd.errors import ZsdError
 from zsd.views import Preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
+EMA_PREFIX = "ema_"  # the EMA student's files: ema_student.safetensors, ema_student.json
 
 
 class Student(nn.Module):
@@ -61,6 +65,17 @@ def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
+def student_location(spec: str | os.PathLike) -> tuple[Path, str]:
+    """(run folder, file prefix) of a student spec: RUN_DIR or a file in it, or RUN_DIR:ema for its EMA."""
+    spec = str(spec)
+    if spec.endswith(":ema"):
+        return Path(spec[:-len(":ema")]), EMA_PREFIX
+    path = Path(spec)
+    if path.is_file():  # student.json or ema_student.safetensors, ...: the prefix is in the name
+        return path.parent, path.name.removesuffix(CONFIG).removesuffix(WEIGHTS)
+    return path, ""
+
+
 def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefix: str = "") -> None:
     """Write weights and config atomically (temp + rename), so a kill never leaves half a student."""
     from safetensors.torch import save_file
@@ -75,15 +90,16 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     os.replace(str(c) + ".tmp", c)
 
 
-def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
-    """Load a student from its run folder (or the student.json/.safetensors inside it)."""
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
+    run_dir, prefix = student_location(spec)
+    cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
-        raise ZsdError(f"{run_dir} holds no trained student ({CONFIG} and {WEIGHTS}); pass a `zsd train` run folder")
+        hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
+        raise ZsdError(f"{run_dir} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
+                       f"{w_path.name}); {hint}")
     config = json.loads(cfg_path.read_text())
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
     model.load_state_dict(load_file(str(w_path)))
@@ -95,10 +111,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def student_fingerprint(run_dir: str | os.PathLike, config: dict) -> dict:
+def student_fingerprint(spec: str | os.PathLike, config: dict) -> dict:
     """A student in the teacher-fingerprint shape, for stores of student embeddings."""
     from zsd.teachers import file_sha256
 
+    run_dir, prefix = student_location(spec)
     return {"backend": "zsd-student", "model": config["student"],
-            "weights": "sha256:" + file_sha256(Path(run_dir) / WEIGHTS), "preprocess": config["preprocess"],
+            "weights": "sha256:" + file_sha256(run_dir / (prefix + WEIGHTS)), "preprocess": config["preprocess"],
             "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}

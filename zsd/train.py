@@ -6,6 +6,7 @@ A run is defined by one `TrainConfig` (the CLI builds it from its options); `tra
 
 RUN_DIR after a run:
     student.safetensors + student.json   the student (final, or the last good checkpoint)
+    ema_student.safetensors + .json      the EMA of its weights (with ema_decay; `RUN_DIR:ema`)
     train_state.pt                       optimizer, step, RNG and data-order state for --resume
     log.jsonl                            one JSON object per step and per epoch
     text_embeddings.pt                   class-prompt embeddings (only for the clip/mp losses)
@@ -31,13 +32,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import Student, _unwrap, load_student, save_student, student_preprocess
+from zsd.student import EMA_PREFIX, Student, _unwrap, load_student, save_student, student_preprocess
 from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
@@ -85,6 +87,8 @@ class TrainConfig:
     warmup_steps: int = 0  # linear lr warmup
     lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
     accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
+    ema_decay: float = 0.0  # keep an EMA of the weights (parameters and buffers) with this decay; 0: none
+    ema_warmup: bool = False  # EMA decay 1 - (1 + step)^(-2/3), capped at ema_decay (timm's warmup)
     precision: str | None = None  # "bf16" autocast or "fp32" [default: bf16 on cpu and cuda]
     seed: int = 0  # the student's initialisation and the data order
     # the data order
@@ -108,6 +112,8 @@ class TrainConfig:
             raise ZsdError(f"--schedule {self.lr_schedule}: choose constant or cosine")
         if self.epochs is not None and self.steps is not None:
             raise ZsdError("pass --epochs or --steps, not both")
+        if not 0 <= self.ema_decay < 1:
+            raise ZsdError(f"--ema-decay {self.ema_decay}: choose 0 (no EMA) <= D < 1, e.g. 0.999")
 
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
@@ -157,14 +163,21 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
 
 # --- checkpoints
 
-def save_checkpoint(run_dir: Path, model, criterion, optimizer, meta: dict, step: int) -> None:
-    """Student files, then train_state.pt; each atomic. The state carries its own copy of the weights,
-    so a kill between the two writes still resumes consistently."""
+def _cpu_copy(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int) -> None:
+    """Student files (and the EMA's), then train_state.pt; each atomic. The state carries its own copy
+    of the weights, so a kill between the writes still resumes consistently."""
     meta = {**meta, "step": step}
     save_student(run_dir, model, meta)
+    if ema is not None:
+        save_student(run_dir, ema.module, meta, prefix=EMA_PREFIX)
     state = {
         "step": step,
-        "model": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()},
+        "model": _cpu_copy(model),
+        "ema": _cpu_copy(ema.module) if ema is not None else None,
         "criterion": criterion.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
@@ -294,9 +307,13 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
                                    {"params": list(criterion.parameters()), "weight_decay": 0.0}],
                                   lr=config.lr, weight_decay=config.weight_decay)
+    # The EMA copy (eval mode) is updated after every optimizer step; its first update copies the weights.
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay else None
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -387,6 +404,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             dists = np.concatenate(dists) if dists else np.zeros(1)
             if world > 1:
                 gathered = [None] * world
@@ -413,10 +432,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                     epoch_losses = []
                 log_file.flush()
                 if step % config.save_every == 0 and step < plan.total:
-                    save_checkpoint(run_dir, model, criterion, optimizer, meta, step)
+                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
                     last_good = step
         if main_proc:
-            save_checkpoint(run_dir, model, criterion, optimizer, meta, step)
+            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
     finally:
         bar.close()
         if log_file:
