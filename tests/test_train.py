@@ -14,7 +14,7 @@ from zsd.data import TrainTargets, ViewDataset, parse_target
 from zsd.errors import ZsdError
 from zsd.store import PENDING, open_store
 from zsd.sources import RowReader, load_rgb
-from zsd.student import Student, load_student, student_preprocess
+from zsd.student import Student, load_pretrained_backbone, load_student, student_preprocess
 from zsd.teachers import create_teacher
 from zsd.train import STATE, TrainConfig, train
 from zsd.views import Preprocess, normalize, render_view, resize_pixels
@@ -223,6 +223,56 @@ def test_two_stage_init_and_teacher_mismatch(store, image_folder, tmp_path, tiny
         fit([other], tmp_path / "bad", steps=1, init_from=str(stage1), **args)
     with pytest.raises(ZsdError, match="different teachers"):
         fit([store, other], tmp_path / "bad2", steps=1)
+
+
+def test_student_pretrained_from_a_local_file(store, tmp_path):
+    """The backbone starts from the file's timm weights, its classifier ignored; the projection stays random."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    timm_weights = timm.create_model(STUDENT, num_classes=1000).state_dict()  # with its classifier `fc`
+    save_file(timm_weights, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": timm_weights}, tmp_path / "w.pth")  # a training checkpoint
+    for name in ("w.safetensors", "w.pth"):
+        model = Student(STUDENT, 16, 32)
+        proj = model.proj.weight.clone()
+        load_pretrained_backbone(model, str(tmp_path / name))
+        backbone = model.backbone.state_dict()
+        assert backbone.keys() == {k for k in timm_weights if not k.startswith("fc.")}
+        assert all(torch.equal(v, timm_weights[k]) for k, v in backbone.items())
+        assert torch.equal(model.proj.weight, proj)
+
+    # trained with it: a zero-lr step keeps the file's weights (BatchNorm statistics aside), and the config says so
+    run = tmp_path / "run"
+    fit([store], run, steps=1, lr=0.0, student_pretrained=str(tmp_path / "w.safetensors"))
+    trained = {k.removeprefix("backbone."): v for k, v in weights(run).items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, timm_weights[k]) for k, v in trained.items() if "running" not in k and "batches" not in k)
+    assert load_student(run)[1]["train_config"]["student_pretrained"] == str(tmp_path / "w.safetensors")
+
+    # other weights are one-line errors
+    save_file({**timm_weights, "conv1.0.weight": torch.zeros(8, 3, 5, 5)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ZsdError, match=r"^[^\n]*conv1.0.weight is \(8, 3, 5, 5\) there and \(\d+, 3, 3, 3\) here$"):
+        load_pretrained_backbone(Student(STUDENT, 16, 32), str(tmp_path / "bad.safetensors"))
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ZsdError, match=r"^[^\n]*does not hold test_resnet backbone weights: \d+ of its tensors missing"):
+        load_pretrained_backbone(Student(STUDENT, 16, 32), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ZsdError, match="--init or --student-pretrained, not both"):
+        TrainConfig([store], init_from=str(run), student_pretrained="timm")
+
+
+def test_student_pretrained_from_the_hub_offline_is_one_line(store, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    for spec in ("timm", "hf-hub:timm/test_resnet.r160_in1k"):
+        with pytest.raises(SystemExit):
+            cli_main(["train", "--targets", store, "--student", STUDENT, "--out", str(tmp_path / "run"),
+                      "--steps", "1", "--batch-size", "4", "--device", "cpu", "--student-pretrained", spec])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"zsd: error: could not download the {spec} weights of the student test_resnet "
+                                  "(offline?): pass --student-pretrained FILE, a local .safetensors or .pth of its "
+                                  "timm weights, instead [")
 
 
 def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp_path):

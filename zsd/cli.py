@@ -262,6 +262,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
               "--ema-decay (timm's warmup; for short runs).")
 @click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
 @click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
+@click.option("--student-pretrained", default=None, metavar="SPEC",
+              help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
+                   "weights), hf-hub:ORG/REPO, or a local .safetensors/.pth file of its timm weights.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches); "
               "every setting that changes the run must be the same.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
@@ -282,8 +285,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
-              ema_decay, ema_warmup, student_res, init, resume, device, precision, no_channels_last, compile_,
-              workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram, shuffle_chunks, json_out):
+              ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
+              no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
+              shuffle_chunks, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -294,10 +298,10 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
     from zsd.train import TrainConfig, train
 
     config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
-                         losses=list(losses), superclass=superclass, epochs=epochs, steps=steps,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup,
-                         lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay, ema_warmup=ema_warmup,
-                         precision=precision, seed=seed, in_ram=in_ram,
+                         student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
+                         ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
                          shuffle_chunks=shuffle_chunks, run_dir=out, device=device, workers=workers,
                          channels_last=not no_channels_last, compile=compile_, save_every=save_every,
                          teacher_weights=teacher_weights)

@@ -39,7 +39,8 @@ from tqdm import tqdm
 from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import EMA_PREFIX, Student, _unwrap, load_student, save_student, student_preprocess
+from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
+                         student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
@@ -74,7 +75,8 @@ class TrainConfig:
     # the student
     student: str | None = None  # timm name [default with init_from: the init run's]
     student_res: int | None = None  # input resolution [default: the student's own, or init_from's]
-    init_from: str | None = None  # an earlier zsd run folder to start from (two-stage distillation)
+    init_from: str | None = None  # an earlier zsd run folder to start from (two-stage distillation) ...
+    student_pretrained: str | None = None  # ... or pretrained backbone weights: timm | hf-hub:ORG/REPO | FILE
     # the objective
     losses: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})  # name -> weight (or ["l2", "clip=0.5"])
     superclass: str = "object"  # clip/mp prompts: "a photo of a {class}, a type of {superclass}."
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ZsdError(f"--schedule {self.lr_schedule}: choose constant or cosine")
         if self.epochs is not None and self.steps is not None:
             raise ZsdError("pass --epochs or --steps, not both")
+        if self.init_from and self.student_pretrained:
+            raise ZsdError("pass --init or --student-pretrained, not both (--init brings its own weights)")
         if not 0 <= self.ema_decay < 1:
             raise ZsdError(f"--ema-decay {self.ema_decay}: choose 0 (no EMA) <= D < 1, e.g. 0.999")
 
@@ -272,7 +276,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     elif (run_dir / STATE).is_file():
         raise ZsdError(f"{run_dir} already holds a training run: pass --resume to continue it or another --out")
 
-    if config.init_from and state is None:  # a resumed run's checkpoint holds the weights
+    # A resumed run's checkpoint holds the weights: init_from and student_pretrained are not loaded again.
+    if config.init_from and state is None:
         init_model, init_cfg = load_student(config.init_from)
         if init_cfg.get("teacher_id") != data.teacher_id:
             raise ZsdError(f"--init {config.init_from} was distilled from another teacher (id "
@@ -289,6 +294,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     model = Student(student, data.dim, student_pre.size)
     if init_cfg is not None:
         model.load_state_dict(init_model.state_dict())
+    elif config.student_pretrained and state is None:
+        load_pretrained_backbone(model, config.student_pretrained, student_pre.size)
     text = None
     if any(n in NEEDS_TEXT for n in config.losses):
         if any((src.labels[src.rows] < 0).any() for src in data.sources):
