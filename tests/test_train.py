@@ -12,6 +12,7 @@ from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
 from zsd.data import TrainTargets, ViewDataset, parse_target
 from zsd.errors import ZsdError
+from zsd.evaluate import student_embeddings
 from zsd.store import PENDING, open_store
 from zsd.sources import RowReader, load_rgb
 from zsd.student import Student, load_pretrained_backbone, load_student, student_preprocess
@@ -171,6 +172,27 @@ def test_ema_of_the_weights_is_saved_and_used_when_asked(store, tmp_path, monkey
                                atol=2e-3)
     with pytest.raises(ZsdError, match="holds no EMA student .*--ema-decay"):
         load_student(f"{tmp_path / 'no_run'}:ema")
+
+
+def test_student_res_is_honoured_end_to_end(store, tmp_path, monkeypatch):
+    """40 px: neither the teacher's 32 nor the student's own 160, in training, student.json, --init and eval."""
+    sizes = []
+    real_forward = Student.forward
+
+    def spy(self, x):
+        sizes.append(tuple(x.shape[-2:]))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    run, stage2 = tmp_path / "run", tmp_path / "stage2"
+    fit([store], run, steps=2, student_res=40)
+    assert sizes and set(sizes) == {(40, 40)}
+    assert load_student(run)[1]["preprocess"]["size"] == 40
+    fit([store], stage2, steps=1, student=None, student_res=None, init_from=str(run))  # the init's resolution
+    assert load_student(stage2)[1]["preprocess"]["size"] == 40
+    sizes.clear()
+    student_embeddings(run, open_store(store), progress=False)
+    assert sizes and set(sizes) == {(40, 40)}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
