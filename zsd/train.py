@@ -262,6 +262,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     state, student, student_res, init_cfg = None, config.student, config.student_res, None
     if resume and (run_dir / STATE).is_file():
         state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
+        if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
+            raise ZsdError(f"--resume: {run_dir} was written by an older zsd; start a new run (another --out)")
         prev = state["student"]
         if prev["teacher_id"] != data.teacher_id:
             raise ZsdError(f"--resume: {run_dir} was trained on another teacher's targets (id {prev['teacher_id']})")
@@ -281,7 +283,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         init_model, init_cfg = load_student(config.init_from)
         if init_cfg.get("teacher_id") != data.teacher_id:
             raise ZsdError(f"--init {config.init_from} was distilled from another teacher (id "
-                           f"{init_cfg.get('teacher_id')}) than the targets' ({data.teacher['model']}, id {data.teacher_id})")
+                           f"{init_cfg.get('teacher_id')}) than the targets' ({data.teacher['model']}, "
+                           f"id {data.teacher_id})")
         student = student or init_cfg["student"]
         if student != init_cfg["student"]:
             raise ZsdError(f"--init {config.init_from} is a {init_cfg['student']} student, not {student}")
