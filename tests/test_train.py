@@ -12,15 +12,22 @@ from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
 from zsd.data import TrainTargets, ViewDataset, parse_target
 from zsd.errors import ZsdError
+from zsd.evaluate import student_embeddings
 from zsd.store import PENDING, open_store
-from zsd.student import load_student, student_preprocess
+from zsd.sources import RowReader, load_rgb
+from zsd.student import Student, load_pretrained_backbone, load_student, student_preprocess
 from zsd.teachers import create_teacher
-from zsd.train import STATE, train
-from zsd.views import normalize, resize_pixels
+from zsd.train import STATE, TrainConfig, train
+from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
 STUDENT = "test_resnet"
-FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", progress=False,
-            precision="fp32", log=lambda m: None)
+FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", precision="fp32")
+
+
+def fit(targets, run_dir, *, resume=False, stop_after=None, log=lambda m: None, **fields):
+    """A quiet `train` of a small config (FAST, updated by `fields`)."""
+    config = TrainConfig(list(targets), run_dir=str(run_dir), **{**FAST, **fields})
+    return train(config, resume=resume, stop_after=stop_after, progress=False, log=log)
 
 
 def make_store(image_folder, path, teacher, views=3):
@@ -34,8 +41,8 @@ def store(image_folder, tmp_path, tiny_teacher_name):
     return make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
 
 
-def weights(run_dir):
-    return load_file(str(run_dir / "student.safetensors"))
+def weights(run_dir, prefix=""):
+    return load_file(str(run_dir / f"{prefix}student.safetensors"))
 
 
 def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
@@ -82,17 +89,17 @@ def test_data_order_is_a_function_of_seed_and_epoch(store):
 
 
 def test_streamed_store_trains_and_resumes_identically(store, tmp_path):
-    args = dict(steps=4, in_ram="no", shuffle_chunks=1, **FAST)
-    train([store], out=str(tmp_path / "full"), **args)
-    train([store], out=str(tmp_path / "parts"), stop_after=3, **args)
-    train([store], out=str(tmp_path / "parts"), resume=True, **args)
+    args = dict(steps=4, in_ram="no", shuffle_chunks=1)
+    fit([store], tmp_path / "full", **args)
+    fit([store], tmp_path / "parts", stop_after=3, **args)
+    fit([store], tmp_path / "parts", resume=True, **args)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):
     run = tmp_path / "run"
-    summary = train([store], out=str(run), steps=24, **{**FAST, "lr": 3e-3, "precision": "bf16"})
+    summary = fit([store], run, steps=24, lr=3e-3, precision="bf16")
     assert summary["finished"] and summary["steps"] == 24
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in log if "loss" in r]
@@ -105,32 +112,97 @@ def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):
     model, cfg = load_student(run)
     s = open_store(store)
     assert cfg["teacher_id"] == s.teacher_id and cfg["embed_dim"] == s.dim and cfg["preprocess"]["size"] == 32
-    assert cfg["train_args"]["total_steps"] == 24 and (run / STATE).is_file()
+    assert cfg["total_steps"] == 24 and cfg["train_config"]["lr"] == 3e-3 and (run / STATE).is_file()
     assert not list(run.glob("*.tmp"))
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
-    args = dict(steps=8, losses=["l2", "contrastive-image=0.5"], save_every=3, **FAST)
-    train([store], out=str(tmp_path / "full"), **args)
-    train([store], out=str(tmp_path / "parts"), stop_after=5, **args)
+    args = dict(steps=8, losses=["l2", "contrastive-image=0.5"], save_every=3, ema_decay=0.9, ema_warmup=True)
+    fit([store], tmp_path / "full", **args)
+    fit([store], tmp_path / "parts", stop_after=5, **args)
     assert open_store(store) and json.loads((tmp_path / "parts/student.json").read_text())["step"] == 5
     with pytest.raises(ZsdError, match="--resume"):
-        train([store], out=str(tmp_path / "parts"), **args)
-    train([store], out=str(tmp_path / "parts"), resume=True, **args)
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+        fit([store], tmp_path / "parts", **args)
+    # a change that alters the run is refused, naming every such change; execution settings may change
+    with pytest.raises(ZsdError) as refused:
+        fit([store], tmp_path / "parts", resume=True, **{**args, "lr": 2e-3, "warmup_steps": 2, "workers": 1})
+    assert str(refused.value) == (f"--resume: {tmp_path / 'parts'} is another run (lr 0.001 -> 0.002, warmup_steps 0 "
+                                  "-> 2): pass its settings again, or another --out for a new run")
+    fit([store], tmp_path / "parts", resume=True, **{**args, "save_every": 2})
+    for prefix in ("", "ema_"):
+        a, b = weights(tmp_path / "full", prefix), weights(tmp_path / "parts", prefix)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
     full_log = (tmp_path / "full/log.jsonl").read_text().splitlines()
     parts_log = (tmp_path / "parts/log.jsonl").read_text().splitlines()
     assert [json.loads(x)["loss"] for x in full_log if "\"loss\"" in x] == \
            [json.loads(x)["loss"] for x in parts_log if "\"loss\"" in x]
+    torch.save({"step": 8, "train_args": {}}, tmp_path / "parts" / STATE)  # an older zsd's state
+    with pytest.raises(ZsdError, match="written by an older zsd"):
+        fit([store], tmp_path / "parts", resume=True, **args)
+
+
+def test_ema_of_the_weights_is_saved_and_used_when_asked(store, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
+    one, two = tmp_path / "one", tmp_path / "two"
+    fit([store], one, steps=1, ema_decay=0.75)
+    fit([store], two, steps=2, ema_decay=0.75)
+    w1, w2, ema = weights(one), weights(two), weights(two, "ema_")
+    # the first update copies the weights; each later one moves the EMA by 1 - decay towards them
+    assert all(torch.equal(weights(one, "ema_")[k], w1[k]) for k in w1)
+    for k in w2:
+        torch.testing.assert_close(ema[k], 0.75 * w1[k] + 0.25 * w2[k] if w2[k].is_floating_point() else w2[k])
+    assert any(not torch.equal(ema[k], w2[k]) for k in w2)
+    assert json.loads((two / "ema_student.json").read_text())["train_config"]["ema_decay"] == 0.75
+
+    # RUN_DIR:ema is that student wherever a student is taken
+    model, config = load_student(f"{two}:ema")
+    assert all(torch.equal(v, ema[k]) for k, v in model.state_dict().items())
+    cli_main(["eval", store, "--student", str(two), "--student", f"{two}:ema", "--templates", "default",
+              "--device", "cpu", "--out-dir", str(tmp_path / "eval")])
+    assert "two_ema" in capsys.readouterr().out
+    raw, averaged = (open_store(json.loads((tmp_path / f"eval/s__{name}.json").read_text())["embeddings"])
+                     for name in ("two", "two_ema"))
+    assert averaged.path == two / "embeddings" / "ema_s.zarr"
+    assert not np.array_equal(raw.embeddings(), averaged.embeddings())
+    manual = Student(STUDENT, config["embed_dim"], 32)
+    manual.load_state_dict(ema)
+    pre, s = Preprocess.from_dict(config["preprocess"]), open_store(store)
+    reader = RowReader(s.sources)
+    x = torch.stack([normalize(render_view(load_rgb(reader.read(k, loc)), 0, None, pre), pre.mean, pre.std)
+                     for k, loc in zip(s.keys(), s.locs())])
+    np.testing.assert_allclose(averaged.embeddings(view=0).astype(np.float32), manual.eval().encode_images(x),
+                               atol=2e-3)
+    with pytest.raises(ZsdError, match="holds no EMA student .*--ema-decay"):
+        load_student(f"{tmp_path / 'no_run'}:ema")
+
+
+def test_student_res_is_honoured_end_to_end(store, tmp_path, monkeypatch):
+    """40 px: neither the teacher's 32 nor the student's own 160, in training, student.json, --init and eval."""
+    sizes = []
+    real_forward = Student.forward
+
+    def spy(self, x):
+        sizes.append(tuple(x.shape[-2:]))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(Student, "forward", spy)
+    run, stage2 = tmp_path / "run", tmp_path / "stage2"
+    fit([store], run, steps=2, student_res=40)
+    assert sizes and set(sizes) == {(40, 40)}
+    assert load_student(run)[1]["preprocess"]["size"] == 40
+    fit([store], stage2, steps=1, student=None, student_res=None, init_from=str(run))  # the init's resolution
+    assert load_student(stage2)[1]["preprocess"]["size"] == 40
+    sizes.clear()
+    student_embeddings(run, open_store(store), progress=False)
+    assert sizes and set(sizes) == {(40, 40)}
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
     import zsd.losses
 
     reference = tmp_path / "ref"
-    train([store], out=str(reference), steps=2, **FAST)
+    fit([store], reference, steps=2)
     calls = {"n": 0}
     real = zsd.losses.l2_loss
 
@@ -141,28 +213,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
     monkeypatch.setattr(zsd.losses, "l2_loss", poisoned)
     run = tmp_path / "run"
     with pytest.raises(ZsdError, match=r"loss became nan at step 4.*last good checkpoint \(step 2\)"):
-        train([store], out=str(run), steps=6, save_every=2, **FAST)
+        fit([store], run, steps=6, save_every=2)
     a, b = weights(reference), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the step-2 weights, not the poisoned ones
     assert torch.load(run / STATE, weights_only=False)["step"] == 2
     assert (run / "log.jsonl").read_text().count('"loss"') == 3  # step 3 was logged, not saved
     # resuming after the crash continues from step 2; the log forgets what came after it
     monkeypatch.setattr(zsd.losses, "l2_loss", real)
-    train([store], out=str(run), steps=6, save_every=2, resume=True, **FAST)
+    fit([store], run, steps=6, save_every=2, resume=True)
     logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
     assert logged == [1, 2, 3, 4, 5, 6]
 
 
 def test_two_stage_init_and_teacher_mismatch(store, image_folder, tmp_path, tiny_clip_dir):
     stage1 = tmp_path / "stage1"
-    train([store], out=str(stage1), steps=3, **FAST)
+    fit([store], stage1, steps=3)
     stage2 = tmp_path / "stage2"
     # the student name comes from --init; a zero-lr run keeps the init weights exactly
-    args = {**FAST, "student": None, "lr": 0.0}
-    train([store], out=str(stage2), steps=1, init=str(stage1), **args)
+    args = {"student": None, "lr": 0.0}
+    fit([store], stage2, steps=1, init_from=str(stage1), **args)
     a, b = weights(stage1), weights(stage2)
     assert all(torch.equal(a[k], b[k]) for k in a if "running" not in k and "num_batches" not in k)
-    assert json.loads((stage2 / "student.json").read_text())["train_args"]["init"] == str(stage1)
+    assert json.loads((stage2 / "student.json").read_text())["train_config"]["init_from"] == str(stage1)
 
     # the same tiny architecture with other weights is another teacher
     other_dir = tmp_path / "other_clip"
@@ -173,9 +245,59 @@ def test_two_stage_init_and_teacher_mismatch(store, image_folder, tmp_path, tiny
     save_file(w, str(other_dir / "open_clip_model.safetensors"))
     other = make_store(image_folder, tmp_path / "other.zarr", f"local-dir:{other_dir}", views=1)
     with pytest.raises(ZsdError, match="another teacher"):
-        train([other], out=str(tmp_path / "bad"), steps=1, init=str(stage1), **args)
+        fit([other], tmp_path / "bad", steps=1, init_from=str(stage1), **args)
     with pytest.raises(ZsdError, match="different teachers"):
-        train([store, other], out=str(tmp_path / "bad2"), steps=1, **FAST)
+        fit([store, other], tmp_path / "bad2", steps=1)
+
+
+def test_student_pretrained_from_a_local_file(store, tmp_path):
+    """The backbone starts from the file's timm weights, its classifier ignored; the projection stays random."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    timm_weights = timm.create_model(STUDENT, num_classes=1000).state_dict()  # with its classifier `fc`
+    save_file(timm_weights, str(tmp_path / "w.safetensors"))
+    torch.save({"state_dict": timm_weights}, tmp_path / "w.pth")  # a training checkpoint
+    for name in ("w.safetensors", "w.pth"):
+        model = Student(STUDENT, 16, 32)
+        proj = model.proj.weight.clone()
+        load_pretrained_backbone(model, str(tmp_path / name))
+        backbone = model.backbone.state_dict()
+        assert backbone.keys() == {k for k in timm_weights if not k.startswith("fc.")}
+        assert all(torch.equal(v, timm_weights[k]) for k, v in backbone.items())
+        assert torch.equal(model.proj.weight, proj)
+
+    # trained with it: a zero-lr step keeps the file's weights (BatchNorm statistics aside), and the config says so
+    run = tmp_path / "run"
+    fit([store], run, steps=1, lr=0.0, student_pretrained=str(tmp_path / "w.safetensors"))
+    trained = {k.removeprefix("backbone."): v for k, v in weights(run).items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, timm_weights[k]) for k, v in trained.items() if "running" not in k and "batches" not in k)
+    assert load_student(run)[1]["train_config"]["student_pretrained"] == str(tmp_path / "w.safetensors")
+
+    # other weights are one-line errors
+    save_file({**timm_weights, "conv1.0.weight": torch.zeros(8, 3, 5, 5)}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ZsdError, match=r"^[^\n]*conv1.0.weight is \(8, 3, 5, 5\) there and \(\d+, 3, 3, 3\) here$"):
+        load_pretrained_backbone(Student(STUDENT, 16, 32), str(tmp_path / "bad.safetensors"))
+    save_file(timm.create_model("test_efficientnet").state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ZsdError, match=r"^[^\n]*does not hold test_resnet backbone weights: \d+ of its tensors"):
+        load_pretrained_backbone(Student(STUDENT, 16, 32), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ZsdError, match="--init or --student-pretrained, not both"):
+        TrainConfig([store], init_from=str(run), student_pretrained="timm")
+
+
+def test_student_pretrained_from_the_hub_offline_is_one_line(store, tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # nothing cached
+    for spec in ("timm", "hf-hub:timm/test_resnet.r160_in1k"):
+        with pytest.raises(SystemExit):
+            cli_main(["train", "--targets", store, "--student", STUDENT, "--out", str(tmp_path / "run"),
+                      "--steps", "1", "--batch-size", "4", "--device", "cpu", "--student-pretrained", spec])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"zsd: error: could not download the {spec} weights of the student test_resnet "
+                                  "(offline?): pass --student-pretrained FILE, a local .safetensors or .pth of its "
+                                  "timm weights, instead [")
 
 
 def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp_path):
@@ -186,7 +308,7 @@ def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp
     (image_folder / "cat" / "cat_0.png").write_bytes(b"not an image any more")  # row 0
     shutil.rmtree(image_folder / "fish_tank")  # rows 8..11 gone
     messages = []
-    summary = train([store], out=str(tmp_path / "run"), steps=1, **{**FAST, "batch_size": 8, "log": messages.append})
+    summary = fit([store], tmp_path / "run", steps=1, batch_size=8, log=messages.append)
     assert summary["skipped_rows"] == 4
     assert any("skipping 4 of 12 rows not written (4 pending, 0 failed)" in m for m in messages)
     assert summary["skipped_images"] == 5 and summary["images"] == 3  # 8 written rows: 5 unreadable, 3 trained
@@ -207,7 +329,7 @@ def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name, monkey
 
 def test_clip_and_mp_use_cached_class_prompt_embeddings(store, tmp_path, tiny_teacher_name):
     run = tmp_path / "run"
-    train([store], out=str(run), steps=2, losses={"mp": 1.0, "clip": 0.5}, superclass="animal", **FAST)
+    fit([store], run, steps=2, losses={"mp": 1.0, "clip": 0.5}, superclass="animal")
     cached = torch.load(run / "text_embeddings.pt", weights_only=True)
     assert cached["key"]["classes"] == ["cat", "dog", "fish tank"]
     teacher = create_teacher(tiny_teacher_name, None, "cpu")
@@ -223,19 +345,25 @@ def test_cli_train_and_one_line_errors(store, tmp_path, capsys):
               "--steps", "2", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--loss", "l2",
               "--loss", "cosine=0.5", "--json", str(tmp_path / "summary.json")])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["steps"] == 2 and load_student(out)[1]["train_args"]["losses"] == {"l2": 1.0, "cosine": 0.5}
+    assert summary["steps"] == 2 and load_student(out)[1]["train_config"]["losses"] == {"l2": 1.0, "cosine": 0.5}
     with pytest.raises(SystemExit):
         cli_main(["train", "--targets", store, "--student", STUDENT, "--out", str(tmp_path / "x"),
                   "--loss", "hinge", "--device", "cpu"])
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "zsd: error: unknown loss 'hinge'; choose from l2, mse, cosine, contrastive-image, clip, mp"
+    with pytest.raises(SystemExit):  # --resume with another lr and the default loss
+        cli_main(["train", "--targets", store, "--student", STUDENT, "--student-res", "32", "--out", str(out),
+                  "--steps", "2", "--batch-size", "4", "--device", "cpu", "--lr", "1e-3", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"zsd: error: --resume: {out} is another run (losses {{'l2': 1.0, 'cosine': 0.5}} -> "
+                              "{'l2': 1.0}, lr 0.0005 -> 0.001): ")
 
 
 def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monkeypatch):
     import zsd.train
 
-    args = dict(steps=6, save_every=2, **FAST)
-    train([store], out=str(tmp_path / "full"), **args)
+    args = dict(steps=6, save_every=2)
+    fit([store], tmp_path / "full", **args)
     real_save = torch.save
     saves = {"n": 0}
 
@@ -249,18 +377,16 @@ def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monke
     monkeypatch.setattr(zsd.train.torch, "save", killed_midway)
     run = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train([store], out=str(run), **args)
+        fit([store], run, **args)
     monkeypatch.setattr(zsd.train.torch, "save", real_save)
     assert torch.load(run / STATE, weights_only=False)["step"] == 2  # the last good state is intact
-    train([store], out=str(run), resume=True, **args)
+    fit([store], run, resume=True, **args)
     a, b = weights(tmp_path / "full"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_the_papers_student_family_builds():
     """TinyViT (the paper's student) takes no img_size argument; the student must still build."""
-    from zsd.student import Student
-
     model = Student("tiny_vit_5m_224", 16, 224)
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 16)
 
@@ -272,11 +398,11 @@ def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, 
     attrs["teacher"] = {**attrs["teacher"], "model": "ViT-B-32", "weights": "sha256:" + "0" * 64}
     s.group.attrs["zsd"] = attrs
     with pytest.raises(ZsdError, match="pass --teacher-weights FILE"):
-        train([store], out=str(tmp_path / "a"), steps=1, losses=["clip"], **FAST)
+        fit([store], tmp_path / "a", steps=1, losses=["clip"])
     other = tmp_path / "other.bin"
     other.write_bytes(b"not the teacher")
     with pytest.raises(ZsdError, match="is not the file the targets were cached with"):
-        train([store], out=str(tmp_path / "b"), steps=1, losses=["mp"], teacher_weights=str(other), **FAST)
+        fit([store], tmp_path / "b", steps=1, losses=["mp"], teacher_weights=str(other))
     # unlabelled rows (a flat folder) cannot be used by class-prompt losses
     flat = tmp_path / "flat"
     flat.mkdir()
@@ -284,4 +410,4 @@ def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, 
         shutil.copy(p, flat / p.name)
     unlabelled = make_store(flat, tmp_path / "flat.zarr", tiny_teacher_name, views=1)
     with pytest.raises(ZsdError, match="need class labels|need labelled rows"):
-        train([unlabelled], out=str(tmp_path / "c"), steps=1, losses=["clip"], **FAST)
+        fit([unlabelled], tmp_path / "c", steps=1, losses=["clip"])

@@ -32,7 +32,7 @@ def test_two_gloo_processes_train_one_student(image_folder, tmp_path, tiny_teach
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zsd",
            "train", "--targets", str(store), "--student", "test_resnet", "--student-res", "32", "--out", str(run),
            "--steps", "4", "--batch-size", "8", "--accum", "2", "--workers", "0", "--device", "cpu",
-           "--precision", "fp32", "--save-every", "2", "--seed", str(seed)]
+           "--precision", "fp32", "--save-every", "2", "--seed", str(seed), "--ema-decay", "0.9"]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
@@ -42,7 +42,8 @@ def test_two_gloo_processes_train_one_student(image_folder, tmp_path, tiny_teach
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert [r["images"] for r in steps] == [4 if h else 8 for h in hit]
     assert steps[-1]["skipped_images"] == sum(hit)
-    w = load_file(str(run / "student.safetensors"))
-    assert all(torch.isfinite(v).all() for v in w.values())
-    assert json.loads((run / "student.json").read_text())["train_args"]["world_size"] == 2
+    for prefix in ("", "ema_"):
+        w = load_file(str(run / f"{prefix}student.safetensors"))
+        assert all(torch.isfinite(v).all() for v in w.values())
+    assert json.loads((run / "student.json").read_text())["world_size"] == 2
     assert not list(run.glob("*.tmp"))

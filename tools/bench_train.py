@@ -121,7 +121,7 @@ def main():
     from zsd.data import TrainTargets, ViewDataset
     from zsd.student import Student, student_preprocess
     from zsd.teachers import _preprocess_from_open_clip
-    from zsd.train import train
+    from zsd.train import TrainConfig, train
 
     B, steps = args.batch_size, args.steps
     n_rows = B * (steps + 1)
@@ -169,8 +169,9 @@ def main():
 
     def zsd_cached(r):  # (a): images/s of the steps after the first, from the run's own log
         run = tmp / f"run{r}"
-        train([str(store.path)], args.student, str(run), steps=steps + 1, batch_size=B, workers=args.workers,
-              device="cpu", precision=args.precision, progress=False, log=lambda m: None)
+        train(TrainConfig([str(store.path)], student=args.student, steps=steps + 1, batch_size=B,
+                          precision=args.precision, run_dir=str(run), device="cpu", workers=args.workers),
+              progress=False, log=lambda m: None)
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         timed = [rec for rec in log if "loss" in rec][1:]
         return sum(rec["images"] for rec in timed) / sum(rec["images"] / rec["images_per_s"] for rec in timed)

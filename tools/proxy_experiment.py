@@ -101,14 +101,15 @@ def param_count(student: str, dim: int) -> int:
 
 def run_training(name: str, stores: dict, targets: list[str], student: str, loss: str, steps: int, args,
                  init: str | None = None, log=print) -> dict:
-    from zsd.train import train
+    from zsd.train import TrainConfig, train
 
     run_dir = Path(args.out) / "runs" / name
     log(f"[train] {name}: {student}, loss {loss}, {steps} steps on {', '.join(targets)}"
         + (f", init {init}" if init else ""))
-    train([str(stores[t]) for t in targets], student, str(run_dir), losses=[loss], steps=steps,
-          batch_size=args.batch_size, student_res=args.student_res, init=init, resume=True, seed=0, device="cpu",
-          workers=1, superclass="object", teacher_weights=WEIGHTS, log=log, progress=False)
+    config = TrainConfig([str(stores[t]) for t in targets], student=student, student_res=args.student_res,
+                         init_from=init, losses=[loss], superclass="object", steps=steps, batch_size=args.batch_size,
+                         seed=0, run_dir=str(run_dir), device="cpu", workers=1, teacher_weights=WEIGHTS)
+    train(config, resume=True, log=log, progress=False)
     return run_log_summary(run_dir)
 
 

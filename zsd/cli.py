@@ -164,7 +164,8 @@ def info_cmd(store, as_json):
 @cli.command("eval")
 @click.argument("test")
 @click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder; repeat for several students.")
+              help="A `zsd train` run folder, or RUN_DIR:ema for the EMA of its weights; repeat for several "
+                   "students.")
 @click.option("--templates", default=None, help="Prompt templates: a domain (pets, flowers, food, aircraft, cars, "
               "textures, imagenet, default) or a file (JSON list, JSON with \"templates\", or one per line) "
               "[default: guessed from the test set's name].")
@@ -212,7 +213,8 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 @click.argument("more_train", nargs=-1)
 @click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
 @click.option("--student", default=None, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder: adds witnesses, the lemma's bound and the certificates.")
+              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the lemma's bound "
+                   "and the certificates.")
 @click.option("-k", "k", default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
 @click.option("--block-rows", default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
 @click.option("--dup-threshold", default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
@@ -264,9 +266,18 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
 @click.option("--accum", default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
+@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Also keep an EMA of the weights with this decay (e.g. 0.999), saved as ema_student.* "
+                   "(evaluate it as RUN_DIR:ema); 0: none.")
+@click.option("--ema-warmup", is_flag=True, help="Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at "
+              "--ema-decay (timm's warmup; for short runs).")
 @click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
 @click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
-@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches).")
+@click.option("--student-pretrained", default=None, metavar="SPEC",
+              help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
+                   "weights), hf-hub:ORG/REPO, or a local .safetensors/.pth file of its timm weights.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches); "
+              "every setting that changes the run must be the same.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
               help="bf16 autocast (also on CPU) or plain fp32.")
@@ -285,23 +296,27 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
-              student_res, init, resume, device, precision, no_channels_last, compile_, workers, seed, save_every,
-              stop_after, superclass, teacher_weights, in_ram, shuffle_chunks, json_out):
+              ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
+              no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
+              shuffle_chunks, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
     source; the teacher itself is not run (except once for clip/mp class-prompt embeddings).
-    Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP).
+    Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP). --resume continues only the
+    same run: it names every setting that differs from the run's and stops.
     """
-    from zsd.train import train
+    from zsd.train import TrainConfig, train
 
-    summary = train(list(targets), student, out, losses=list(losses), epochs=epochs, steps=steps,
-                    batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup=warmup, schedule=schedule,
-                    accum=accum, student_res=student_res, init=init, resume=resume, device=device,
-                    precision=precision, channels_last=not no_channels_last, compile=compile_, workers=workers,
-                    seed=seed, save_every=save_every, stop_after=stop_after, superclass=superclass,
-                    teacher_weights=teacher_weights, in_ram=in_ram, shuffle_chunks=shuffle_chunks,
-                    log=lambda m: click.echo(m, err=True))
+    config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
+                         student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
+                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
+                         ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
+                         shuffle_chunks=shuffle_chunks, run_dir=out, device=device, workers=workers,
+                         channels_last=not no_channels_last, compile=compile_, save_every=save_every,
+                         teacher_weights=teacher_weights)
+    summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
 

@@ -28,7 +28,7 @@ from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
 from zsd.sources import class_key
 from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
-from zsd.student import load_student, student_fingerprint
+from zsd.student import load_student, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess
@@ -196,12 +196,12 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred:
 
 def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
                        device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
-    """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/.
+    """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/
+    (`ema_<store>` for the student RUN_DIR:ema).
 
     Reused when it exists, matches this student checkpoint and the source store, and is
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
     """
-    run_dir = Path(run_dir)
     if model is None:
         model, config = load_student(run_dir, device)
     if not store.complete():
@@ -209,7 +209,8 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     fingerprint = student_fingerprint(run_dir, config)
     sid = teacher_id(fingerprint)
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
-    out = run_dir / "embeddings" / store.path.name
+    folder, prefix = student_location(run_dir)
+    out = folder / "embeddings" / (prefix + store.path.name)
     keys = store.keys()
     if out.exists():
         old = open_store(out, mode="r+")

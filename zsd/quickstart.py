@@ -23,7 +23,7 @@ from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.evaluate import evaluate, results_table
 from zsd.store import cache_dir
-from zsd.train import train
+from zsd.train import TrainConfig, train
 
 DATA = Path(__file__).parent / "data" / "pets37"
 PROXY_TEACHER = "timm:tf_efficientnet_lite0"
@@ -50,8 +50,9 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
                       device=device, log=log)
 
     stage(2, f"student: {student} at {student_res} px learns the cached embeddings (l2 loss, {steps} steps)")
-    trained = train([str(train_store)], student, str(run_dir / "student"), steps=steps, batch_size=batch_size,
-                    student_res=student_res, device=device, resume=True, log=log)
+    config = TrainConfig([str(train_store)], student=student, student_res=student_res, steps=steps,
+                         batch_size=batch_size, run_dir=str(run_dir / "student"), device=device)
+    trained = train(config, resume=True, log=log)
 
     stage(3, "zero-shot evaluation of teacher and student on the test photos")
     # A timm teacher classifies by ImageNet class name: only the 25 breeds that are ImageNet classes.

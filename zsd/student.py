@@ -2,7 +2,10 @@
 
 A trained student is two files in its run folder: `student.safetensors` (weights) and
 `student.json` (what it is: timm name, embedding dim, input preprocessing, the teacher it was
-distilled from, training arguments), so `load_student(RUN_DIR)` rebuilds it with one call.
+distilled from, training config), so `load_student(RUN_DIR)` rebuilds it with one call. A run
+trained with an EMA of its weights also holds `ema_student.safetensors` + `ema_student.json`;
+the student spec `RUN_DIR:ema` names that one wherever a student is taken (load_student, eval,
+coverage).
 """
 
 from __future__ import annotations
@@ -17,20 +20,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd.errors import ZsdError
+from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
+EMA_PREFIX = "ema_"  # the EMA student's files: ema_student.safetensors, ema_student.json
 
 
 class Student(nn.Module):
-    def __init__(self, name: str, embed_dim: int, image_size: int | None = None, pretrained: bool = False):
+    def __init__(self, name: str, embed_dim: int, image_size: int | None = None):
         super().__init__()
-        kwargs = {"img_size": image_size} if image_size and _takes_img_size(name) else {}
         try:
-            try:
-                self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
-            except TypeError:  # ViT-like models without a fixed grid (TinyViT) take no img_size
-                self.backbone = timm.create_model(name, pretrained=pretrained, num_classes=0)
+            self.backbone = _backbone(name, image_size)
         except RuntimeError as e:
             raise ZsdError(f"cannot create timm student {name!r}: {str(e).splitlines()[0]}") from None
         # Pooled output width: head_hidden_size where a pre-logits layer follows the features (MobileNetV3).
@@ -47,6 +48,14 @@ class Student(nn.Module):
         return F.normalize(self(x).float(), dim=-1)
 
 
+def _backbone(name: str, image_size: int | None, pretrained: bool = False) -> nn.Module:
+    kwargs = {"img_size": image_size} if image_size and _takes_img_size(name) else {}
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+    except TypeError:  # ViT-like models without a fixed grid (TinyViT) take no img_size
+        return timm.create_model(name, pretrained=pretrained, num_classes=0)
+
+
 def _takes_img_size(name: str) -> bool:
     # ViT-like timm models fix their patch grid at creation; CNNs take any resolution.
     return any(k in name for k in ("vit", "deit", "swin", "eva", "beit", "tiny_vit", "levit", "xcit"))
@@ -59,6 +68,59 @@ def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
     size = image_size or cfg["input_size"][-1]
     return Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)), interpolation=cfg["interpolation"],
                       mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+def load_pretrained_backbone(model: Student, spec: str, image_size: int | None = None) -> None:
+    """Initialise the student's backbone from pretrained timm weights; the projection stays as it is.
+
+    SPEC: `timm` (the timm name's default pretrained weights; name a tag in the student, e.g.
+    resnet18.a1_in1k, for others), `hf-hub:ORG/REPO` (a timm weights repository), or a local
+    .safetensors/.pth file of the model's timm weights. Classifier weights are ignored (the
+    backbone has no classifier); any other difference in names or shapes is an error.
+    """
+    from timm.models import load_state_dict, load_state_dict_from_hf
+
+    if spec == "timm" or spec.startswith("hf-hub:"):
+        try:
+            with offline_unless_reachable():
+                state = (_backbone(model.name, image_size, pretrained=True).state_dict() if spec == "timm"
+                         else load_state_dict_from_hf(spec[len("hf-hub:"):]))
+        except Exception as e:
+            raise ZsdError(f"could not download the {spec} weights of the student {model.name} (offline?): pass "
+                           f"--student-pretrained FILE, a local .safetensors or .pth of its timm weights, instead "
+                           f"[{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}]") from None
+    elif Path(spec).is_file():
+        state = load_state_dict(spec)
+    else:
+        raise ZsdError(f"--student-pretrained {spec}: not `timm`, not hf-hub:ORG/REPO and not a file")
+    target = model.backbone.state_dict()
+    head = model.backbone.pretrained_cfg.get("classifier") or ()
+    heads = tuple(f"{h}." for h in ((head,) if isinstance(head, str) else head))
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unknown = [k for k in state if k not in target]
+    if missing or unknown:
+        raise ZsdError(f"--student-pretrained {spec} does not hold {model.name} backbone weights: "
+                       f"{len(missing)} of its tensors missing{f' (e.g. {missing[0]})' if missing else ''}, "
+                       f"{len(unknown)} unknown{f' (e.g. {unknown[0]})' if unknown else ''}")
+    wrong = [k for k in state if state[k].shape != target[k].shape]
+    if wrong:
+        k = wrong[0]
+        raise ZsdError(f"--student-pretrained {spec} does not fit the {model.name} student: {k} is "
+                       f"{tuple(state[k].shape)} there and {tuple(target[k].shape)} here"
+                       + (f" ({len(wrong) - 1} more tensors differ)" if len(wrong) > 1 else ""))
+    model.backbone.load_state_dict(state, strict=False)
+
+
+def student_location(spec: str | os.PathLike) -> tuple[Path, str]:
+    """(run folder, file prefix) of a student spec: RUN_DIR or a file in it, or RUN_DIR:ema for its EMA."""
+    spec = str(spec)
+    if spec.endswith(":ema"):
+        return Path(spec[:-len(":ema")]), EMA_PREFIX
+    path = Path(spec)
+    if path.is_file():  # student.json or ema_student.safetensors, ...: the prefix is in the name
+        return path.parent, path.name.removesuffix(CONFIG).removesuffix(WEIGHTS)
+    return path, ""
 
 
 def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefix: str = "") -> None:
@@ -75,15 +137,16 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     os.replace(str(c) + ".tmp", c)
 
 
-def load_student(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
-    """Load a student from its run folder (or the student.json/.safetensors inside it)."""
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
     from safetensors.torch import load_file
 
-    path = Path(path)
-    run_dir = path if path.is_dir() else path.parent
-    cfg_path, w_path = run_dir / CONFIG, run_dir / WEIGHTS
+    run_dir, prefix = student_location(spec)
+    cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
-        raise ZsdError(f"{run_dir} holds no trained student ({CONFIG} and {WEIGHTS}); pass a `zsd train` run folder")
+        hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
+        raise ZsdError(f"{run_dir} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
+                       f"{w_path.name}); {hint}")
     config = json.loads(cfg_path.read_text())
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
     model.load_state_dict(load_file(str(w_path)))
@@ -95,10 +158,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def student_fingerprint(run_dir: str | os.PathLike, config: dict) -> dict:
+def student_fingerprint(spec: str | os.PathLike, config: dict) -> dict:
     """A student in the teacher-fingerprint shape, for stores of student embeddings."""
     from zsd.teachers import file_sha256
 
+    run_dir, prefix = student_location(spec)
     return {"backend": "zsd-student", "model": config["student"],
-            "weights": "sha256:" + file_sha256(Path(run_dir) / WEIGHTS), "preprocess": config["preprocess"],
+            "weights": "sha256:" + file_sha256(run_dir / (prefix + WEIGHTS)), "preprocess": config["preprocess"],
             "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}

@@ -2,15 +2,19 @@
 
     zsd train --targets cache/pets.zarr --student tiny_vit_11m_224 --out runs/pets
 
+A run is defined by one `TrainConfig` (the CLI builds it from its options); `train(config)` runs it.
+
 RUN_DIR after a run:
     student.safetensors + student.json   the student (final, or the last good checkpoint)
+    ema_student.safetensors + .json      the EMA of its weights (with ema_decay; `RUN_DIR:ema`)
     train_state.pt                       optimizer, step, RNG and data-order state for --resume
     log.jsonl                            one JSON object per step and per epoch
     text_embeddings.pt                   class-prompt embeddings (only for the clip/mp losses)
 
 Every checkpoint file is written to a temporary name and renamed into place, so a kill at any
 moment leaves the previous checkpoint intact. The data order is a function of (seed, epoch)
-(see zsd.data), so --resume continues with exactly the batches an uninterrupted run would see.
+(see zsd.data), so --resume continues with exactly the batches an uninterrupted run would see;
+it refuses a config that would compute another run (see `resume_conflicts`).
 The teacher is never run, except once for the class-prompt text embeddings of clip/mp.
 """
 
@@ -22,11 +26,13 @@ import os
 import random
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -34,7 +40,8 @@ from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import Student, _unwrap, load_student, save_student, student_preprocess
+from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
+                         student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
@@ -57,6 +64,78 @@ def parse_losses(specs) -> dict[str, float]:
     if bad:
         raise ZsdError(f"unknown loss {bad[0]!r}; choose from {', '.join(LOSSES)}")
     return out or {"l2": 1.0}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run. `train(config)` runs it; student.json and
+    train_state.pt keep it (`dataclasses.asdict`). The fields from `run_dir` on say how the run is
+    executed, not what it computes, and may change on --resume (EXECUTION)."""
+
+    targets: list[str]  # stores (path or bare name in the cache dir), each optionally STORE=WEIGHT
+    # the student
+    student: str | None = None  # timm name [default with init_from: the init run's]
+    student_res: int | None = None  # input resolution [default: the student's own, or init_from's]
+    init_from: str | None = None  # an earlier zsd run folder to start from (two-stage distillation) ...
+    student_pretrained: str | None = None  # ... or pretrained backbone weights: timm | hf-hub:ORG/REPO | FILE
+    # the objective
+    losses: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})  # name -> weight (or ["l2", "clip=0.5"])
+    superclass: str = "object"  # clip/mp prompts: "a photo of a {class}, a type of {superclass}."
+    # the optimisation
+    epochs: float | None = None  # run length in epochs over all target rows [default: 1] ...
+    steps: int | None = None  # ... or in optimizer steps
+    batch_size: int = 256  # images per optimizer step, over all processes and accumulation steps
+    lr: float = 5e-4  # AdamW
+    weight_decay: float = 0.05
+    warmup_steps: int = 0  # linear lr warmup
+    lr_schedule: str = "constant"  # or "cosine" (to 0 at the last step)
+    accum_steps: int = 1  # gradient accumulation micro-batches per optimizer step
+    ema_decay: float = 0.0  # keep an EMA of the weights (parameters and buffers) with this decay; 0: none
+    ema_warmup: bool = False  # EMA decay 1 - (1 + step)^(-2/3), capped at ema_decay (timm's warmup)
+    precision: str | None = None  # "bf16" autocast or "fp32" [default: bf16 on cpu and cuda]
+    seed: int = 0  # the student's initialisation and the data order
+    # the data order
+    in_ram: str = "auto"  # hold the target embeddings in RAM: "auto" (if they fit in a third), "yes", "no"
+    shuffle_chunks: int = 16  # streaming: chunks shuffled together
+    # execution
+    run_dir: str = "runs/student"
+    device: str = "auto"
+    workers: int | None = None  # DataLoader decode workers [default: min(4, cores - 1)]
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the student
+    save_every: int = 500  # checkpoint every N steps
+    teacher_weights: str | None = None  # clip/mp: the teacher's checkpoint file, when the targets' was one
+
+    def __post_init__(self):
+        self.targets = list(self.targets)
+        self.losses = parse_losses(self.losses)
+        if self.precision not in (None, "bf16", "fp32"):
+            raise ZsdError(f"--precision {self.precision}: choose bf16 or fp32")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ZsdError(f"--schedule {self.lr_schedule}: choose constant or cosine")
+        if self.epochs is not None and self.steps is not None:
+            raise ZsdError("pass --epochs or --steps, not both")
+        if self.init_from and self.student_pretrained:
+            raise ZsdError("pass --init or --student-pretrained, not both (--init brings its own weights)")
+        if not 0 <= self.ema_decay < 1:
+            raise ZsdError(f"--ema-decay {self.ema_decay}: choose 0 (no EMA) <= D < 1, e.g. 0.999")
+
+
+# Fields that change how a run is executed, not what it computes: --resume lets them change.
+# (device, channels_last and compile change floating-point rounding, not the computation.)
+EXECUTION = ("run_dir", "device", "workers", "channels_last", "compile", "save_every", "teacher_weights")
+
+
+def run_definition(config: dict, total_steps: int, world_size: int) -> dict:
+    """What a run computes: its config (as a dict) without EXECUTION, plus what the config resolves to."""
+    return {**{k: v for k, v in config.items() if k not in EXECUTION}, "total_steps": total_steps,
+            "world_size": world_size}
+
+
+def resume_conflicts(saved: dict, now: dict) -> str:
+    """'lr 0.001 -> 0.002, seed 0 -> 1' for every field of two run definitions that differs."""
+    return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in {**saved, **now}
+                     if saved.get(k) != now.get(k))
 
 
 # --- class-prompt text embeddings (the one place the teacher is used)
@@ -89,19 +168,25 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
 
 # --- checkpoints
 
-def save_checkpoint(run_dir: Path, model, criterion, optimizer, config: dict, step: int, seed: int) -> None:
-    """Student files, then train_state.pt; each atomic. The state carries its own copy of the weights,
-    so a kill between the two writes still resumes consistently."""
-    save_student(run_dir, model, {**config, "step": step})
+def _cpu_copy(model) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+
+
+def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int) -> None:
+    """Student files (and the EMA's), then train_state.pt; each atomic. The state carries its own copy
+    of the weights, so a kill between the writes still resumes consistently."""
+    meta = {**meta, "step": step}
+    save_student(run_dir, model, meta)
+    if ema is not None:
+        save_student(run_dir, ema.module, meta, prefix=EMA_PREFIX)
     state = {
         "step": step,
-        "model": {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()},
+        "model": _cpu_copy(model),
+        "ema": _cpu_copy(ema.module) if ema is not None else None,
         "criterion": criterion.state_dict(),
         "optimizer": optimizer.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        "seed": seed,
-        "teacher_id": config["teacher_id"],
-        "train_args": config["train_args"],
+        "student": meta,
     }
     tmp = run_dir / (STATE + ".tmp")
     torch.save(state, tmp)
@@ -147,103 +232,100 @@ def _setup_distributed(device: str):
     return world, rank, dev
 
 
-def train(targets: list[str], student: str | None = None, out: str = "runs/student", *,
-          losses: dict | list | None = None, epochs: float | None = None, steps: int | None = None,
-          batch_size: int = 256, lr: float = 5e-4, weight_decay: float = 0.05, warmup: int = 0,
-          schedule: str = "constant", accum: int = 1, student_res: int | None = None, init: str | None = None,
-          resume: bool = False, device: str = "auto", precision: str | None = None, channels_last: bool = True,
-          compile: bool = False, workers: int | None = None, seed: int = 0, save_every: int = 500,
-          stop_after: int | None = None, superclass: str = "object", teacher_weights: str | None = None,
-          in_ram: str = "auto", shuffle_chunks: int = 16, progress: bool = True, log=print) -> dict:
-    """Train a student on cached teacher embeddings; returns a summary dict (see the end).
+def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
+          log=print) -> dict:
+    """Run `config`; returns a summary dict (see the end).
 
-    `batch_size` is images per optimizer step over all processes and accumulation steps.
-    `epochs` (may be fractional) or `steps` sets the run length (default: 1 epoch).
-    `stop_after` ends this invocation after that many steps with a checkpoint (job time limits):
-    `resume=True` continues the same run as if it had never stopped.
+    `resume=True` continues the run in config.run_dir as if it had never stopped (the config must
+    define the same run). `stop_after` ends this invocation after that many steps with a checkpoint
+    (job time limits).
     """
     t_start = time.perf_counter()
-    world, rank, dev = _setup_distributed(device)
+    world, rank, dev = _setup_distributed(config.device)
     tune_allocator(dev)
     main_proc = rank == 0
     say = log if main_proc else (lambda m: None)
-    run_dir = Path(out)
-    loss_weights = parse_losses(losses)
-    precision = precision or ("bf16" if dev.type in ("cpu", "cuda") else "fp32")
-    if precision not in ("bf16", "fp32"):
-        raise ZsdError(f"--precision {precision}: choose bf16 or fp32")
+    run_dir = Path(config.run_dir)
+    precision = config.precision or ("bf16" if dev.type in ("cpu", "cuda") else "fp32")
+    batch_size, accum = config.batch_size, config.accum_steps
     if batch_size % (accum * world):
         raise ZsdError(f"--batch-size {batch_size} must be divisible by accumulation steps x processes "
                        f"({accum} x {world})")
-    if epochs is not None and steps is not None:
-        raise ZsdError("pass --epochs or --steps, not both")
 
-    data = TrainTargets(list(targets), in_ram=in_ram, shuffle_chunks=shuffle_chunks, log=say)
+    data = TrainTargets(config.targets, in_ram=config.in_ram, shuffle_chunks=config.shuffle_chunks, log=say)
     steps_per_epoch = data.rows_per_epoch // batch_size
     if steps_per_epoch == 0:
         raise ZsdError(f"the targets have {data.rows_per_epoch} usable rows, fewer than one batch "
                        f"(--batch-size {batch_size})")
-    total = steps if steps is not None else max(1, round((epochs or 1) * steps_per_epoch))
+    total = config.steps if config.steps is not None else max(1, round((config.epochs or 1) * steps_per_epoch))
+    definition = run_definition(asdict(config), total, world)
 
-    # Resume: the run's own arguments win, so the continuation is the same run.
-    state, init_recorded = None, init
+    # Resume: only the same run continues; its student (resolved from init_from) comes from the checkpoint.
+    state, student, student_res, init_cfg = None, config.student, config.student_res, None
     if resume and (run_dir / STATE).is_file():
         state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
-        prev = state["train_args"]
-        for name, now in (("student", student), ("batch_size", batch_size), ("seed", seed)):
-            if now is not None and prev.get(name) is not None and prev[name] != now:
-                raise ZsdError(f"--resume: {run_dir} was trained with {name}={prev[name]}, not {now}")
-        if state["teacher_id"] != data.teacher_id:
-            raise ZsdError(f"--resume: {run_dir} was trained on another teacher's targets (id {state['teacher_id']})")
-        student, student_res = prev["student"], prev["student_res"]
-        init_recorded, init = prev["init"], None  # the checkpoint holds the weights
-        if prev["total_steps"] != total:
-            raise ZsdError(f"--resume: {run_dir} is a run of {prev['total_steps']} steps, not {total}: "
-                           "pass the same --epochs/--steps")
+        if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
+            raise ZsdError(f"--resume: {run_dir} was written by an older zsd; start a new run (another --out)")
+        prev = state["student"]
+        if prev["teacher_id"] != data.teacher_id:
+            raise ZsdError(f"--resume: {run_dir} was trained on another teacher's targets (id {prev['teacher_id']})")
+        conflicts = resume_conflicts(run_definition(prev["train_config"], prev["total_steps"], prev["world_size"]),
+                                     definition)
+        if conflicts:
+            raise ZsdError(f"--resume: {run_dir} is another run ({conflicts}): pass its settings again, "
+                           "or another --out for a new run")
+        student, student_res = prev["student"], prev["preprocess"]["size"]
     elif resume:
         say(f"--resume: no {STATE} in {run_dir}, starting fresh")
     elif (run_dir / STATE).is_file():
         raise ZsdError(f"{run_dir} already holds a training run: pass --resume to continue it or another --out")
 
-    init_cfg = None
-    if init:
-        init_model, init_cfg = load_student(init)
+    # A resumed run's checkpoint holds the weights: init_from and student_pretrained are not loaded again.
+    if config.init_from and state is None:
+        init_model, init_cfg = load_student(config.init_from)
         if init_cfg.get("teacher_id") != data.teacher_id:
-            raise ZsdError(f"--init {init} was distilled from another teacher (id {init_cfg.get('teacher_id')}) "
-                           f"than the targets' ({data.teacher['model']}, id {data.teacher_id})")
+            raise ZsdError(f"--init {config.init_from} was distilled from another teacher (id "
+                           f"{init_cfg.get('teacher_id')}) than the targets' ({data.teacher['model']}, "
+                           f"id {data.teacher_id})")
         student = student or init_cfg["student"]
         if student != init_cfg["student"]:
-            raise ZsdError(f"--init {init} is a {init_cfg['student']} student, not {student}")
+            raise ZsdError(f"--init {config.init_from} is a {init_cfg['student']} student, not {student}")
         student_res = student_res or init_cfg["preprocess"]["size"]
     if not student:
         raise ZsdError("pass --student TIMM_NAME (or --init an earlier run)")
 
-    torch.manual_seed(seed)
+    torch.manual_seed(config.seed)
     student_pre = student_preprocess(student, student_res)
     model = Student(student, data.dim, student_pre.size)
     if init_cfg is not None:
         model.load_state_dict(init_model.state_dict())
+    elif config.student_pretrained and state is None:
+        load_pretrained_backbone(model, config.student_pretrained, student_pre.size)
     text = None
-    if any(n in NEEDS_TEXT for n in loss_weights):
+    if any(n in NEEDS_TEXT for n in config.losses):
         if any((src.labels[src.rows] < 0).any() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
         run_dir.mkdir(parents=True, exist_ok=True)
         if main_proc:
-            class_text_embeddings(data, superclass, run_dir, teacher_weights, log=say)
+            class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
         if world > 1:
             dist.barrier()
-        text = class_text_embeddings(data, superclass, run_dir, teacher_weights, log=say)
-    criterion = Criterion(loss_weights, text)
+        text = class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
+    criterion = Criterion(config.losses, text)
     model.to(dev)
     criterion.to(dev)
-    if channels_last:
+    if config.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
                                    {"params": list(criterion.parameters()), "weight_decay": 0.0}],
-                                  lr=lr, weight_decay=weight_decay)
+                                  lr=config.lr, weight_decay=config.weight_decay)
+    # The EMA copy (eval mode) is updated after every optimizer step; its first update copies the weights.
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay else None
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["ema"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -252,30 +334,25 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
         start = state["step"]
         say(f"resuming {run_dir} at step {start} of {total}")
     train_model = model
-    if compile:
+    if config.compile:
         train_model = torch.compile(train_model)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
-    train_args = {"targets": list(targets), "student": student, "student_res": student_pre.size,
-                  "losses": loss_weights, "epochs": epochs, "steps": steps, "total_steps": total,
-                  "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "warmup": warmup,
-                  "schedule": schedule, "accum": accum, "init": init_recorded, "precision": precision, "seed": seed,
-                  "superclass": superclass, "world_size": world}
-    config = {"student": student, "embed_dim": data.dim, "preprocess": student_pre.to_dict(),
-              "teacher": data.teacher, "teacher_id": data.teacher_id, "classnames": data.classnames,
-              "train_args": train_args}
+    # student.json: what the student is, and the run that made it.
+    meta = {"student": student, "embed_dim": data.dim, "preprocess": student_pre.to_dict(),
+            "teacher": data.teacher, "teacher_id": data.teacher_id, "classnames": data.classnames,
+            "train_config": asdict(config), "total_steps": total, "world_size": world}
 
     # Data: one loader for the whole run; its batches are fixed by (seed, step), not by loader state.
-    if workers is None:
-        workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    plan = BatchPlan(data, seed, batch_size, accum, world, rank, start, total if stop_after is None
+    workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
     loader = DataLoader(ViewDataset(data, student_pre), batch_sampler=plan, num_workers=workers,
                         collate_fn=collate, prefetch_factor=4 if workers else None,
                         pin_memory=dev.type == "cuda",
-                        generator=torch.Generator().manual_seed(seed))  # keeps the global RNG untouched
+                        generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
 
     if main_proc:
@@ -295,7 +372,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
             t0 = time.perf_counter()
             epoch = step // steps_per_epoch
             for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, lr, warmup, total, schedule)
+                g["lr"] = lr_at(step, config.lr, config.warmup_steps, total, config.lr_schedule)
             loss_sum, term_sums, dists, n_images = 0.0, {}, [], 0
             for _ in range(accum):
                 items, pixels, errors = next(batches)
@@ -308,7 +385,7 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
                 if not usable.item():
                     continue
                 x = pixels.to(dev, non_blocking=True)
-                if channels_last:
+                if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t = data.targets(items).to(dev)
                 labels = data.labels(items).to(dev)
@@ -339,6 +416,8 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if ema is not None:
+                ema.update(model, step=step)
             dists = np.concatenate(dists) if dists else np.zeros(1)
             if world > 1:
                 gathered = [None] * world
@@ -364,11 +443,11 @@ def train(targets: list[str], student: str | None = None, out: str = "runs/stude
                                                "mean_loss": float(np.mean(epoch_losses))}) + "\n")
                     epoch_losses = []
                 log_file.flush()
-                if step % save_every == 0 and step < plan.total:
-                    save_checkpoint(run_dir, model, criterion, optimizer, config, step, seed)
+                if step % config.save_every == 0 and step < plan.total:
+                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
                     last_good = step
         if main_proc:
-            save_checkpoint(run_dir, model, criterion, optimizer, config, step, seed)
+            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
     finally:
         bar.close()
         if log_file:
