@@ -17,6 +17,12 @@ TINY_CLIP_CFG = {
 }
 
 
+@pytest.fixture(autouse=True)
+def private_cache_dir(tmp_path_factory, monkeypatch):
+    """Bare store names, classifiers and pixel caches go to a fresh folder, never the checkout's cache/."""
+    monkeypatch.setenv("ZSD_CACHE", str(tmp_path_factory.mktemp("zsd_cache")))
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A randomly initialised open_clip model saved as a local-dir: folder (config + weights)."""

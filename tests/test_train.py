@@ -21,7 +21,9 @@ from zsd.train import STATE, TrainConfig, train
 from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
 STUDENT = "test_resnet"
-FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", precision="fp32")
+# The DataLoader path; test_pixel_cache_trains_bit_identically covers the pixel cache.
+FAST = dict(student=STUDENT, student_res=32, batch_size=4, lr=1e-3, workers=0, device="cpu", precision="fp32",
+            pixel_cache="no")
 
 
 def fit(targets, run_dir, *, resume=False, stop_after=None, log=lambda m: None, **fields):
@@ -95,6 +97,25 @@ def test_streamed_store_trains_and_resumes_identically(store, tmp_path):
     fit([store], tmp_path / "parts", resume=True, **args)
     a, b = weights(tmp_path / "full"), weights(tmp_path / "parts")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pixel_cache_trains_bit_identically(store, image_folder, tmp_path):
+    (image_folder / "cat" / "cat_0.png").write_bytes(b"not an image any more")  # row 0: skipped either way
+    args = dict(steps=6, batch_size=4, losses=["l2", "contrastive-image=0.5"])
+    plain = fit([store], tmp_path / "plain", **args)
+    messages = []
+    cached = fit([store], tmp_path / "cached", pixel_cache="yes", log=messages.append, **args)
+    assert any("rendered into" in m for m in messages)
+    a, b = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["skipped_images"] == cached["skipped_images"] > 0
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
+              for r in ("plain", "cached")]
+    assert losses[0] == losses[1]
+    # a second run (another seed) reads the rendered file instead of decoding again
+    messages.clear()
+    fit([store], tmp_path / "again", pixel_cache="yes", seed=1, log=messages.append, **args)
+    assert not any("rendered into" in m for m in messages)
 
 
 def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):

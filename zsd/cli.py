@@ -294,11 +294,14 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
 @click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
+@click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
+              help="Render every sample's student input once into a file in the cache dir and train from it "
+                   "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
               no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
-              shuffle_chunks, json_out):
+              shuffle_chunks, pixel_cache, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -313,7 +316,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
                          ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
-                         shuffle_chunks=shuffle_chunks, run_dir=out, device=device, workers=workers,
+                         shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, run_dir=out, device=device, workers=workers,
                          channels_last=not no_channels_last, compile=compile_, save_every=save_every,
                          teacher_weights=teacher_weights)
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
-from zsd.data import BatchPlan, TrainTargets, ViewDataset, collate
+from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
 from zsd.errors import ZsdError
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
@@ -101,6 +101,8 @@ class TrainConfig:
     run_dir: str = "runs/student"
     device: str = "auto"
     workers: int | None = None  # DataLoader decode workers [default: min(4, cores - 1)]
+    pixel_cache: str = "auto"  # render every sample's student input once into a file read from RAM:
+    #                            "auto" (if they fit in a sixth of RAM), "yes", "no"
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
     save_every: int = 500  # checkpoint every N steps
@@ -111,6 +113,8 @@ class TrainConfig:
         self.losses = parse_losses(self.losses)
         if self.precision not in (None, "bf16", "fp32"):
             raise ZsdError(f"--precision {self.precision}: choose bf16 or fp32")
+        if self.pixel_cache not in ("auto", "yes", "no"):
+            raise ZsdError(f"--pixel-cache {self.pixel_cache}: choose auto, yes or no")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ZsdError(f"--schedule {self.lr_schedule}: choose constant or cosine")
         if self.epochs is not None and self.steps is not None:
@@ -123,7 +127,7 @@ class TrainConfig:
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
 # (device, channels_last and compile change floating-point rounding, not the computation.)
-EXECUTION = ("run_dir", "device", "workers", "channels_last", "compile", "save_every", "teacher_weights")
+EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "compile", "save_every", "teacher_weights")
 
 
 def run_definition(config: dict, total_steps: int, world_size: int) -> dict:
@@ -349,10 +353,20 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
     plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
-    loader = DataLoader(ViewDataset(data, student_pre), batch_sampler=plan, num_workers=workers,
-                        collate_fn=collate, prefetch_factor=4 if workers else None,
-                        pin_memory=dev.type == "cuda",
-                        generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
+    views = ViewDataset(data, student_pre)
+    if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
+                                       PixelCache.nbytes(data, student_pre.size) <= ram_budget() // 2):
+        if not main_proc:  # rank 0 renders, the others read its file
+            dist.barrier()
+        pixels = PixelCache(data, views, workers=workers, progress=progress and main_proc, log=say)
+        if main_proc and world > 1:
+            dist.barrier()
+        loader = pixels.batches(plan)
+    else:
+        loader = DataLoader(views, batch_sampler=plan, num_workers=workers,
+                            collate_fn=collate, prefetch_factor=4 if workers else None,
+                            pin_memory=dev.type == "cuda",
+                            generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
 
     if main_proc:
