@@ -318,7 +318,7 @@ class PixelCache:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, size, size))
             errors = {}
             loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
-                                                 collate_fn=lambda b: b)
+                                                 collate_fn=_Render.as_list)
             bar = tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
                        dynamic_ncols=True)
             for batch in loader:
@@ -371,3 +371,7 @@ class _Render(Dataset):
             return slot, self.dataset.student_pixels(self.items[slot]), ""
         except BadImage as e:
             return slot, None, str(e)
+
+    @staticmethod
+    def as_list(samples):  # a named function: workers started by spawn (macOS) pickle it
+        return samples
