@@ -27,6 +27,8 @@ import os
 
 import torch
 
+from zsd.teachers import resolve_device
+
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MAX_THRESHOLD = 2**31 - 1  # mallopt takes an int
 TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps: fewer brk calls while the first batches run
@@ -52,9 +54,7 @@ def tune_allocator(device: str | torch.device = "cpu") -> bool:
     Idempotent; a no-op for CUDA devices, off glibc, and when the user tuned the allocator.
     """
     global _applied
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
-    if dev.type != "cpu":
+    if resolve_device(device).type != "cpu":
         return False
     if _applied is None:
         _applied = False

@@ -19,6 +19,8 @@ The view of every sample is drawn uniformly from the stored views, also from (se
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,10 +28,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, merge_classnames
-from zsd.store import FAILED, PENDING, WRITTEN, Store, open_store
+from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, normalize, render_view, resize_pixels
 
 
@@ -287,13 +290,6 @@ class PixelCache:
 
     def __init__(self, targets: TrainTargets, dataset: ViewDataset, *, workers: int = 0, progress: bool = True,
                  log=print):
-        import hashlib
-        import json
-
-        from tqdm import tqdm
-
-        from zsd.store import cache_dir
-
         self.pre = dataset.student_pre
         views = [src.store.views for src in targets.sources]
         counts = [len(src.rows) * v for src, v in zip(targets.sources, views)]

@@ -123,8 +123,11 @@ def prototype_labels(store: Store, classnames: list[str]) -> np.ndarray:
 def prototype_classifier(store: Store, classnames: list[str]) -> np.ndarray:
     """(K, D) float32 unit rows: per class, the normalised mean of the normalised view-0 embeddings
     of the store's written rows of that class. Streams the store, so any size fits in memory."""
-    labels = prototype_labels(store, classnames)
-    sums = np.zeros((len(classnames), store.dim))
+    return _class_means(store, prototype_labels(store, classnames), len(classnames))
+
+
+def _class_means(store: Store, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    sums = np.zeros((n_classes, store.dim))
     for start, block in store.iter_blocks(0):
         rows = labels[start:start + len(block)]
         ok = rows >= 0
@@ -160,7 +163,7 @@ def build_classifier(store: Store, *, classes_from: str | None = None, classname
         counts = np.bincount(labels[labels >= 0], minlength=len(names))
         info = {"kind": "prototypes", "store": str(source.path), "teacher_id": source.teacher_id,
                 "images_per_class": dict(zip(names, counts.tolist()))}
-        return Classifier(list(range(len(names))), names, prototype_classifier(source, names), info)
+        return Classifier(list(range(len(names))), names, _class_means(source, labels, len(names)), info)
     keep, names, note = select_classes(store.classnames, classnames)
     teacher = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
     template_source, template_list = resolve_templates(templates, dataset_name(store))
