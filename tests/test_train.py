@@ -1,7 +1,9 @@
 """The trainer on tiny stores made by the tiny teacher: views, order, resume, init, failures, CLI."""
 
 import json
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,6 +118,14 @@ def test_pixel_cache_trains_bit_identically(store, image_folder, tmp_path):
     messages.clear()
     fit([store], tmp_path / "again", pixel_cache="yes", seed=1, log=messages.append, **args)
     assert not any("rendered into" in m for m in messages)
+    # a damaged pixel file (truncated, as by a full disk or a copy cut short) is rendered again
+    (pixels,) = (Path(os.environ["ZSD_CACHE"]) / "pixels").glob("*.npy")
+    pixels.write_bytes(pixels.read_bytes()[:1000])
+    messages.clear()
+    fit([store], tmp_path / "repaired", pixel_cache="yes", log=messages.append, **args)
+    assert any("is damaged or incomplete" in m for m in messages) and any("rendered into" in m for m in messages)
+    c = weights(tmp_path / "repaired")
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_loss_decreases_and_run_dir_is_complete(store, tmp_path):

@@ -304,14 +304,17 @@ class PixelCache:
                           for src in targets.sources] + [self.pre.to_dict()])
         path = cache_dir() / "pixels" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
         errors_path = path.with_suffix(".errors.json")
-        if not (path.is_file() and errors_path.is_file()):
+        shape = (int(sum(counts)), 3, self.pre.size, self.pre.size)
+        loaded = _read_pixels(path, errors_path, shape)
+        if loaded is None:
+            if path.exists():
+                log(f"warning: {path} is damaged or incomplete: rendering the student inputs again")
             path.parent.mkdir(parents=True, exist_ok=True)
             items = np.concatenate([np.stack([np.full(len(src.rows) * v, i), np.repeat(src.rows, v),
                                               np.tile(np.arange(v), len(src.rows))], 1)
                                     for i, (src, v) in enumerate(zip(targets.sources, views))])
-            size = self.pre.size
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, size, size))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             errors = {}
             loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
                                                  collate_fn=_Render.as_list)
@@ -331,8 +334,8 @@ class PixelCache:
             os.replace(tmp, path)
             log(f"student inputs of {len(items)} samples rendered into {path} "
                 f"({path.stat().st_size / 2**20:.0f} MiB)")
-        self.pixels = np.load(path, mmap_mode="r")  # the page cache holds it after the first epoch
-        self.errors = {int(k): v for k, v in json.loads(errors_path.read_text()).items()}
+            loaded = _read_pixels(path, errors_path, shape)
+        self.pixels, self.errors = loaded  # the page cache holds the pixels after the first epoch
 
     @staticmethod
     def nbytes(targets: TrainTargets, size: int) -> int:
@@ -353,6 +356,16 @@ class PixelCache:
             items, slots = items[~bad], slots[~bad]
             pixels = normalize(torch.from_numpy(self.pixels[slots]), self.pre.mean, self.pre.std) if len(slots) else None
             yield items, pixels, errors
+
+
+def _read_pixels(path, errors_path, shape) -> tuple[np.ndarray, dict[int, str]] | None:
+    """The rendered pixels (memory-mapped) and failures, or None when missing, truncated or garbled."""
+    try:
+        pixels = np.load(path, mmap_mode="r")
+        errors = {int(k): str(v) for k, v in json.loads(errors_path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # AttributeError: a JSON that is not an object
+        return None
+    return (pixels, errors) if pixels.shape == shape and pixels.dtype == np.uint8 else None
 
 
 class _Render(Dataset):
