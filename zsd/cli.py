@@ -241,6 +241,27 @@ def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir,
     click.echo(markdown_table(result))
 
 
+@cli.command("spurious")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder: train/, shuffled/, spurious.json.")
+@click.option("--mode", type=click.Choice(["shapes", "background"]), default="shapes", show_default=True,
+              help="shapes: a class-specific coloured shape at a random place; background: a class-specific colour "
+                   "behind the foreground (--masks) or in a border band.")
+@click.option("--masks", default=None, type=click.Path(file_okay=False, exists=True),
+              help="background mode: foreground masks, one PNG per image at the same relative path (non-zero = foreground).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the class features, the shuffle and every image's draw.")
+def spurious_cmd(src, out, mode, masks, seed):
+    """Write a spurious-feature variant of the ImageFolder SRC (the paper's Table 2).
+
+    OUT/train gives every image its own class's feature; OUT/shuffled the feature of another
+    class (a derangement: no class keeps its own). Same seed and classes, same maps: run it on the
+    train images and on the test images, train on one's train/, evaluate on the other's shuffled/.
+    """
+    from zsd.spurious import make_spurious
+
+    make_spurious(src, out, mode=mode, seed=seed, masks=masks, log=lambda m: click.echo(m, err=True))
+
+
 @cli.command("coverage")
 @click.option("--train", "train", multiple=True, required=True,
               help="Train store (name or path); repeat for several, or pass space-separated after one --train.")
