@@ -207,6 +207,61 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
             click.echo(f"{run_dir}: embeddings of {name} in {emb.path}", err=True)
 
 
+@cli.command("robustness")
+@click.argument("test")
+@click.option("--student", "students", multiple=True, help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights); repeatable.")
+@click.option("--corruptions", default=None, help="Comma-separated subset of the 15 ImageNet-C corruptions [default: all].")
+@click.option("--severities", default=None, help="Comma-separated subset of 1-5 [default: all].")
+@click.option("--size", default=224, show_default=True, help="Side of the square base crop that is corrupted (ImageNet-C: 224).")
+@click.option("--seed", default=0, show_default=True, help="Seeds every image's corruption (per image, corruption and severity).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Writes robustness.json (one record per model x corruption x severity), robustness.md and robustness.png.")
+@click.option("--templates", default=None, help="As in `zsd eval`.")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
+@click.option("--classes-from", default=None, metavar="STORE", help="As in `zsd eval`: class prototypes from this labelled store.")
+@click.option("--pretrained", default=None, help="As in `zsd eval`.")
+@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
+@click.option("--workers", default=0, show_default=True, help="Processes rendering corruptions (and decoding for the test cache).")
+def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir, templates, classnames, classes_from,
+                   pretrained, teacher, device, batch_size, workers):
+    """Top-1 of the teacher and students under common corruptions: mPC, rPC, agreement, cosine.
+
+    TEST is a labelled image folder or store. Its images are cut to a square base crop and
+    corrupted once into a resumable cache (`imagecorruptions-imaug`, seeded per image) that every
+    model reads through its own eval transform. rPC = mPC / clean top-1 (Michaelis et al. 2019).
+    """
+    from zsd.robustness import markdown_table, robustness
+
+    result = robustness(test, list(students), teacher=teacher, pretrained=pretrained, templates=templates,
+                        classnames=classnames, classes_from=classes_from, corruptions=corruptions,
+                        severities=severities, size=size, seed=seed, device=device, batch_size=batch_size,
+                        workers=workers, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
+    click.echo(markdown_table(result))
+
+
+@cli.command("spurious")
+@click.argument("src", type=click.Path(file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New folder: train/, shuffled/, spurious.json.")
+@click.option("--mode", type=click.Choice(["shapes", "background"]), default="shapes", show_default=True,
+              help="shapes: a class-specific coloured shape at a random place; background: a class-specific colour "
+                   "behind the foreground (--masks) or in a border band.")
+@click.option("--masks", default=None, type=click.Path(file_okay=False, exists=True),
+              help="background mode: foreground masks, one PNG per image at the same relative path (non-zero = foreground).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the class features, the shuffle and every image's draw.")
+def spurious_cmd(src, out, mode, masks, seed):
+    """Write a spurious-feature variant of the ImageFolder SRC (the paper's Table 2).
+
+    OUT/train gives every image its own class's feature; OUT/shuffled the feature of another
+    class (a derangement: no class keeps its own). Same seed and classes, same maps: run it on the
+    train images and on the test images, train on one's train/, evaluate on the other's shuffled/.
+    """
+    from zsd.spurious import make_spurious
+
+    make_spurious(src, out, mode=mode, seed=seed, masks=masks, log=lambda m: click.echo(m, err=True))
+
+
 @cli.command("coverage")
 @click.option("--train", "train", multiple=True, required=True,
               help="Train store (name or path); repeat for several, or pass space-separated after one --train.")

@@ -261,6 +261,30 @@ def dataset_name(store: Store) -> str:
     return store.path.name.removesuffix(".zarr")
 
 
+def check_labelled(store: Store) -> None:
+    if store.rows == 0:
+        raise ZsdError(f"{store.path} holds no images")
+    if not store.classnames or (store.labels() < 0).all():
+        raise ZsdError(f"{store.path} is unlabelled: zero-shot accuracy needs a labelled test set")
+
+
+def evaluated_rows(store: Store, classifier: Classifier, log=print) -> tuple[np.ndarray, np.ndarray, int]:
+    """(per row: its class index in the classifier or -1, the rows to score, images left out by class)."""
+    labels = store.labels()
+    if classifier.note:
+        log(f"note: {classifier.note}")
+    new_label = np.full(max(len(store.classnames), 1), -1)
+    new_label[classifier.keep] = np.arange(len(classifier.keep))
+    mapped = np.where(labels >= 0, new_label[np.maximum(labels, 0)], -1)
+    rows = store.written() & (mapped >= 0)
+    dropped = int((store.written() & (labels >= 0) & (mapped < 0)).sum())
+    if dropped:
+        log(f"note: {dropped} test images of classes outside --classnames are left out")
+    if not rows.any():
+        raise ZsdError(f"{store.path} has no written, labelled rows of the evaluated classes")
+    return mapped, rows, dropped
+
+
 def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None, pretrained: str | None = None,
              templates: str | None = None, classnames: str | None = None, classes_from: str | None = None,
              device: str = "auto", batch_size: int = 128, workers: int | None = 0, confusion: bool = False,
@@ -271,28 +295,13 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     class prototypes (see `build_classifier`), and the teacher is not loaded.
     """
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
-    if store.rows == 0:
-        raise ZsdError(f"{store.path} holds no images")
-    labels = store.labels()
-    if not store.classnames or (labels < 0).all():
-        raise ZsdError(f"{store.path} is unlabelled: zero-shot accuracy needs a labelled test set")
+    check_labelled(store)
     classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,
                                   pretrained=pretrained, device=device)
-    keep, names, note = classifier.keep, classifier.names, classifier.note
-    if note:
-        log(f"note: {note}")
+    names, note = classifier.names, classifier.note
+    mapped, rows, dropped = evaluated_rows(store, classifier, log)
     dataset = dataset_name(store)
     z = classifier.weights.astype(np.float64)
-
-    new_label = np.full(max(len(store.classnames), 1), -1)
-    new_label[keep] = np.arange(len(keep))
-    mapped = np.where(labels >= 0, new_label[np.maximum(labels, 0)], -1)
-    rows = store.written() & (mapped >= 0)
-    dropped = int((store.written() & (labels >= 0) & (mapped < 0)).sum())
-    if dropped:
-        log(f"note: {dropped} test images of classes outside --classnames are left out")
-    if not rows.any():
-        raise ZsdError(f"{store.path} has no written, labelled rows of the evaluated classes")
     teacher_scores = store.embeddings(view=0).astype(np.float64) @ z.T
     teacher_pred = teacher_scores.argmax(axis=1)
 
