@@ -398,12 +398,12 @@ def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monke
     real_save = torch.save
     saves = {"n": 0}
 
-    def killed_midway(obj, path, *a, **k):
+    def killed_midway(obj, f, *a, **k):
         saves["n"] += 1
         if saves["n"] == 2:  # the state of step 4: half a file, then the process dies
-            open(path, "wb").write(b"half a pickle")
+            f.write(b"half a pickle")
             raise KeyboardInterrupt
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(zsd.train.torch, "save", killed_midway)
     run = tmp_path / "run"
@@ -411,6 +411,7 @@ def test_a_kill_while_saving_keeps_a_resumable_checkpoint(store, tmp_path, monke
         fit([store], run, **args)
     monkeypatch.setattr(zsd.train.torch, "save", real_save)
     assert torch.load(run / STATE, weights_only=False)["step"] == 2  # the last good state is intact
+    assert not list(run.glob("*.tmp"))  # and the half-written one is gone
     fit([store], run, resume=True, **args)
     a, b = weights(tmp_path / "full"), weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)

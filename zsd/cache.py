@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_writable
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -118,6 +118,8 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     if views < 1:
         raise ZsdError("--views must be at least 1")
     num_shards, shard_index = _shard_from_env(num_shards, shard_index)
+    path = resolve_store(out)
+    check_writable(path if path.is_dir() else path.parent, "--out")
     if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
     t_start = time.perf_counter()
@@ -127,9 +129,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         batch_size = CPU_BATCH if model.device.type == "cpu" else 256
     if batch_size < 1:
         raise ZsdError("--batch-size must be at least 1")
-    scan = scan_sources(sources)
-    for problem in scan.problems:
-        log(f"warning: {problem}")
+    scan = scan_sources(sources, log=log)
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows)
 
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
@@ -204,33 +204,35 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             flush(c)
     bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     t_loop = t_wait = time.perf_counter()
-    for items in loader:
-        timing["waiting for images"] += time.perf_counter() - t_wait
-        c = items[0][0] // store.chunk_rows
-        buf = buffer(c)
-        timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
-        ok = [it for it in items if it[1] is not None]
-        if ok:
-            t0 = time.perf_counter()
-            x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
-            z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
-            timing[encoder_name] += time.perf_counter() - t0
-            for it, e in zip(ok, z):
-                buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
-        for it in items:
-            if it[1] is None:
-                buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
-                reasons[it[3].split(" (")[0]] += 1
-                failed += 1
-        buf["left"] -= len(items)
-        if buf["left"] == 0:
-            flush(c)
-        done += len(items)
-        bar.update(len(items))
-        if failed:
-            bar.set_postfix(failed=failed)
-        t_wait = time.perf_counter()
-    bar.close()
+    try:  # the bar ends its line before an error (a full disk) is printed
+        for items in loader:
+            timing["waiting for images"] += time.perf_counter() - t_wait
+            c = items[0][0] // store.chunk_rows
+            buf = buffer(c)
+            timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
+            ok = [it for it in items if it[1] is not None]
+            if ok:
+                t0 = time.perf_counter()
+                x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
+                z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
+                timing[encoder_name] += time.perf_counter() - t0
+                for it, e in zip(ok, z):
+                    buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
+            for it in items:
+                if it[1] is None:
+                    buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
+                    reasons[it[3].split(" (")[0]] += 1
+                    failed += 1
+            buf["left"] -= len(items)
+            if buf["left"] == 0:
+                flush(c)
+            done += len(items)
+            bar.update(len(items))
+            if failed:
+                bar.set_postfix(failed=failed)
+            t_wait = time.perf_counter()
+    finally:
+        bar.close()
     return {"done": done, "failed": failed, "seconds": round(time.perf_counter() - t_loop, 2),
             "phases_s": {k: round(v, 2) for k, v in timing.items()}, "failure_reasons": dict(reasons)}
 

@@ -11,8 +11,9 @@ import click
 from zsd import __version__
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_writable
 from zsd.evaluate import evaluate, results_table, student_embeddings
+from zsd.sources import key_text
 from zsd.store import DEFAULT_CHUNK_ROWS, open_store
 from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 
@@ -128,6 +129,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
     a brace pattern such as shards/{00000..00099}.tar) or a synthetic manifest .jsonl. Rerunning
     the same command continues where it stopped; more sources after the original ones are appended.
     """
+    if json_out:
+        check_writable(Path(json_out).parent, "--json", create=False)
     summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
                             batch_size=batch_size, workers=workers, device=device, precision=precision,
                             num_shards=num_shards,
@@ -159,7 +162,7 @@ def info_cmd(store, as_json):
     if norm:
         click.echo(f"  norms     view 0 mean {norm['mean']:.4f}, min {norm['min']:.4f}, max {norm['max']:.4f}")
     for f in info["failures"][:10]:
-        click.echo(f"  failed    {f['key']}: {f['reason']}")
+        click.echo(f"  failed    {key_text(f['key'])}: {f['reason']}")
 
 @cli.command("eval")
 @click.argument("test")
@@ -366,6 +369,8 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
     """
     from zsd.train import TrainConfig, train
 
+    if json_out:
+        check_writable(Path(json_out).parent, "--json", create=False)
     config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
                          student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
                          epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,

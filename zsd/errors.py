@@ -4,6 +4,27 @@ A ZsdError carries one sentence that tells the user what is wrong and what to pa
 the CLI prints it without a traceback. Anything else that escapes is a bug and keeps its traceback.
 """
 
+import os
+import tempfile
+from pathlib import Path
+
 
 class ZsdError(Exception):
     pass
+
+
+def check_writable(folder, what: str, create: bool = True) -> None:
+    """Prove that `folder` (created if `create`) takes a new file, before any work is done;
+    else a ZsdError naming the option `what`. A probe file, because permission bits do not
+    tell (root, read-only mounts)."""
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        elif not folder.is_dir():
+            raise ZsdError(f"{what}: the folder {folder} does not exist")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".zsd-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ZsdError(f"{what}: cannot write in {folder} ({e.strerror})") from None

@@ -4,6 +4,12 @@ A source is scanned once into rows (key, label, loc). `loc` = (source, part, off
 says where the encoded bytes live, so the trainer finds a row's image again from the store
 alone, without rescanning: for a folder or a manifest the key is the path relative to the
 source root; for webdataset shards `part` is the shard and (offset, size) the member's bytes.
+Keys hold any file name: see `encode_key`.
+
+Every entry of a folder named like an image is a row, whatever it is; one that is not a
+readable regular file (broken or looping symlink, FIFO, directory) fails when it is read, with
+that reason, so a store's written + failed rows account for all of them. Entries not named like
+an image are left out and counted in the scan's problems.
 
 Kinds (chosen from the argument):
 - a directory of class subfolders (ImageFolder; folder names are the class names),
@@ -15,10 +21,12 @@ Kinds (chosen from the argument):
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
 import re
+import stat
 import tarfile
 import warnings
 from dataclasses import dataclass, field
@@ -40,7 +48,10 @@ def load_rgb(data: bytes) -> Image.Image:
     """Decode bytes into an RGB image, or raise BadImage with a short reason.
 
     Conversions follow open_clip (`convert("RGB")`: palette, grey, CMYK and alpha images
-    are converted, alpha dropped); 16-bit images are scaled to 8 bits rather than clipped.
+    are converted, alpha dropped). Deeper greys are scaled to 8 bits, never clipped:
+    16-bit (I;16*) by >> 8; 32-bit integer (I) as 8-bit values when all are <= 255, else as
+    16-bit ones (>> 8), refused above 65535 or below 0; float (F) must lie in 0..1 and is
+    scaled by 255 (rounded), anything else (NaN included) is refused.
     """
     if not data:
         raise BadImage("empty file")
@@ -57,11 +68,7 @@ def load_rgb(data: bytes) -> Image.Image:
         raise BadImage(f"truncated or corrupt image ({e})") from None
     try:
         if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-            a = np.asarray(img)
-            if a.size == 0 or not np.isfinite(a).all() or a.min() < 0 or a.max() > 65535:
-                raise BadImage(f"cannot convert {img.mode} image with values outside 0..65535")
-            a = a.astype(np.uint32) >> 8 if a.max() > 255 else a.astype(np.uint32)
-            img = Image.fromarray(a.astype(np.uint8), "L")
+            img = Image.fromarray(_grey_to_8bit(img), "L")
         rgb = img.convert("RGB")
     except BadImage:
         raise
@@ -70,6 +77,68 @@ def load_rgb(data: bytes) -> Image.Image:
     if rgb.width < 2 or rgb.height < 2:
         raise BadImage(f"image too small ({rgb.width}x{rgb.height})")
     return rgb
+
+
+def _grey_to_8bit(img: Image.Image) -> np.ndarray:
+    """The scaling rule of `load_rgb` for I;16*, I and F images."""
+    a = np.asarray(img)
+    if a.size == 0:
+        raise BadImage(f"empty {img.mode} image")
+    if img.mode == "F":
+        if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+            raise BadImage(f"cannot convert float image with values outside 0..1 (min {a.min():g}, max {a.max():g})")
+        return np.rint(a * 255).astype(np.uint8)
+    if a.min() < 0 or a.max() > 65535:
+        raise BadImage(f"cannot convert {img.mode} image with values outside 0..65535")
+    a = a.astype(np.uint32)
+    return (a >> 8 if img.mode.startswith("I;16") or a.max() > 255 else a).astype(np.uint8)
+
+
+# A byte that is not UTF-8 in a file name reaches Python as a lone surrogate U+DC80..U+DCFF
+# (os.fsdecode's surrogateescape), which no UTF-8 writer (Zarr's included) can store.
+_UNDECODED = re.compile("[\udc80-\udcff]")
+_ESCAPED = re.compile("\x00([0-9a-f]{2})")
+
+
+def encode_key(name: str) -> str:
+    """The store key of a relative path `name` as Python decodes file names.
+
+    A UTF-8 name is its own key (every store written before keys were encoded reads the same).
+    Each byte that is not UTF-8 becomes NUL followed by its two lowercase hex digits: no file
+    name contains NUL, so the key can never be mistaken for another name, and `key_path`
+    gives the exact bytes back.
+    """
+    return _UNDECODED.sub(lambda m: f"\0{ord(m.group()) - 0xDC00:02x}", name)
+
+
+def key_path(key: str) -> str:
+    """The file name of a key again (surrogate-escaped, so `open` uses the original bytes)."""
+    return _ESCAPED.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), key)
+
+
+def key_text(key: str) -> str:
+    """A key for display: each escaped byte reads \\xNN, as `ls -b` shows it."""
+    return _ESCAPED.sub(lambda m: f"\\x{m.group(1)}", key)
+
+
+def read_file(path: str) -> bytes:
+    """The bytes of a regular file, or BadImage saying what `path` is instead; never blocks on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadImage("symlink loop") from None
+        if e.errno == errno.ENOENT and os.path.islink(path):
+            raise BadImage(f"broken symlink (to {os.readlink(path)})") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
+                stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "")
+        raise BadImage(f"not a regular file ({kind or oct(stat.S_IFMT(mode))})")
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
 
 
 @dataclass
@@ -116,8 +185,12 @@ def merge_classnames(merged: list[str], names: list[str]) -> list[int]:
     return [merged.index(name) for name in names]
 
 
-def scan_sources(specs: list[str]) -> Scan:
-    """Scan every SOURCE argument in order; labels are indices into the union of class names."""
+def scan_sources(specs: list[str], log=print) -> Scan:
+    """Scan every SOURCE argument in order; labels are indices into the union of class names.
+
+    Each problem (missing or truncated shards, entries left out) is logged as a warning, also
+    when it leaves no image at all.
+    """
     scan = Scan()
     for spec in specs:
         index = len(scan.descs)
@@ -127,6 +200,8 @@ def scan_sources(specs: list[str]) -> Scan:
         scan.keys += keys
         scan.labels += [remap[lab] if lab >= 0 else -1 for lab in labels]
         scan.locs += locs
+    for problem in scan.problems:
+        log(f"warning: {problem}")
     if not scan.keys:
         raise ZsdError(f"no images found in {', '.join(specs)}")
     return scan
@@ -146,32 +221,66 @@ def _scan_one(spec: str, index: int, problems: list[str]):
         shards = sorted(str(p) for p in path.glob("*.tar"))
         if shards:
             return _scan_shards(spec, shards, index, problems)
-        return _scan_folder(path, index)
+        return _scan_folder(path, index, problems)
     raise ZsdError(f"cannot tell what kind of source {spec} is: pass a folder, .tar shards, "
                    "a brace pattern or a manifest .jsonl")
 
 
-def _is_image(p: Path) -> bool:
-    return p.suffix.lower() in IMAGE_EXTS and p.is_file()
+def _named_like_image(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_EXTS
 
 
-def _scan_folder(root: Path, index: int):
+def _image_entries(top: Path, recurse: bool, problems: list[str]) -> tuple[list[str], list[str]]:
+    """Relative paths of the entries under `top` named like an image, whatever they are, in
+    the order `sorted(top.rglob("*"))` lists them; and the paths of the other entries.
+
+    With `recurse`, subdirectories are walked too (symlinked ones are not followed, as rglob).
+    """
+    found, other, todo = [], [], [()]
+    while todo:
+        parts = todo.pop()
+        try:
+            entries = list(os.scandir(top.joinpath(*parts)))
+        except OSError as e:
+            problems.append(f"cannot list {top.joinpath(*parts)} ({e.strerror}); its images are left out")
+            continue
+        for e in entries:
+            rel = (*parts, e.name)
+            walk = recurse and e.is_dir(follow_symlinks=False)
+            if walk:
+                todo.append(rel)
+            if _named_like_image(e.name):
+                found.append(rel)
+            elif not walk:
+                other.append("/".join(rel))
+    return ["/".join(p) for p in sorted(found)], other
+
+
+def _scan_folder(root: Path, index: int, problems: list[str]):
     root = root.resolve()
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    keys, labels = [], []
+    folders = sorted(d.name for d in root.iterdir()
+                     if d.is_dir() and not d.name.startswith(".") and not _named_like_image(d.name))
+    classes = [key_text(encode_key(name)) for name in folders]  # names to show and store, not paths
+    keys, labels, other = [], [], []
     if classes:  # ImageFolder layout: class subfolders give labels
-        for label, name in enumerate(classes):
-            for p in sorted((root / name).rglob("*")):
-                if _is_image(p):
-                    keys.append(p.relative_to(root).as_posix())
-                    labels.append(label)
+        for label, name in enumerate(folders):
+            found, left = _image_entries(root / name, True, problems)
+            keys += [f"{name}/{k}" for k in found]
+            labels += [label] * len(found)
+            other += [f"{name}/{k}" for k in left]
+        outside = [p.name for p in root.iterdir() if p.name not in folders and not p.name.startswith(".")]
+        if outside:
+            problems.append(f"{root}: left out {len(outside)} entries outside the class folders "
+                            f"(e.g. {key_text(encode_key(sorted(outside)[0]))})")
         kind = "folder"
     else:  # flat, unlabelled
-        for p in sorted(root.iterdir()):
-            if _is_image(p):
-                keys.append(p.name)
-                labels.append(-1)
+        keys, other = _image_entries(root, False, problems)
+        labels = [-1] * len(keys)
         kind = "flat"
+    if other:
+        problems.append(f"{root}: left out {len(other)} entries not named like an image "
+                        f"({', '.join(IMAGE_EXTS)}), e.g. {key_text(encode_key(sorted(other)[0]))}")
+    keys = [encode_key(k) for k in keys]
     desc = {"kind": kind, "root": str(root)}
     return desc, keys, labels, [(index, 0, -1, -1)] * len(keys), classes
 
@@ -185,7 +294,8 @@ def _scan_manifest(path: Path, index: int):
                 continue
             try:
                 rec = json.loads(line)
-                keys.append(str(rec["image"]))
+                keys.append(encode_key(str(rec["image"])))
+                keys[-1].encode()  # a lone surrogate outside the file-name range names no file
                 label = int(rec.get("label", -1))
             except (ValueError, KeyError, TypeError) as e:
                 raise ZsdError(f"{path}:{n}: not a manifest line ({e})") from None
@@ -234,7 +344,7 @@ def _index_shard(shard: str):
                     break
                 s = samples.get(prefix)
                 if s is None:
-                    s = samples[prefix] = {"key": stem}
+                    s = samples[prefix] = {"key": encode_key(stem)}
                     order.append(prefix)
                 ext = "." + ext.lower()
                 if ext in IMAGE_EXTS and "img" not in s:
@@ -243,7 +353,7 @@ def _index_shard(shard: str):
                     try:
                         uid = json.load(tar.extractfile(m)).get("uid")
                         if uid:
-                            s["key"] = str(uid)
+                            s["key"] = encode_key(str(uid))
                     except (ValueError, AttributeError):
                         pass
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -269,8 +379,7 @@ class RowReader:
                 f = self._files[path] = open(path, "rb")
             f.seek(offset)
             return f.read(size)
-        with open(os.path.join(desc["root"], key), "rb") as f:
-            return f.read()
+        return read_file(os.path.join(desc["root"], key_path(key)))
 
     def image(self, key: str, loc) -> Image.Image:
         """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""

@@ -5,7 +5,9 @@
                   teacher_id, dim, views, view_seed, crop_scale, chunk_rows, classnames,
                   sources (descriptions that find each row's image again), created
       emb     (N, V, D) float16  L2-normalised embeddings of V views per image (0 where not written)
-      key     (N,)      str      source key: path relative to the source root, or DataComp uid
+      key     (N,)      str      source key: path relative to the source root, or DataComp uid;
+                                 a byte of a file name that is not UTF-8 is stored as NUL + two
+                                 hex digits (zsd.sources.encode_key), UTF-8 names as they are
       label   (N,)      int32    class index into classnames, -1 when unlabelled
       loc     (N, 4)    int64    (source, part, offset, size): where the row's bytes live
       view    (N, V, 5) int32    (top, left, height, width, flip) per view; view 0 is the
@@ -151,10 +153,15 @@ class Store:
         sl = self.chunk_slice(c)
         n = sl.stop - sl.start
         assert emb.shape == (n, self.views, self.dim) and len(error) == n == len(status)
-        self.group["emb"][sl] = emb.astype(np.float16, copy=False)
-        self.group["view"][sl] = view
-        self.group["error"][sl] = np.asarray(error, dtype=str)
-        self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
+        try:
+            self.group["emb"][sl] = emb.astype(np.float16, copy=False)
+            self.group["view"][sl] = view
+            self.group["error"][sl] = np.asarray(error, dtype=str)
+            self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
+        except OSError as e:  # Zarr removes its temporary file; without the status chunk the rows stay pending
+            raise ZsdError(f"cannot write rows {sl.start}..{sl.stop - 1} of {self.path} ({e.strerror}): they stay "
+                           "pending and the rows written before are kept; make room and rerun the same command "
+                           "to continue") from None
 
     def append_rows(self, keys, labels, locs, descs: list[dict], classnames: list[str]):
         """Add rows (and their sources) after the existing ones.
@@ -164,16 +171,21 @@ class Store:
         """
         old = self.rows
         new = old + len(keys)
-        for name in ("emb", "key", "label", "loc", "view", "error", "status"):
-            arr = self.group[name]
-            arr.resize((new, *arr.shape[1:]))
-        self.group["key"][old:] = np.asarray(keys, dtype=str)
-        self.group["label"][old:] = np.asarray(labels, dtype=np.int32)
-        self.group["loc"][old:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
-        if old % self.chunk_rows:
-            self.group["status"][old - old % self.chunk_rows:old] = PENDING
-        self.attrs.update(sources=descs, classnames=classnames)
-        self.group.attrs["zsd"] = self.attrs
+        try:  # the key array (the row count) and the sources last: until then the store reads as before
+            for name in ("emb", "label", "loc", "view", "error", "status", "key"):
+                arr = self.group[name]
+                arr.resize((new, *arr.shape[1:]))
+            self.group["label"][old:] = np.asarray(labels, dtype=np.int32)
+            self.group["loc"][old:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            self.group["key"][old:] = np.asarray(keys, dtype=str)
+            if old % self.chunk_rows:
+                self.group["status"][old - old % self.chunk_rows:old] = PENDING
+            attrs = {**self.attrs, "sources": descs, "classnames": classnames}
+            self.group.attrs["zsd"] = attrs
+        except OSError as e:
+            raise ZsdError(f"cannot add the new sources' rows to {self.path} ({e.strerror}); "
+                           "make room and rerun the same command") from None
+        self.attrs = attrs
 
     def info(self) -> dict:
         st = self.status()
@@ -273,6 +285,8 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
         except OSError:  # lost a creation race: the other process's store stands
             if not path.exists():
                 raise
+    except OSError as e:
+        raise ZsdError(f"cannot create {path} ({e.strerror}); nothing was written") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -125,13 +125,13 @@ def student_location(spec: str | os.PathLike) -> tuple[Path, str]:
 
 def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefix: str = "") -> None:
     """Write weights and config atomically (temp + rename), so a kill never leaves half a student."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
     w, c = run_dir / (prefix + WEIGHTS), run_dir / (prefix + CONFIG)
-    save_file(state, str(w) + ".tmp")
+    Path(str(w) + ".tmp").write_bytes(save(state))  # Python's write: a full disk raises OSError
     Path(str(c) + ".tmp").write_text(json.dumps(config, indent=2) + "\n")
     os.replace(str(w) + ".tmp", w)
     os.replace(str(c) + ".tmp", c)

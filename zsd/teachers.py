@@ -54,7 +54,17 @@ def teacher_id(fingerprint: dict) -> str:
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZsdError(f"--device {device}: not a device; pass cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ZsdError(f"--device {device}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ZsdError(f"--device {device}: zsd runs on cpu, cuda or mps")
+    return dev
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

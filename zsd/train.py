@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_writable
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
-                         student_preprocess)
+from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, load_pretrained_backbone, load_student,
+                         save_student, student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
@@ -180,6 +180,15 @@ def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict,
     """Student files (and the EMA's), then train_state.pt; each atomic. The state carries its own copy
     of the weights, so a kill between the writes still resumes consistently."""
     meta = {**meta, "step": step}
+    try:
+        _write_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
+    except BaseException:  # a full disk or an interrupt: no half-written temporary file stays behind
+        for name in (WEIGHTS, CONFIG, EMA_PREFIX + WEIGHTS, EMA_PREFIX + CONFIG, STATE):
+            (run_dir / (name + ".tmp")).unlink(missing_ok=True)
+        raise
+
+
+def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int) -> None:
     save_student(run_dir, model, meta)
     if ema is not None:
         save_student(run_dir, ema.module, meta, prefix=EMA_PREFIX)
@@ -193,7 +202,13 @@ def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict,
         "student": meta,
     }
     tmp = run_dir / (STATE + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(state, f)
+        except RuntimeError as e:  # torch's zip writer wraps the file's OSError (a full disk): raise that
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
     os.replace(tmp, run_dir / STATE)
 
 
@@ -256,6 +271,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         raise ZsdError(f"--batch-size {batch_size} must be divisible by accumulation steps x processes "
                        f"({accum} x {world})")
 
+    if main_proc:
+        check_writable(run_dir, "--out")
     data = TrainTargets(config.targets, in_ram=config.in_ram, shuffle_chunks=config.shuffle_chunks, log=say)
     steps_per_epoch = data.rows_per_epoch // batch_size
     if steps_per_epoch == 0:
@@ -373,7 +390,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         run_dir.mkdir(parents=True, exist_ok=True)
         if state is not None:
             _truncate_log(run_dir / LOG, start)
-    log_file = open(run_dir / LOG, "a") if main_proc else None
+    # A fresh run starts a fresh log: one interrupted before its first checkpoint may have left one.
+    log_file = open(run_dir / LOG, "a" if state is not None else "w") if main_proc else None
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train {student} -> {run_dir.name}",
                disable=not (progress and main_proc), dynamic_ncols=True)
     skipped_images, skipped_total, seen, step, last_loss = 0, 0, 0, start, None
@@ -462,6 +480,11 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                     last_good = step
         if main_proc:
             save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
+    except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
+        where = f"the last checkpoint (step {last_good}) is kept" if last_good is not None \
+            else "no checkpoint was written yet"
+        raise ZsdError(f"cannot write {e.filename or run_dir} at step {step} ({e.strerror}); {where} in "
+                       f"{run_dir}: make room and rerun with --resume") from None
     finally:
         bar.close()
         if log_file:
