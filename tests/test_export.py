@@ -150,7 +150,7 @@ def test_export_prototypes_metadata_parity_and_predict_equals_eval(store, run, i
 
 def test_export_text_classifier_dynamic_batch(store, run, tmp_path, tiny_teacher_name, capsys):
     names = tmp_path / "names.json"
-    names.write_text(json.dumps(["cat", "dog", "fish tank"]))
+    names.write_text(json.dumps(["cat, kitty", "dog", "fish tank"]))  # of synonyms the first, as in eval
     model = tmp_path / "text.onnx"
     code, _, err = cli(["export", run, "--out", model, "--classes", names, "--templates", "default",
                         "--dynamic-batch", "--check-n", "5"], capsys)
@@ -162,6 +162,7 @@ def test_export_text_classifier_dynamic_batch(store, run, tmp_path, tiny_teacher
     scale = float(teacher.model.logit_scale.detach().exp())
     meta = json.loads(model.with_suffix(".json").read_text())
     assert meta["logit_scale"] == pytest.approx(scale) and meta["classifier"]["templates"] == "default"
+    assert meta["classnames"] == ["cat", "dog", "fish tank"]
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)) for i in range(7)]
     x = np.stack([preprocess(im, meta["preprocess"]) for im in images])

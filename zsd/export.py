@@ -97,7 +97,8 @@ def class_head(config: dict, *, classes: str | None = None, classes_from: str | 
 
 
 def read_classnames(path: str) -> list[str]:
-    """A JSON list of class names, or an object with "classnames": [...]."""
+    """A JSON list of class names, or an object with "classnames": [...]; of a comma-separated synonym
+    list ("Siamese cat, Siamese") the first is kept, as `zsd eval --classnames` does."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
@@ -108,9 +109,10 @@ def read_classnames(path: str) -> list[str]:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
         raise ZsdError(f"--classes {path} holds no class names (a JSON list of strings, or an object with "
                        "\"classnames\": [...])")
+    names = [n.split(",")[0].strip() for n in names]
     if len(set(names)) < len(names):
         raise ZsdError(f"--classes {path} names a class twice")
-    return [n.strip() for n in names]
+    return names
 
 
 def describe_preprocess(pre: Preprocess) -> str:
