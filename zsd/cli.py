@@ -346,7 +346,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
               "`zsd eval` [default: default].")
 @click.option("--pretrained", default=None, help="With --classes: the teacher's checkpoint file, when the teacher "
               "was loaded from one.")
-@click.option("--opset", default=17, show_default=True, help="ONNX opset.")
+@click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: 17].")
 @click.option("--dynamic-batch", is_flag=True, help="Any batch size [default: batch 1, e.g. for mobile runtimes].")
 @click.option("--fp16", is_flag=True, help="fp16 weights and fp16 input; embeddings, class head and logits stay fp32.")
 @click.option("--check/--no-check", default=True, show_default=True,
@@ -370,7 +370,7 @@ def export_cmd(run, out, classes, classes_from, templates, pretrained, opset, dy
                   opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, check=check, check_images_from=check_images,
                   check_n=check_n, tolerance=tolerance, log=lambda m: click.echo(m, err=True))
     what = f"{len(meta['classnames'])} classes" if meta["classnames"] else "encoder only"
-    click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {opset}; "
+    click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
                f"metadata also in {Path(out).with_suffix('.json')}")
 
 

@@ -178,7 +178,7 @@ def parity(graph: ExportGraph, session, pre: Preprocess, images: list, batch: in
 
 
 def export(run: str, out: str | os.PathLike, *, classes: str | None = None, classes_from: str | None = None,
-           templates: str | None = None, pretrained: str | None = None, opset: int = DEFAULT_OPSET,
+           templates: str | None = None, pretrained: str | None = None, opset: int | None = None,
            dynamic_batch: bool = False, fp16: bool = False, check: bool = True, check_images_from: str | None = None,
            check_n: int = 64, tolerance: float | None = None, log=print) -> dict:
     """Write OUT (.onnx) and OUT's .json beside it; returns the metadata (with the parity report)."""
@@ -187,7 +187,7 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
         import onnxruntime as ort
     except ImportError:
         raise ZsdError("zsd export needs onnx and onnxruntime: pip install 'zsd[export]'") from None
-    out = Path(out)
+    out, opset = Path(out), opset or DEFAULT_OPSET
     if out.suffix != ".onnx":
         raise ZsdError(f"--out {out}: name the model file *.onnx")
     student, config = load_student(run, "cpu")
