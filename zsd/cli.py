@@ -8,14 +8,11 @@ from pathlib import Path
 
 import click
 
-from zsd import __version__
-from zsd.cache import cache_teacher
-from zsd.coverage import coverage, coverage_text, plot_coverage
+from zsd import DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
 from zsd.errors import ZsdError, check_writable
-from zsd.evaluate import evaluate, results_table, student_embeddings
-from zsd.sources import key_text
-from zsd.store import DEFAULT_CHUNK_ROWS, open_store
-from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
+from zsd.store import DEFAULT_CHUNK_ROWS
+
+# Commands import their stages when they run, so that `zsd predict` (and --help) never import torch.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -129,6 +126,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
     a brace pattern such as shards/{00000..00099}.tar) or a synthetic manifest .jsonl. Rerunning
     the same command continues where it stopped; more sources after the original ones are appended.
     """
+    from zsd.cache import cache_teacher
+
     if json_out:
         check_writable(Path(json_out).parent, "--json", create=False)
     summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
@@ -145,6 +144,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
 def info_cmd(store, as_json):
     """Describe a store: rows written/failed/pending, teacher, classes, size, embedding norms."""
+    from zsd.store import open_store
+
     info = open_store(store).info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -161,8 +162,11 @@ def info_cmd(store, as_json):
                + f"; {info['labelled']} labelled rows")
     if norm:
         click.echo(f"  norms     view 0 mean {norm['mean']:.4f}, min {norm['min']:.4f}, max {norm['max']:.4f}")
+    from zsd.sources import key_text
+
     for f in info["failures"][:10]:
         click.echo(f"  failed    {key_text(f['key'])}: {f['reason']}")
+
 
 @cli.command("eval")
 @click.argument("test")
@@ -200,6 +204,9 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
     sees its own deterministic eval transform (resize + centre crop). Student embeddings are kept
     in RUN_DIR/embeddings/TEST.zarr, where `zsd coverage` reuses them.
     """
+    from zsd.evaluate import evaluate, results_table, student_embeddings
+    from zsd.store import open_store
+
     results = evaluate(test, list(students), teacher=teacher, pretrained=pretrained, templates=templates,
                        classnames=classnames, classes_from=classes_from, device=device, batch_size=batch_size,
                        workers=workers, confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
@@ -295,6 +302,8 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
     train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
     teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
     """
+    from zsd.coverage import coverage, coverage_text, plot_coverage
+
     report = coverage(list(train) + list(more_train), test, student, k=k, block_rows=block_rows,
                       pretrained=pretrained, templates=templates, classnames=classnames, classes_from=classes_from,
                       dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
@@ -382,6 +391,61 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+@cli.command("export")
+@click.argument("run")
+@click.option("--out", required=True, type=click.Path(dir_okay=False),
+              help="The model file (*.onnx); its metadata is repeated in the .json beside it.")
+@click.option("--classes", default=None, type=click.Path(dir_okay=False),
+              help="JSON list of class names: the teacher's zero-shot classifier (text tower + --templates) is "
+                   "frozen into the model.")
+@click.option("--classes-from", default=None, metavar="STORE",
+              help="Freeze class prototypes of this labelled store of the student's teacher into the model "
+                   "(as `zsd eval --classes-from`); no teacher is loaded.")
+@click.option("--templates", default=None, help="With --classes: a domain (pets, flowers, ...) or a file, as in "
+              "`zsd eval` [default: default].")
+@click.option("--pretrained", default=None, help="With --classes: the teacher's checkpoint file, when the teacher "
+              "was loaded from one.")
+@click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: 17].")
+@click.option("--dynamic-batch", is_flag=True, help="Any batch size [default: batch 1, e.g. for mobile runtimes].")
+@click.option("--fp16", is_flag=True, help="fp16 weights and fp16 input; embeddings, class head and logits stay fp32.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Parity check: torch vs onnxruntime, each with its own preprocessing, on the same images.")
+@click.option("--check-images", default=None, metavar="SOURCE",
+              help="Images of the parity check: a store or an image source [default: the --classes-from store, "
+                   "else generated images].")
+@click.option("--check-n", type=click.IntRange(1), default=64, show_default=True, help="Images in the parity check.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs embedding difference the check accepts [default: 1e-4, 1e-2 with --fp16].")
+def export_cmd(run, out, classes, classes_from, templates, pretrained, opset, dynamic_batch, fp16, check,
+               check_images, check_n, tolerance):
+    """Export the student of RUN (RUN_DIR:ema for its EMA) to a self-contained ONNX model.
+
+    The model maps normalised pixels to unit embeddings and, with --classes or --classes-from, to
+    class logits; its metadata records the exact preprocessing, class names, teacher and versions.
+    """
+    from zsd.export import export
+
+    meta = export(run, out, classes=classes, classes_from=classes_from, templates=templates, pretrained=pretrained,
+                  opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, check=check, check_images_from=check_images,
+                  check_n=check_n, tolerance=tolerance, log=lambda m: click.echo(m, err=True))
+    what = f"{len(meta['classnames'])} classes" if meta["classnames"] else "encoder only"
+    click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
+               f"metadata also in {Path(out).with_suffix('.json')}")
+
+
+@cli.command("predict")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("images", nargs=-1, required=True)
+@click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: per image its top classes and its embedding.")
+def predict_cmd(model, images, top_k, as_json):
+    """Classify IMAGES (files or folders) with an exported MODEL: onnxruntime only, no torch."""
+    from zsd.predict import predict, predictions_text
+
+    results = predict(model, list(images), top_k=top_k)
+    click.echo(json.dumps(results) if as_json else predictions_text(results))
 
 
 @cli.command("quickstart")
