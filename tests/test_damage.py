@@ -201,3 +201,26 @@ def test_verify_recomputes_sampled_rows_and_finds_a_wrong_embedding(image_folder
     assert report["recompute"]["above_tolerance"] == 1
     assert report["recompute"]["worst"][0]["row"] == 7 and report["recompute"]["worst"][0]["view"] == 1
     assert report["damaged_chunks"] == [] and report["nonfinite"] == [] and report["off_norm"] == []
+
+
+def test_eval_and_coverage_leave_nonfinite_rows_out_like_a_store_without_them(tmp_path):
+    from zsd.coverage import coverage
+    from zsd.evaluate import evaluate
+
+    rng = np.random.default_rng(2)
+    emb = unit(rng.normal(size=(30, 16)) + np.repeat(np.eye(3, 16) * 2, 10, axis=0)).astype(np.float32)
+    labels = np.repeat(np.arange(3), 10)
+    emb[4, 0], emb[21, 7] = np.nan, -np.inf
+    keep = np.setdiff1d(np.arange(30), [4, 21])
+    bad = random_store(tmp_path / "bad.zarr", emb, labels=labels, classnames=["a", "b", "c"])
+    clean = random_store(tmp_path / "clean.zarr", emb[keep], labels=labels[keep], classnames=["a", "b", "c"])
+    logs = []
+    got = evaluate(str(bad.path), classes_from=str(bad.path), progress=False, log=logs.append)[0]
+    want = evaluate(str(clean.path), classes_from=str(clean.path), progress=False, log=lambda m: None)[0]
+    assert got["n_images"] == want["n_images"] == 28 and got["metrics"] == want["metrics"]
+    assert logs == [f"warning: {bad.path}: 2 written rows have non-finite embeddings and are left out "
+                    f"(`zsd verify {bad.path}` lists them)"]
+    got = coverage([str(bad.path)], str(bad.path), k=3, progress=False, log=lambda m: None)
+    want = coverage([str(clean.path)], str(clean.path), k=3, progress=False, log=lambda m: None)
+    assert [r["eps_t"] for r in got["images"]] == [r["eps_t"] for r in want["images"]]
+    assert [r["nearest"] for r in got["images"]] == [f"img{keep[int(r['nearest'][3:])]:05d}" for r in want["images"]]
