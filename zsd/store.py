@@ -149,14 +149,19 @@ class Store:
     def damage(self, chunks=None, arrays=ARRAYS) -> list[tuple[str, int, str]]:
         """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls, no reads."""
         chunks = range(self.n_chunks) if chunks is None else chunks
+        try:
+            status = self._read("status")  # at once: a read per chunk costs minutes at DataComp scale
+        except ZsdError:
+            status = None
         found = []
         for c in chunks:
             status_problem = self.chunk_problem("status", c)
             if status_problem and "status" in arrays:
                 found.append(("status", c, status_problem))
-            status = None if status_problem else self._read("status", self.chunk_slice(c))
+            sl = self.chunk_slice(c)
+            st = None if status_problem else status[sl] if status is not None else self._read("status", sl)
             found += [(name, c, p) for name in arrays if name != "status"
-                      for p in [self.chunk_problem(name, c, status)] if p]
+                      for p in [self.chunk_problem(name, c, st)] if p]
         return found
 
     def damaged_error(self, name: str, c: int, problem: str) -> ZsdError:
