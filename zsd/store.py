@@ -158,7 +158,7 @@ class Store:
             status_problem = self.chunk_problem("status", c)
             if status_problem and "status" in arrays:
                 found.append(("status", c, status_problem))
-            sl = self.chunk_slice(c)
+            sl = slice(c * self.chunk_rows, (c + 1) * self.chunk_rows)  # not chunk_slice: `rows` reads metadata
             st = None if status_problem else status[sl] if status is not None else self._read("status", sl)
             found += [(name, c, p) for name in arrays if name != "status"
                       for p in [self.chunk_problem(name, c, st)] if p]
@@ -173,9 +173,9 @@ class Store:
         """array[rows, *index] after checking the chunk files of those rows; damage is one ZsdError."""
         start, stop, _ = rows.indices(self.rows)
         status = self._read("status", slice(start, stop)) if name in ("emb", "view", "error") else None
-        for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
-            sl = self.chunk_slice(c)
-            mine = None if status is None else status[max(sl.start, start) - start:min(sl.stop, stop) - start]
+        cr = self.chunk_rows
+        for c in range(start // cr, -(-stop // cr)):
+            mine = None if status is None else status[max(c * cr, start) - start:min((c + 1) * cr, stop) - start]
             problem = self.chunk_problem(name, c, mine)
             if problem:
                 raise self.damaged_error(name, c, problem)
@@ -217,7 +217,8 @@ class Store:
 
     def pending_chunks(self) -> list[int]:
         st = self.status()
-        return [c for c in range(self.n_chunks) if (st[self.chunk_slice(c)] == PENDING).any()]
+        return np.flatnonzero(np.bincount(np.flatnonzero(st == PENDING) // self.chunk_rows,
+                                          minlength=self.n_chunks)).tolist()
 
     # --- embeddings
     def embeddings(self, view: int | None = None, rows: slice = slice(None)) -> np.ndarray:
