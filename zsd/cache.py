@@ -19,7 +19,7 @@ from tqdm import tqdm
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_writable
 from zsd.sources import BadImage, RowReader, scan_sources
-from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
+from zsd.store import CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -66,7 +66,7 @@ def _shard_from_env(num_shards, shard_index):
     return num_shards, shard_index
 
 
-def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows):
+def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
     path = resolve_store(out)
     fresh = dict(keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
                  teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
@@ -89,6 +89,10 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         raise ZsdError(f"{path} was made from other sources ({', '.join(_describe(d) for d in old)}): "
                        "pass the same sources, more sources after them to append, or another --out")
     n_old = int(sum(1 for loc in scan.locs if loc[0] < len(old)))
+    for c in sorted({c for _, c, _ in store.damage(arrays=("key", "label", "loc"))}):  # written from the scan
+        sl = store.chunk_slice(c)
+        log(f"warning: {path}: rewriting the keys, labels and locations of rows {sl.start}..{sl.stop - 1} from the sources")
+        store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
     if list(store.keys()) != scan.keys[:n_old]:
         raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
@@ -130,8 +134,17 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     if batch_size < 1:
         raise ZsdError("--batch-size must be at least 1")
     scan = scan_sources(sources, log=log)
-    store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows)
+    store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows, log)
 
+    mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
+    damage = store.damage(mine, CHUNK_WRITES)  # before trusting a commit: a cut-short copy must not read as zeros
+    damaged = sorted({c for _, c, _ in damage})
+    repaired = int(np.isin(np.arange(store.rows) // store.chunk_rows, damaged).sum())
+    if damaged:
+        name, c, why = damage[0]
+        log(f"warning: {store.path}: recomputing {repaired} rows of {len(damaged)} damaged chunk(s); first: "
+            f"{name} rows {store.chunk_slice(c).start}..{store.chunk_slice(c).stop - 1}: {why}")
+        store.uncommit(damaged)
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
@@ -147,7 +160,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         "store": str(store.path), "rows": store.rows, "processed": run["done"], "failed_now": run["failed"],
         "written": int((status == WRITTEN).sum()), "failed": int((status == FAILED).sum()),
         "pending": int((status == PENDING).sum()), "complete": bool((status != PENDING).all()),
-        "seconds": round(elapsed, 2),
+        "repaired": repaired, "seconds": round(elapsed, 2),
         "images_per_s": round(run["done"] / max(run["seconds"], 1e-9), 2), "loop_seconds": run["seconds"],
         "phases_s": run["phases_s"], "failure_reasons": run["failure_reasons"],
         "shard": [shard_index, num_shards], "problems": scan.problems,
@@ -211,18 +224,21 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             buf = buffer(c)
             timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
             ok = [it for it in items if it[1] is not None]
+            bad = [(it[0], it[3]) for it in items if it[1] is None]
             if ok:
                 t0 = time.perf_counter()
                 x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
                 z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
                 timing[encoder_name] += time.perf_counter() - t0
                 for it, e in zip(ok, z):
-                    buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
-            for it in items:
-                if it[1] is None:
-                    buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
-                    reasons[it[3].split(" (")[0]] += 1
-                    failed += 1
+                    if np.isfinite(e).all():
+                        buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
+                    else:  # a NaN target stops training at its first batch: the row fails here instead
+                        bad.append((it[0], f"the {encoder_name}'s embedding is not finite (NaN or inf)"))
+            for row, reason in bad:
+                buf["error"][row - buf["start"]], buf["status"][row - buf["start"]] = reason, FAILED
+                reasons[reason.split(" (")[0]] += 1
+                failed += 1
             buf["left"] -= len(items)
             if buf["left"] == 0:
                 flush(c)
@@ -240,7 +256,8 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
 def _summary_text(s: dict) -> str:
     lines = [f"{s['store']}: {s['processed']} images this run ({s['failed_now']} failed) in {s['seconds']} s, "
              f"{s['images_per_s']} img/s; store has {s['written']} written, {s['failed']} failed, "
-             f"{s['pending']} pending of {s['rows']} rows" + (" (complete)" if s["complete"] else "")]
+             f"{s['pending']} pending of {s['rows']} rows" + (" (complete)" if s["complete"] else "")
+             + (f"; {s['repaired']} rows of damaged chunks repaired" if s["repaired"] else "")]
     if s["phases_s"]:
         lines.append("  time: " + ", ".join(f"{k} {v} s" for k, v in s["phases_s"].items()))
     if s["failure_reasons"]:

@@ -162,10 +162,37 @@ def info_cmd(store, as_json):
                + f"; {info['labelled']} labelled rows")
     if norm:
         click.echo(f"  norms     view 0 mean {norm['mean']:.4f}, min {norm['min']:.4f}, max {norm['max']:.4f}")
+    if info["nonfinite"]:
+        click.echo(f"  WARNING   {len(info['nonfinite'])} written rows have non-finite embeddings (first: "
+                   f"{info['nonfinite'][0]}); `zsd train` drops them")
     from zsd.sources import key_text
 
     for f in info["failures"][:10]:
         click.echo(f"  failed    {key_text(f['key'])}: {f['reason']}")
+
+
+@cli.command("verify")
+@click.argument("store")
+@click.option("--recompute", type=click.IntRange(0), default=0, show_default=True,
+              help="Re-run the store's teacher on N random written rows (every view, rebuilt from the recorded "
+                   "source and crop box) and compare with the stored embeddings.")
+@click.option("--tolerance", type=click.FloatRange(0, 2), default=None,
+              help="Largest cosine error (1 - cosine) of a recomputed view [default: 1e-3 for an fp32 teacher, "
+                   "1e-2 for bf16].")
+@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the store's teacher was "
+              "loaded from one (its hash is checked).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--seed", default=0, show_default=True, help="Seeds the choice of recomputed rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(store, recompute, tolerance, pretrained, device, seed, as_json):
+    """Check a store: structure, chunk files, status/embedding consistency, finite unit-norm embeddings,
+    and with --recompute N the stored embeddings against the teacher. Exit 1 if a check fails."""
+    from zsd.verify import raise_problems, verify, verify_text
+
+    report = verify(store, recompute, tolerance=tolerance, pretrained=pretrained, device=device, seed=seed,
+                    log=lambda m: click.echo(m, err=True))
+    click.echo(json.dumps(report, indent=2) if as_json else verify_text(report))
+    raise_problems(report)
 
 
 @cli.command("eval")

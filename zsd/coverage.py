@@ -48,7 +48,7 @@ def _blocks(stores: list[Store], block_rows: int, partners: list[Store] | None =
             written &= partner.written()
             partner_blocks = partner.iter_blocks(0, block_rows)
         for start, block in store.iter_blocks(0, block_rows):
-            valid = written[start:start + len(block)]
+            valid = written[start:start + len(block)] & np.isfinite(block).all(axis=1)
             if partner is None:
                 yield offset + start, block.astype(np.float32), valid
             else:
@@ -156,13 +156,15 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     train_keys = np.concatenate([s.keys() for s in train_stores])
     train_labels = _train_label_names(train_stores)
 
-    test_rows = np.flatnonzero(test_store.written())
+    test_emb = test_store.embeddings(view=0)
+    test_rows = np.flatnonzero(test_store.written() & np.isfinite(test_emb).all(axis=1))
     test_keys = test_store.keys()[test_rows]
     test_labels = test_store.labels()[test_rows]
-    T = test_store.embeddings(view=0)[test_rows].astype(np.float32)
+    T = test_emb[test_rows].astype(np.float32)
     notes = []
     if len(test_rows) < test_store.rows:
-        notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass and are left out")
+        notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass (or have non-finite "
+                     "embeddings) and are left out")
 
     dist_t, nn_t, _ = nearest_train(T, train_stores, k, block_rows, progress=progress, desc="teacher-space search")
     report = {

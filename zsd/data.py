@@ -104,6 +104,12 @@ class TrainTargets:
                 log(f"warning: {s.path}: skipping {s.rows - len(rows)} of {s.rows} rows not written "
                     f"({int((status == PENDING).sum())} pending, {int((status == FAILED).sum())} failed)")
                 self.skipped_rows += s.rows - len(rows)
+            nonfinite = s.embedding_health()["nonfinite"]
+            if len(nonfinite):  # a NaN target would stop the run at its first batch without naming the row
+                log(f"warning: {s.path}: dropping {len(nonfinite)} written rows whose embeddings are not finite "
+                    f"(NaN or inf; first: {s.keys()[nonfinite[0]]}); `zsd verify {s.path}` lists them")
+                rows = np.setdiff1d(rows, nonfinite)
+                self.skipped_rows += len(nonfinite)
             if not len(rows):
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
             remap = np.array(store_remap + [-1], dtype=np.int64)
@@ -189,7 +195,7 @@ class TrainTargets:
             self._chunks.move_to_end(key)
             return self._chunks[key]
         store = self.sources[i].store
-        self._chunks[key] = store.group["emb"][store.chunk_slice(c)]
+        self._chunks[key] = store.embeddings(rows=store.chunk_slice(c))
         while len(self._chunks) > 2 * self.shuffle_chunks + 2:  # a window plus its neighbour
             self._chunks.popitem(last=False)
         return self._chunks[key]

@@ -27,7 +27,7 @@ from zsd.cache import ViewDataset, cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
 from zsd.sources import class_key
-from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
@@ -130,7 +130,7 @@ def _class_means(store: Store, labels: np.ndarray, n_classes: int) -> np.ndarray
     sums = np.zeros((n_classes, store.dim))
     for start, block in store.iter_blocks(0):
         rows = labels[start:start + len(block)]
-        ok = rows >= 0
+        ok = (rows >= 0) & np.isfinite(block).all(axis=1)  # a non-finite row would make its class NaN
         emb = block[ok].astype(np.float64)
         np.add.at(sums, rows[ok], emb / np.linalg.norm(emb, axis=1, keepdims=True))
     return (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
@@ -216,8 +216,13 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     out = folder / "embeddings" / (prefix + store.path.name)
     keys = store.keys()
     if out.exists():
-        old = open_store(out, mode="r+")
-        if old.teacher_id == sid and old.attrs.get("embeds") == source and np.array_equal(old.keys(), keys):
+        try:
+            old = open_store(out, mode="r+")
+            same = old.teacher_id == sid and old.attrs.get("embeds") == source and np.array_equal(old.keys(), keys)
+        except ZsdError:  # damaged beyond its chunks of embeddings: rebuilt like a stale one
+            same = False
+        if same:
+            old.uncommit(sorted({c for _, c, _ in old.damage(arrays=CHUNK_WRITES)}))  # recomputed below
             if old.complete():
                 return old
         else:  # an earlier checkpoint's or another store's embeddings: they describe nothing now
@@ -303,6 +308,11 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     dataset = dataset_name(store)
     z = classifier.weights.astype(np.float64)
     teacher_scores = store.embeddings(view=0).astype(np.float64) @ z.T
+    nonfinite = rows & ~np.isfinite(teacher_scores).all(axis=1)
+    if nonfinite.any():  # NaN scores would argmax to class 0 and count silently
+        log(f"warning: {store.path}: {int(nonfinite.sum())} written rows have non-finite embeddings and are left "
+            f"out (`zsd verify {store.path}` lists them)")
+        rows &= ~nonfinite
     teacher_pred = teacher_scores.argmax(axis=1)
 
     info = classifier.info

@@ -21,6 +21,12 @@ Zarr's local store writes each chunk file atomically (temp file + rename), so a 
 as done exactly when its status chunk exists, a SIGKILL loses at most the chunks in flight,
 and processes that own disjoint chunks never touch each other's files. Chunks are not
 compressed: embeddings compress ~1.1x for a 30-50 % speed cost.
+
+Damage (a copy or sync cut short, a deleted file) is found, not read as zeros: zarr reads a
+missing chunk file as its fill value, so every read first checks the files of the chunks it
+touches (`chunk_problem`): a fixed-size chunk must have exactly its uncompressed size, and a
+chunk that status says holds written rows must exist. A damaged chunk ends the command with one
+error naming the store, the array and the rows; `zsd cache-teacher` recomputes such chunks.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ from zsd.errors import ZsdError
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
 DEFAULT_CHUNK_ROWS = 512
+ARRAYS = ("emb", "key", "label", "loc", "view", "error", "status")
+CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk write; the rest at creation
+# A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
+NORM_TOLERANCE = 1e-2
 
 
 def cache_dir() -> Path:
@@ -60,6 +70,12 @@ class Store:
     def __init__(self, path: Path, group: zarr.Group):
         self.path, self.group = Path(path), group
         self.attrs = dict(group.attrs["zsd"])
+        self._layout = {}  # array -> (chunk key encoding, dimensions, bytes of a chunk file | None if variable)
+        for name in ARRAYS:
+            arr = group[name]
+            fixed = arr.dtype.kind in "biuf"
+            self._layout[name] = (arr.metadata.chunk_key_encoding, arr.ndim,
+                                  int(np.prod(arr.chunks)) * arr.dtype.itemsize if fixed else None)
 
     # --- metadata
     @property
@@ -101,24 +117,98 @@ class Store:
     def chunk_slice(self, c: int) -> slice:
         return slice(c * self.chunk_rows, min((c + 1) * self.chunk_rows, self.rows))
 
+    # --- checked reads
+    def chunk_file(self, name: str, c: int) -> Path:
+        encoding, ndim, _ = self._layout[name]
+        return self.path / name / encoding.encode_chunk_key((c,) + (0,) * (ndim - 1))
+
+    def chunk_problem(self, name: str, c: int, status: np.ndarray | None = None) -> str | None:
+        """Why chunk `c` of array `name` cannot be trusted, or None.
+
+        `status`: the status of (some of) the chunk's rows, for the arrays whose files exist only
+        when rows are written or failed (zarr writes no file for a chunk that equals the fill value).
+        """
+        f = self.chunk_file(name, c)
+        size = self._layout[name][2]
+        try:
+            actual = f.stat().st_size
+        except FileNotFoundError:
+            st = np.zeros(0) if status is None else status
+            needed = {"emb": (st == WRITTEN).any(), "view": (st == WRITTEN).any(), "error": (st == FAILED).any(),
+                      "key": True, "loc": True}.get(name, False)
+            why = {"emb": "status says rows are written", "view": "status says rows are written",
+                   "error": "status says rows failed"}.get(name, "every row has one")
+            return f"chunk file {f.relative_to(self.path)} is missing ({why})" if needed else None
+        if size is not None and actual != size:
+            return f"chunk file {f.relative_to(self.path)} is {actual} bytes, not {size} (truncated or damaged)"
+        if size is None:  # vlen-utf8 opens with its item count; a garbled one makes zarr allocate for minutes
+            with open(f, "rb") as fh:
+                count = int.from_bytes(fh.read(4), "little")
+            if count != self.chunk_rows:
+                return f"chunk file {f.relative_to(self.path)} says it holds {count} strings, not {self.chunk_rows}"
+        return None
+
+    def damage(self, chunks=None, arrays=ARRAYS) -> list[tuple[str, int, str]]:
+        """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls, no reads."""
+        chunks = range(self.n_chunks) if chunks is None else chunks
+        try:
+            status = self._read("status")  # at once: a read per chunk costs minutes at DataComp scale
+        except ZsdError:
+            status = None
+        found = []
+        for c in chunks:
+            status_problem = self.chunk_problem("status", c)
+            if status_problem and "status" in arrays:
+                found.append(("status", c, status_problem))
+            sl = slice(c * self.chunk_rows, (c + 1) * self.chunk_rows)  # not chunk_slice: `rows` reads metadata
+            st = None if status_problem else status[sl] if status is not None else self._read("status", sl)
+            found += [(name, c, p) for name in arrays if name != "status"
+                      for p in [self.chunk_problem(name, c, st)] if p]
+        return found
+
+    def damaged_error(self, name: str, c: int, problem: str) -> ZsdError:
+        sl = self.chunk_slice(c)
+        return ZsdError(f"{self.path} is damaged: {name} rows {sl.start}..{sl.stop - 1}: {problem}; "
+                        "rerun `zsd cache-teacher` on it to recompute them (`zsd verify` lists all damage)")
+
+    def _read(self, name: str, rows: slice = slice(None), *index) -> np.ndarray:
+        """array[rows, *index] after checking the chunk files of those rows; damage is one ZsdError."""
+        start, stop, _ = rows.indices(self.rows)
+        status = self._read("status", slice(start, stop)) if name in ("emb", "view", "error") else None
+        cr = self.chunk_rows
+        for c in range(start // cr, -(-stop // cr)):
+            mine = None if status is None else status[max(c * cr, start) - start:min((c + 1) * cr, stop) - start]
+            problem = self.chunk_problem(name, c, mine)
+            if problem:
+                raise self.damaged_error(name, c, problem)
+        try:
+            return self.group[name][(slice(start, stop), *index)]
+        except Exception:  # a chunk of the right size that does not decode: find and name it
+            for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
+                try:
+                    self.group[name][self.chunk_slice(c)]
+                except Exception as e:
+                    raise self.damaged_error(name, c, f"cannot decode ({type(e).__name__}: {e})") from None
+            raise
+
     # --- per-row arrays (small: loaded whole)
     def keys(self) -> np.ndarray:
-        return np.asarray(self.group["key"][:], dtype=object)
+        return np.asarray(self._read("key"), dtype=object)
 
     def labels(self) -> np.ndarray:
-        return self.group["label"][:]
+        return self._read("label")
 
     def locs(self) -> np.ndarray:
-        return self.group["loc"][:]
+        return self._read("loc")
 
     def view_params(self) -> np.ndarray:
-        return self.group["view"][:]
+        return self._read("view")
 
     def errors(self) -> np.ndarray:
-        return np.asarray(self.group["error"][:], dtype=object)
+        return np.asarray(self._read("error"), dtype=object)
 
     def status(self) -> np.ndarray:
-        return self.group["status"][:]
+        return self._read("status")
 
     def written(self) -> np.ndarray:
         """Boolean mask of rows whose embeddings are written (not pending, not failed)."""
@@ -129,20 +219,42 @@ class Store:
 
     def pending_chunks(self) -> list[int]:
         st = self.status()
-        return [c for c in range(self.n_chunks) if (st[self.chunk_slice(c)] == PENDING).any()]
+        return np.flatnonzero(np.bincount(np.flatnonzero(st == PENDING) // self.chunk_rows,
+                                          minlength=self.n_chunks)).tolist()
 
     # --- embeddings
-    def embeddings(self, view: int | None = None) -> np.ndarray:
-        """All embeddings in RAM, fp16: (N, V, D), or (N, D) for one view."""
-        emb = self.group["emb"]
-        return emb[:] if view is None else emb[:, view, :]
+    def embeddings(self, view: int | None = None, rows: slice = slice(None)) -> np.ndarray:
+        """Embeddings of `rows` (default all) in RAM, fp16: (n, V, D), or (n, D) for one view."""
+        return self._read("emb", rows) if view is None else self._read("emb", rows, view, slice(None))
 
-    def iter_blocks(self, view: int = 0, block_rows: int | None = None):
-        """Stream (start, fp16 block of shape (n, D)) in chunk-aligned blocks; memory stays bounded."""
-        emb = self.group["emb"]
+    def iter_blocks(self, view: int | None = 0, block_rows: int | None = None):
+        """Stream (start, fp16 block of shape (n, D), or (n, V, D) for view None) in chunk-aligned
+        blocks; memory stays bounded."""
         step = max(self.chunk_rows, (block_rows or self.chunk_rows) // self.chunk_rows * self.chunk_rows)
         for start in range(0, self.rows, step):
-            yield start, emb[start:start + step, view, :]
+            yield start, self.embeddings(view, slice(start, start + step))
+
+    def embedding_health(self) -> dict:
+        """One streaming pass over the written rows' embeddings (all views).
+
+        Returns the rows whose embeddings are not finite (NaN or inf: the trainer drops them), the
+        finite rows with a view whose norm is off 1 by more than NORM_TOLERANCE, and view 0's norms.
+        """
+        written = self.written()
+        nonfinite, off_norm, norms = [], [], []
+        for start, block in self.iter_blocks(view=None):
+            rows = start + np.flatnonzero(written[start:start + len(block)])
+            emb = block[rows - start].astype(np.float32)
+            finite = np.isfinite(emb).all(axis=(1, 2))
+            n = np.linalg.norm(emb[finite], axis=-1)
+            nonfinite.append(rows[~finite])
+            off_norm.append(rows[finite][(np.abs(n - 1) > NORM_TOLERANCE).any(axis=1)])
+            norms.append(n[:, 0])
+        join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        norms = join(norms)
+        return {"nonfinite": join(nonfinite), "off_norm": join(off_norm),
+                "norm_view0": ({"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
+                               if len(norms) else None)}
 
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
@@ -162,6 +274,12 @@ class Store:
             raise ZsdError(f"cannot write rows {sl.start}..{sl.stop - 1} of {self.path} ({e.strerror}): they stay "
                            "pending and the rows written before are kept; make room and rerun the same command "
                            "to continue") from None
+
+    def write_index(self, rows: slice, keys, labels, locs):
+        """Rewrite key, label and loc of `rows` (written at creation; this repairs a damaged chunk of them)."""
+        self.group["key"][rows] = np.asarray(keys, dtype=str)
+        self.group["label"][rows] = np.asarray(labels, dtype=np.int32)
+        self.group["loc"][rows] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
 
     def append_rows(self, keys, labels, locs, descs: list[dict], classnames: list[str]):
         """Add rows (and their sources) after the existing ones.
@@ -187,17 +305,18 @@ class Store:
                            "make room and rerun the same command") from None
         self.attrs = attrs
 
+    def uncommit(self, chunks) -> None:
+        """Make chunks pending again by deleting their commit marks, so that they are recomputed."""
+        for c in chunks:
+            self.chunk_file("status", c).unlink(missing_ok=True)
+
     def info(self) -> dict:
         st = self.status()
         written = st == WRITTEN
-        norms = []
-        for start, block in self.iter_blocks(0):
-            ok = written[start:start + len(block)]
-            norms.append(np.linalg.norm(block[ok].astype(np.float32), axis=-1))
-        norms = np.concatenate(norms) if norms else np.zeros(0)
+        health = self.embedding_health()
+        keys = self.keys()
         errors = self.errors()
         failed = np.flatnonzero(st == FAILED)
-        keys = self.keys()
         return {
             "path": str(self.path),
             "format_version": self.attrs["format_version"],
@@ -214,8 +333,8 @@ class Store:
             "labelled": int((self.labels() >= 0).sum()),
             "sources": self.sources,
             "bytes": self.bytes_on_disk(),
-            "norm_view0": ({"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
-                           if len(norms) else None),
+            "norm_view0": health["norm_view0"],
+            "nonfinite": [str(keys[i]) for i in health["nonfinite"]],
             "failures": [{"key": str(keys[i]), "reason": str(errors[i])} for i in failed[:100]],
             "zsd_version": self.attrs.get("zsd_version"),
         }
@@ -232,7 +351,33 @@ def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
         raise ZsdError(f"{path} is not a zsd store") from None
     if attrs.get("format_version") != FORMAT_VERSION:
         raise ZsdError(f"{path} has store format {attrs.get('format_version')}; this zsd reads format {FORMAT_VERSION}")
+    problem = _structure_problem(group, attrs)
+    if problem:
+        raise ZsdError(f"{path} is damaged: {problem}")
     return Store(path, group)
+
+
+def _structure_problem(group: zarr.Group, attrs: dict) -> str | None:
+    """What is wrong with the arrays' metadata (missing, unreadable, shapes or chunks that disagree), or None."""
+    try:
+        views, dim, chunk_rows = int(attrs["views"]), int(attrs["dim"]), int(attrs["chunk_rows"])
+    except (KeyError, TypeError, ValueError):
+        return "its attributes lack views, dim or chunk_rows"
+    want = {"emb": ((views, dim), "f"), "key": ((), "TUO"), "label": ((), "i"), "loc": ((4,), "i"),
+            "view": ((views, 5), "i"), "error": ((), "TUO"), "status": ((), "u")}
+    rows = None
+    for name, (tail, kind) in want.items():
+        try:
+            arr = group[name]
+            shape, chunks, dtype = arr.shape, arr.chunks, arr.dtype
+        except Exception as e:
+            return f"array {name} is missing or its metadata {name}/zarr.json is unreadable ({type(e).__name__})"
+        rows = shape[0] if rows is None else rows
+        if (not isinstance(arr, zarr.Array) or tuple(shape) != (rows, *tail) or chunks[0] != chunk_rows
+                or tuple(chunks[1:]) != tail or dtype.kind not in kind):
+            return (f"array {name} has shape {tuple(shape)}, chunks {tuple(chunks)}, dtype {dtype}; expected "
+                    f"{(rows, *tail)} in chunks of {chunk_rows} rows")
+    return None
 
 
 def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim: int, teacher: dict,
