@@ -5,6 +5,7 @@ the CLI prints it without a traceback. Anything else that escapes is a bug and k
 """
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,6 +19,10 @@ def check_writable(folder, what: str, create: bool = True) -> None:
     else a ZsdError naming the option `what`. A probe file, because permission bits do not
     tell (root, read-only mounts)."""
     folder = Path(folder)
+    made = folder  # the outermost folder this check creates: removed again, so a later error leaves nothing
+    while not made.parent.exists() and made.parent != made:
+        made = made.parent
+    made = None if made.exists() else made
     try:
         if create:
             folder.mkdir(parents=True, exist_ok=True)
@@ -28,3 +33,6 @@ def check_writable(folder, what: str, create: bool = True) -> None:
         os.unlink(probe)
     except OSError as e:
         raise ZsdError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+    finally:
+        if create and made is not None and made.is_dir():
+            shutil.rmtree(made, ignore_errors=True)
