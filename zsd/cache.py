@@ -52,7 +52,14 @@ class ViewDataset(Dataset):
 
 
 def _collate(items):
-    return items
+    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds).
+
+    One pixel tensor per batch: every tensor a DataLoader worker sends holds a file descriptor
+    until the main process takes it, and one per image (prefetch x workers x batch of them in
+    flight) exceeded a lowered open-file limit ("Too many open files")."""
+    ok = [it[1] for it in items if it[1] is not None]
+    return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
+        [it[3] for it in items], sum(it[4] for it in items)
 
 
 def _shard_from_env(num_shards, shard_index):
@@ -138,7 +145,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     dataset = ViewDataset(store.sources, list(store.keys()), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
-                     workers=workers, pin_memory=model.device.type == "cuda",
+                     workers=workers, device=model.device,
                      desc=f"cache-teacher -> {store.path.name}", progress=progress)
 
     elapsed = time.perf_counter() - t_start
@@ -157,11 +164,12 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
 
 
 def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *, images_per_batch: int,
-               workers: int = 0, skip: dict[int, str] | None = None, pin_memory: bool = False, desc: str = "",
-               encoder_name: str = "teacher", progress: bool = True) -> dict:
+               workers: int = 0, skip: dict[int, str] | None = None, device: torch.device | str = "cpu",
+               desc: str = "", encoder_name: str = "teacher", progress: bool = True) -> dict:
     """Mapper and writer: encode every view of the rows of `chunks` and write whole chunks.
 
-    `encode` maps normalised pixels (n, 3, S, S) to normalised embeddings (n, D). A batch never
+    `encode` maps normalised pixels (n, 3, S, S) on `device` to normalised embeddings (n, D); on a
+    GPU the loader pins its batches, so the copy overlaps the work. A batch never
     crosses a chunk and always starts at the same row, so every run feeds the encoder the same
     batches. Rows in `skip` are recorded as failed with their reason, without being read.
     """
@@ -175,7 +183,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
         batches += [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
     todo = sum(live.values())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers and todo else None)
+                        pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers and todo else None)
     timing, reasons = Counter(), Counter()
     done = failed = 0
     buffers: dict[int, dict] = {}
@@ -204,29 +212,30 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             flush(c)
     bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     t_loop = t_wait = time.perf_counter()
-    for items in loader:
+    for rows, pixels, params, errors, decode_s in loader:
         timing["waiting for images"] += time.perf_counter() - t_wait
-        c = items[0][0] // store.chunk_rows
+        c = rows[0] // store.chunk_rows
         buf = buffer(c)
-        timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
-        ok = [it for it in items if it[1] is not None]
+        timing["decoding (workers, overlapped)"] += decode_s
+        ok = [i for i, e in enumerate(errors) if not e]
         if ok:
             t0 = time.perf_counter()
-            x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
+            # uint8 crosses to the device (pinned, asynchronously) and is normalised there: a quarter of the bytes
+            x = normalize(pixels.to(device, non_blocking=True).flatten(0, 1), pre.mean, pre.std)
             z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
             timing[encoder_name] += time.perf_counter() - t0
-            for it, e in zip(ok, z):
-                buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
-        for it in items:
-            if it[1] is None:
-                buf["error"][it[0] - buf["start"]], buf["status"][it[0] - buf["start"]] = it[3], FAILED
-                reasons[it[3].split(" (")[0]] += 1
+            for i, e in zip(ok, z):
+                buf["emb"][rows[i] - buf["start"]], buf["view"][rows[i] - buf["start"]] = e, params[i]
+        for row, error in zip(rows, errors):
+            if error:
+                buf["error"][row - buf["start"]], buf["status"][row - buf["start"]] = error, FAILED
+                reasons[error.split(" (")[0]] += 1
                 failed += 1
-        buf["left"] -= len(items)
+        buf["left"] -= len(rows)
         if buf["left"] == 0:
             flush(c)
-        done += len(items)
-        bar.update(len(items))
+        done += len(rows)
+        bar.update(len(rows))
         if failed:
             bar.set_postfix(failed=failed)
         t_wait = time.perf_counter()
