@@ -19,7 +19,8 @@ from tqdm import tqdm
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, scan_sources
-from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
+from zsd.store import (DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store,
+                       store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -75,12 +76,22 @@ def _shard_from_env(num_shards, shard_index):
 
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows):
     path = resolve_store(out)
-    fresh = dict(keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
-                 teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
-                 sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
-    if not path.exists():
-        return create_store(path, **fresh)
-    store = open_store(path, mode="r+")
+    if not path.exists():  # create_store opens the store another process created first
+        create_store(path, keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
+                     teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
+                     sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
+    with store_lock(path):  # other shard processes may be appending the same sources
+        store = open_store(path, mode="r+")  # as the last holder of the lock left it
+        n_old = _check_compatible(store, scan, teacher, views, view_seed, crop_scale)
+        if len(store.sources) < len(scan.descs):
+            store.append_rows(n_old, scan.keys[n_old:], scan.labels[n_old:], scan.locs[n_old:], scan.descs,
+                              scan.classnames)
+    return store
+
+
+def _check_compatible(store, scan, teacher, views, view_seed, crop_scale) -> int:
+    """The number of the store's rows that this run's scan shares, or a ZsdError."""
+    path = store.path
     if store.teacher_id != teacher.id:
         old = store.teacher
         raise ZsdError(f"{path} holds embeddings of another teacher ({old['model']}, {old['weights']}, "
@@ -96,12 +107,11 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         raise ZsdError(f"{path} was made from other sources ({', '.join(_describe(d) for d in old)}): "
                        "pass the same sources, more sources after them to append, or another --out")
     n_old = int(sum(1 for loc in scan.locs if loc[0] < len(old)))
-    if list(store.keys()) != scan.keys[:n_old]:
+    # rows after n_old, if any, are those of a killed append: append_rows replaces them
+    if list(store.keys()[:n_old]) != scan.keys[:n_old] or store.rows < n_old:
         raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
-    if len(old) < len(scan.descs):
-        store.append_rows(scan.keys[n_old:], scan.labels[n_old:], scan.locs[n_old:], scan.descs, scan.classnames)
-    return store
+    return n_old
 
 
 def _describe(desc: dict) -> str:

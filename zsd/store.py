@@ -19,14 +19,27 @@ Zarr's local store writes each chunk file atomically (temp file + rename), so a 
 as done exactly when its status chunk exists, a SIGKILL loses at most the chunks in flight,
 and processes that own disjoint chunks never touch each other's files. Chunks are not
 compressed: embeddings compress ~1.1x for a 30-50 % speed cost.
+
+Several writers (`--num-shards/--shard-index` processes, started and killed in any order) share
+one store through `STORE/zsd.lock`, an exclusive fcntl.flock that the kernel drops when its
+holder dies. Held for: the check of the stored sources against a run's and the append of new
+sources (resize, keys/labels/locs, status of the appended and partial chunks PENDING, then attrs
+last as the append's commit mark: rows beyond what the recorded sources account for are a killed
+append and are replaced), and every chunk write (a chunk that an append made partial is read,
+modified and rewritten by zarr, which must not interleave). Embedding a chunk happens outside
+it. A writer that planned a chunk before another appended rows to it writes only its own rows;
+the new ones stay pending, so every key ends up written exactly once, by some later pass.
+The lock needs a file system with working flock (local disks; NFS v4 and Lustre with flock).
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +51,7 @@ from zsd.errors import ZsdError
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
 DEFAULT_CHUNK_ROWS = 512
+LOCK = "zsd.lock"  # the writers' lock file inside the store (see "Several writers")
 
 
 def cache_dir() -> Path:
@@ -50,6 +64,31 @@ def resolve_store(name: str | os.PathLike) -> Path:
     if os.sep in s or "/" in s or s.endswith(".zarr"):
         return Path(s)
     return cache_dir() / f"{s}.zarr"
+
+
+_held: dict[str, int] = {}  # lock file -> depth, for the locks this process holds
+
+
+@contextmanager
+def store_lock(path: Path):
+    """An exclusive flock on STORE/zsd.lock, re-entrant within a process. The kernel releases it
+    when the holding process dies, so a killed writer never blocks the others."""
+    lock = os.path.abspath(Path(path) / LOCK)
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held[lock] = 0
+        try:
+            yield
+        finally:
+            del _held[lock]
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Store:
@@ -145,47 +184,59 @@ class Store:
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    # --- writes
+    # --- writes (any number of processes; see "Several writers" above)
+    def locked(self):
+        """The store's lock (see "Several writers"), as a context manager."""
+        return store_lock(self.path)
+
     def write_chunk(self, c: int, emb: np.ndarray, view: np.ndarray, error: list[str], status: np.ndarray):
-        """Write one whole row chunk; the status chunk last, as the commit mark."""
-        sl = self.chunk_slice(c)
-        n = sl.stop - sl.start
-        assert emb.shape == (n, self.views, self.dim) and len(error) == n == len(status)
-        self.group["emb"][sl] = emb.astype(np.float16, copy=False)
-        self.group["view"][sl] = view
-        self.group["error"][sl] = np.asarray(error, dtype=str)
-        self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
+        """Write the rows of chunk `c` that this writer planned: all of them, unless another process
+        appended rows to the chunk since (those stay pending); the status chunk last, as the commit mark.
+        Under the lock: a chunk that is not whole on disk is read, modified and rewritten by zarr."""
+        n = len(status)
+        start = c * self.chunk_rows
+        assert emb.shape == (n, self.views, self.dim) and len(error) == n == len(view)
+        with self.locked():
+            assert start + n <= self.rows
+            sl = slice(start, start + n)
+            self.group["emb"][sl] = emb.astype(np.float16, copy=False)
+            self.group["view"][sl] = view
+            self.group["error"][sl] = np.asarray(error, dtype=str)
+            self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
 
-    def append_rows(self, keys, labels, locs, descs: list[dict], classnames: list[str]):
-        """Add rows (and their sources) after the existing ones.
+    def append_rows(self, start: int, keys, labels, locs, descs: list[dict], classnames: list[str]):
+        """Set the rows from `start` on (the first row of the new sources) and record the sources.
 
-        The last chunk, if partial, becomes pending again so that it is rewritten whole; the
-        teacher recomputes its old rows to the same values (same views, same batches).
+        Rows after `start` can only be those of an append that was killed before its attrs were
+        written: they are replaced. The last old chunk, if partial, becomes pending again so that it
+        is rewritten whole; the teacher recomputes its old rows to the same values.
         """
-        old = self.rows
-        new = old + len(keys)
-        for name in ("emb", "key", "label", "loc", "view", "error", "status"):
-            arr = self.group[name]
-            arr.resize((new, *arr.shape[1:]))
-        self.group["key"][old:] = np.asarray(keys, dtype=str)
-        self.group["label"][old:] = np.asarray(labels, dtype=np.int32)
-        self.group["loc"][old:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
-        if old % self.chunk_rows:
-            self.group["status"][old - old % self.chunk_rows:old] = PENDING
-        self.attrs.update(sources=descs, classnames=classnames)
-        self.group.attrs["zsd"] = self.attrs
+        with self.locked():
+            new = start + len(keys)
+            for name in ("emb", "key", "label", "loc", "view", "error", "status"):
+                arr = self.group[name]
+                arr.resize((new, *arr.shape[1:]))
+            self.group["key"][start:] = np.asarray(keys, dtype=str)
+            self.group["label"][start:] = np.asarray(labels, dtype=np.int32)
+            self.group["loc"][start:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            self.group["status"][start - start % self.chunk_rows:] = PENDING
+            self.attrs = {**self.group.attrs["zsd"], "sources": descs, "classnames": classnames}
+            self.group.attrs["zsd"] = self.attrs  # last: the commit mark of the append
 
-    def info(self) -> dict:
+    def info(self, full: bool = False) -> dict:
+        """Counts and attributes from the per-row status, labels and the failed rows' keys; the
+        embeddings (view-0 norm statistics) are read only with `full` (a DataComp store: ~130 GB)."""
         st = self.status()
         written = st == WRITTEN
-        norms = []
-        for start, block in self.iter_blocks(0):
-            ok = written[start:start + len(block)]
-            norms.append(np.linalg.norm(block[ok].astype(np.float32), axis=-1))
-        norms = np.concatenate(norms) if norms else np.zeros(0)
-        errors = self.errors()
+        norms = None
+        if full:
+            norms = [np.linalg.norm(block[written[start:start + len(block)]].astype(np.float32), axis=-1)
+                     for start, block in self.iter_blocks(0)]
+            norms = np.concatenate(norms) if norms else np.zeros(0)
         failed = np.flatnonzero(st == FAILED)
-        keys = self.keys()
+        shown = failed[:100]
+        keys = self.group["key"].get_coordinate_selection(shown) if len(shown) else []
+        errors = self.group["error"].get_coordinate_selection(shown) if len(shown) else []
         return {
             "path": str(self.path),
             "format_version": self.attrs["format_version"],
@@ -203,8 +254,8 @@ class Store:
             "sources": self.sources,
             "bytes": self.bytes_on_disk(),
             "norm_view0": ({"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
-                           if len(norms) else None),
-            "failures": [{"key": str(keys[i]), "reason": str(errors[i])} for i in failed[:100]],
+                           if norms is not None and len(norms) else None),
+            "failures": [{"key": str(k), "reason": str(e)} for k, e in zip(keys, errors)],
             "zsd_version": self.attrs.get("zsd_version"),
         }
 
