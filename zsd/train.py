@@ -43,6 +43,7 @@ from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
                          student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
+from zsd.views import normalize
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
 PROMPT = "a photo of a {c}, a type of {superclass}."
@@ -406,7 +407,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                     usable = all_ranks([usable], dist.ReduceOp.MIN, dev)[0]
                 if not usable:
                     continue
-                x = pixels.to(dev, non_blocking=True)
+                # uint8 to the device (from pinned memory on a GPU, asynchronously), normalised there
+                x = normalize(pixels.to(dev, non_blocking=True), student_pre.mean, student_pre.std)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t = data.targets(items).to(dev)
