@@ -65,7 +65,7 @@ READERS = {"key": ALL - {"eval"}, "view": {"verify", "train"}}  # the commands t
 def test_every_command_names_the_damage_in_one_line(store30, tmp_path, capsys, damage):
     hurt, message = DAMAGE[damage]
     hurt(store30)
-    commands = [["info", store30], ["verify", store30],
+    commands = [["info", store30, "--full"], ["verify", store30],
                 ["train", "--targets", store30, "--student", "test_resnet", "--batch-size", 8, "--steps", 1,
                  "--workers", 0, "--out", tmp_path / "run"],
                 ["eval", store30, "--classes-from", store30], ["coverage", "--train", store30, "--test", store30]]
@@ -87,9 +87,9 @@ def test_status_claiming_rows_whose_embeddings_were_never_written(store30, capsy
     for name in ("emb", "view", "status"):  # chunk 2 as before the teacher reached it
         s.chunk_file(name, 2).unlink()
     assert s.damage() == [] and s.pending_chunks() == [2]
-    assert run_cli(capsys, "info", store30)[0] == 0
+    assert run_cli(capsys, "info", store30, "--full")[0] == 0
     s.chunk_file("status", 2).write_bytes(commit)
-    code, _, err = run_cli(capsys, "info", store30)
+    code, _, err = run_cli(capsys, "info", store30, "--full")
     assert code == 1 and "emb rows 16..23: chunk file emb/c/2/0/0 is missing (status says rows are written)" in err
     assert [(a, c) for a, c, _ in s.damage()] == [("emb", 2), ("view", 2)]
 
@@ -102,11 +102,11 @@ def test_nonfinite_rows_are_counted_by_info_dropped_by_the_trainer_and_failed_by
     bad = random_store(tmp_path / "bad.zarr", emb, chunk_rows=8)
     good = random_store(tmp_path / "good.zarr", unit(rng.normal(size=(20, 2, 16))).astype(np.float32), chunk_rows=8)
 
-    code, out, _ = run_cli(capsys, "info", bad.path, "--json")
+    code, out, _ = run_cli(capsys, "info", bad.path, "--json", "--full")
     info = json.loads(out)
     assert code == 0 and info["nonfinite"] == ["img00005", "img00017"]
     assert np.isfinite([info["norm_view0"]["mean"], info["norm_view0"]["min"]]).all()
-    code, out, _ = run_cli(capsys, "info", bad.path)
+    code, out, _ = run_cli(capsys, "info", bad.path, "--full")
     assert "2 written rows have non-finite embeddings (first: img00005)" in out
 
     for in_ram in ("yes", "no"):

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_writable
 from zsd.sources import BadImage, RowReader, scan_sources
-from zsd.store import CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
+from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store,
+                       resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -52,7 +53,14 @@ class ViewDataset(Dataset):
 
 
 def _collate(items):
-    return items
+    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds).
+
+    One pixel tensor per batch: every tensor a DataLoader worker sends holds a file descriptor
+    until the main process takes it, and one per image (prefetch x workers x batch of them in
+    flight) exceeded a lowered open-file limit ("Too many open files")."""
+    ok = [it[1] for it in items if it[1] is not None]
+    return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
+        [it[3] for it in items], sum(it[4] for it in items)
 
 
 def _shard_from_env(num_shards, shard_index):
@@ -68,12 +76,22 @@ def _shard_from_env(num_shards, shard_index):
 
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
     path = resolve_store(out)
-    fresh = dict(keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
-                 teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
-                 sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
-    if not path.exists():
-        return create_store(path, **fresh)
-    store = open_store(path, mode="r+")
+    if not path.exists():  # create_store opens the store another process created first
+        create_store(path, keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
+                     teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
+                     sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
+    with store_lock(path):  # other shard processes may be appending the same sources
+        store = open_store(path, mode="r+")  # as the last holder of the lock left it
+        n_old = _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log)
+        if len(store.sources) < len(scan.descs):
+            store.append_rows(n_old, scan.keys[n_old:], scan.labels[n_old:], scan.locs[n_old:], scan.descs,
+                              scan.classnames)
+    return store
+
+
+def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -> int:
+    """The number of the store's rows that this run's scan shares, or a ZsdError."""
+    path = store.path
     if store.teacher_id != teacher.id:
         old = store.teacher
         raise ZsdError(f"{path} holds embeddings of another teacher ({old['model']}, {old['weights']}, "
@@ -93,12 +111,11 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         sl = store.chunk_slice(c)
         log(f"warning: {path}: rewriting the keys, labels and locations of rows {sl.start}..{sl.stop - 1} from the sources")
         store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
-    if list(store.keys()) != scan.keys[:n_old]:
+    # rows after n_old, if any, are those of a killed append: append_rows replaces them
+    if list(store.keys()[:n_old]) != scan.keys[:n_old] or store.rows < n_old:
         raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
-    if len(old) < len(scan.descs):
-        store.append_rows(scan.keys[n_old:], scan.labels[n_old:], scan.locs[n_old:], scan.descs, scan.classnames)
-    return store
+    return n_old
 
 
 def _describe(desc: dict) -> str:
@@ -151,7 +168,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     dataset = ViewDataset(store.sources, list(store.keys()), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
-                     workers=workers, pin_memory=model.device.type == "cuda",
+                     workers=workers, device=model.device,
                      desc=f"cache-teacher -> {store.path.name}", progress=progress)
 
     elapsed = time.perf_counter() - t_start
@@ -170,11 +187,12 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
 
 
 def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *, images_per_batch: int,
-               workers: int = 0, skip: dict[int, str] | None = None, pin_memory: bool = False, desc: str = "",
-               encoder_name: str = "teacher", progress: bool = True) -> dict:
+               workers: int = 0, skip: dict[int, str] | None = None, device: torch.device | str = "cpu",
+               desc: str = "", encoder_name: str = "teacher", progress: bool = True) -> dict:
     """Mapper and writer: encode every view of the rows of `chunks` and write whole chunks.
 
-    `encode` maps normalised pixels (n, 3, S, S) to normalised embeddings (n, D). A batch never
+    `encode` maps normalised pixels (n, 3, S, S) on `device` to normalised embeddings (n, D); on a
+    GPU the loader pins its batches, so the copy overlaps the work. A batch never
     crosses a chunk and always starts at the same row, so every run feeds the encoder the same
     batches. Rows in `skip` are recorded as failed with their reason, without being read.
     """
@@ -188,7 +206,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
         batches += [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
     todo = sum(live.values())
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers and todo else None)
+                        pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers and todo else None)
     timing, reasons = Counter(), Counter()
     done = failed = 0
     buffers: dict[int, dict] = {}
@@ -218,32 +236,33 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
     bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     t_loop = t_wait = time.perf_counter()
     try:  # the bar ends its line before an error (a full disk) is printed
-        for items in loader:
+        for rows, pixels, params, errors, decode_s in loader:
             timing["waiting for images"] += time.perf_counter() - t_wait
-            c = items[0][0] // store.chunk_rows
+            c = rows[0] // store.chunk_rows
             buf = buffer(c)
-            timing["decoding (workers, overlapped)"] += sum(it[4] for it in items)
-            ok = [it for it in items if it[1] is not None]
-            bad = [(it[0], it[3]) for it in items if it[1] is None]
+            timing["decoding (workers, overlapped)"] += decode_s
+            ok = [i for i, e in enumerate(errors) if not e]
+            bad = [(row, error) for row, error in zip(rows, errors) if error]
             if ok:
                 t0 = time.perf_counter()
-                x = normalize(torch.stack([it[1] for it in ok]).flatten(0, 1), pre.mean, pre.std)
+                # uint8 crosses to the device (pinned, asynchronously) and is normalised there: a quarter of the bytes
+                x = normalize(pixels.to(device, non_blocking=True).flatten(0, 1), pre.mean, pre.std)
                 z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
                 timing[encoder_name] += time.perf_counter() - t0
-                for it, e in zip(ok, z):
+                for i, e in zip(ok, z):
                     if np.isfinite(e).all():
-                        buf["emb"][it[0] - buf["start"]], buf["view"][it[0] - buf["start"]] = e, it[2]
+                        buf["emb"][rows[i] - buf["start"]], buf["view"][rows[i] - buf["start"]] = e, params[i]
                     else:  # a NaN target stops training at its first batch: the row fails here instead
-                        bad.append((it[0], f"the {encoder_name}'s embedding is not finite (NaN or inf)"))
+                        bad.append((rows[i], f"the {encoder_name}'s embedding is not finite (NaN or inf)"))
             for row, reason in bad:
                 buf["error"][row - buf["start"]], buf["status"][row - buf["start"]] = reason, FAILED
                 reasons[reason.split(" (")[0]] += 1
                 failed += 1
-            buf["left"] -= len(items)
+            buf["left"] -= len(rows)
             if buf["left"] == 0:
                 flush(c)
-            done += len(items)
-            bar.update(len(items))
+            done += len(rows)
+            bar.update(len(rows))
             if failed:
                 bar.set_postfix(failed=failed)
             t_wait = time.perf_counter()

@@ -142,11 +142,14 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
 @cli.command("info")
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
-def info_cmd(store, as_json):
-    """Describe a store: rows written/failed/pending, teacher, classes, size, embedding norms."""
+@click.option("--full", is_flag=True, help="Also read every embedding: view-0 norm statistics and non-finite rows "
+              "(slow on large stores).")
+def info_cmd(store, as_json, full):
+    """Describe a store: rows written/failed/pending, teacher, classes, size (embedding norms and
+    non-finite rows with --full)."""
     from zsd.store import open_store
 
-    info = open_store(store).info()
+    info = open_store(store).info(full=full)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

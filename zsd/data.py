@@ -33,7 +33,7 @@ from tqdm import tqdm
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
-from zsd.views import Preprocess, normalize, render_view, resize_pixels
+from zsd.views import Preprocess, render_view, resize_pixels
 
 
 def parse_target(spec: str) -> tuple[str, float | None]:
@@ -205,7 +205,10 @@ class TrainTargets:
 
 
 class ViewDataset(Dataset):
-    """(store, row, view) -> (item, normalised student input (3, R, R) | None, error).
+    """(store, row, view) -> (item, uint8 student input (3, R, R) | None, error).
+
+    uint8, normalised by the trainer on its device: a quarter of the bytes through the workers'
+    shared memory and the pinned host-to-GPU copy.
 
     Runs in DataLoader workers; an image that can no longer be read comes back as None with
     its reason, and the batch goes on without it.
@@ -234,11 +237,11 @@ class ViewDataset(Dataset):
             px = self.student_pixels(item)
         except BadImage as e:
             return item, None, str(e)
-        return item, normalize(px, self.student_pre.mean, self.student_pre.std), ""
+        return item, px, ""
 
 
 def collate(samples):
-    """Keep the readable samples: (items (n, 3), pixels (n, 3, R, R) | None, [errors])."""
+    """Keep the readable samples: (items (n, 3), uint8 pixels (n, 3, R, R) | None, [errors])."""
     ok = [s for s in samples if s[1] is not None]
     errors = [s[2] for s in samples if s[1] is None]
     items = np.array([s[0] for s in ok], dtype=np.int64).reshape(-1, 3)
@@ -323,16 +326,14 @@ class PixelCache:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             errors = {}
             loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
-                                                 collate_fn=_Render.as_list)
+                                                 collate_fn=_Render.as_batch)
             bar = tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
                        dynamic_ncols=True)
-            for batch in loader:
-                for slot, px, err in batch:
-                    if px is None:
-                        errors[slot] = err
-                    else:
-                        out[slot] = px.numpy()
-                bar.update(len(batch))
+            for slots, px, failed in loader:
+                if px is not None:
+                    out[slots] = px.numpy()
+                errors.update(failed)
+                bar.update(len(slots) + len(failed))
             bar.close()
             out.flush()
             del out
@@ -353,14 +354,14 @@ class PixelCache:
         return self.base[i] + pos * self.views[i] + view
 
     def batches(self, plan: "BatchPlan"):
-        """(items, normalised pixels | None, [errors]) per micro-batch of `plan`, as `collate` returns them."""
+        """(items, uint8 pixels | None, [errors]) per micro-batch of `plan`, as `collate` returns them."""
         for batch in plan:
             items = np.array(batch, dtype=np.int64).reshape(-1, 3)
             slots = self.slots(items)
             bad = np.array([s in self.errors for s in slots], dtype=bool)
             errors = [self.errors[s] for s in slots[bad]]
             items, slots = items[~bad], slots[~bad]
-            pixels = normalize(torch.from_numpy(self.pixels[slots]), self.pre.mean, self.pre.std) if len(slots) else None
+            pixels = torch.from_numpy(self.pixels[slots]) if len(slots) else None
             yield items, pixels, errors
 
 
@@ -388,5 +389,9 @@ class _Render(Dataset):
             return slot, None, str(e)
 
     @staticmethod
-    def as_list(samples):  # a named function: workers started by spawn (macOS) pickle it
-        return samples
+    def as_batch(samples):
+        """(slots, their pixels stacked | None, {slot: error}): one tensor per batch, as each tensor a
+        worker sends holds a file descriptor. A named function: workers started by spawn pickle it."""
+        ok = [s for s in samples if s[1] is not None]
+        return ([s[0] for s in ok], torch.stack([s[1] for s in ok]) if ok else None,
+                {s[0]: s[2] for s in samples if s[1] is None})

@@ -239,8 +239,8 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
                           1, 0, (1.0, 1.0))
     model = model.to(device).eval()
     tune_allocator(next(model.parameters()).device)
-    embed_rows(emb_store, dataset, lambda x: model.encode_images(x.to(device)), emb_store.pending_chunks(),
-               images_per_batch=batch_size, workers=workers, skip=skip,
+    embed_rows(emb_store, dataset, model.encode_images, emb_store.pending_chunks(),
+               images_per_batch=batch_size, workers=workers, skip=skip, device=device,
                desc=f"student -> {out.parent.parent.name}/{out.name}", encoder_name="student", progress=progress)
     return emb_store
 

@@ -29,8 +29,10 @@ import re
 import stat
 import tarfile
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -363,23 +365,34 @@ def _index_shard(shard: str):
 
 
 class RowReader:
-    """Reads a row's encoded image bytes from the source descriptions stored with a store."""
+    """Reads a row's encoded image bytes from the source descriptions stored with a store.
 
-    def __init__(self, descs: list[dict]):
-        self.descs = descs
-        self._files = {}  # open shard handles, per process (DataLoader workers get their own)
+    Shard handles stay open between reads (rows of one shard come together), at most `max_open`
+    of them, least recently used closed first: a DataComp source has thousands of shards and a
+    process may open 1,024 files (the usual RLIMIT_NOFILE). Each DataLoader worker has its own.
+    """
+
+    def __init__(self, descs: list[dict], max_open: int = 64):
+        self.descs, self.max_open = descs, max_open
+        self._files: OrderedDict[str, BinaryIO] = OrderedDict()
 
     def read(self, key: str, loc) -> bytes:
         src, part, offset, size = (int(x) for x in loc)
         desc = self.descs[src]
         if desc["kind"] == "webdataset":
-            path = desc["shards"][part]
-            f = self._files.get(path)
-            if f is None:
-                f = self._files[path] = open(path, "rb")
+            f = self._shard(desc["shards"][part])
             f.seek(offset)
             return f.read(size)
         return read_file(os.path.join(desc["root"], key_path(key)))
+
+    def _shard(self, path: str) -> BinaryIO:
+        f = self._files.pop(path, None)
+        if f is None:
+            while len(self._files) >= self.max_open:
+                self._files.popitem(last=False)[1].close()
+            f = open(path, "rb")
+        self._files[path] = f  # most recently used last
+        return f
 
     def image(self, key: str, loc) -> Image.Image:
         """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
@@ -389,5 +402,11 @@ class RowReader:
             raise BadImage(f"unreadable ({e.strerror or e})") from None
         return load_rgb(data)
 
+    def close(self) -> None:
+        while self._files:
+            self._files.popitem()[1].close()
+
+    __del__ = close
+
     def __getstate__(self):
-        return {"descs": self.descs, "_files": {}}
+        return {"descs": self.descs, "max_open": self.max_open, "_files": OrderedDict()}

@@ -27,14 +27,27 @@ missing chunk file as its fill value, so every read first checks the files of th
 touches (`chunk_problem`): a fixed-size chunk must have exactly its uncompressed size, and a
 chunk that status says holds written rows must exist. A damaged chunk ends the command with one
 error naming the store, the array and the rows; `zsd cache-teacher` recomputes such chunks.
+
+Several writers (`--num-shards/--shard-index` processes, started and killed in any order) share
+one store through `STORE/zsd.lock`, an exclusive fcntl.flock that the kernel drops when its
+holder dies. Held for: the check of the stored sources against a run's and the append of new
+sources (resize, keys/labels/locs, status of the appended and partial chunks PENDING, then attrs
+last as the append's commit mark: rows beyond what the recorded sources account for are a killed
+append and are replaced), and every chunk write (a chunk that an append made partial is read,
+modified and rewritten by zarr, which must not interleave). Embedding a chunk happens outside
+it. A writer that planned a chunk before another appended rows to it writes only its own rows;
+the new ones stay pending, so every key ends up written exactly once, by some later pass.
+The lock needs a file system with working flock (local disks; NFS v4 and Lustre with flock).
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +63,7 @@ ARRAYS = ("emb", "key", "label", "loc", "view", "error", "status")
 CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk write; the rest at creation
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
 NORM_TOLERANCE = 1e-2
+LOCK = "zsd.lock"  # the writers' lock file inside the store (see "Several writers")
 
 
 def cache_dir() -> Path:
@@ -62,6 +76,31 @@ def resolve_store(name: str | os.PathLike) -> Path:
     if os.sep in s or "/" in s or s.endswith(".zarr"):
         return Path(s)
     return cache_dir() / f"{s}.zarr"
+
+
+_held: dict[str, int] = {}  # lock file -> depth, for the locks this process holds
+
+
+@contextmanager
+def store_lock(path: Path):
+    """An exclusive flock on STORE/zsd.lock, re-entrant within a process. The kernel releases it
+    when the holding process dies, so a killed writer never blocks the others."""
+    lock = os.path.abspath(Path(path) / LOCK)
+    if lock in _held:
+        _held[lock] += 1
+        try:
+            yield
+        finally:
+            _held[lock] -= 1
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _held[lock] = 0
+        try:
+            yield
+        finally:
+            del _held[lock]
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 class Store:
@@ -192,6 +231,14 @@ class Store:
             raise
 
     # --- per-row arrays (small: loaded whole)
+    def _scattered(self, name: str, rows: np.ndarray) -> list:
+        """array[rows] for a few scattered rows: checked reads of only the chunks that hold them."""
+        out = []
+        for c in np.unique(rows // self.chunk_rows):
+            block = self._read(name, self.chunk_slice(int(c)))
+            out.extend(block[rows[rows // self.chunk_rows == c] - c * self.chunk_rows])
+        return out
+
     def keys(self) -> np.ndarray:
         return np.asarray(self._read("key"), dtype=object)
 
@@ -259,47 +306,57 @@ class Store:
     def bytes_on_disk(self) -> int:
         return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
 
-    # --- writes
+    # --- writes (any number of processes; see "Several writers" above)
+    def locked(self):
+        """The store's lock (see "Several writers"), as a context manager."""
+        return store_lock(self.path)
+
     def write_chunk(self, c: int, emb: np.ndarray, view: np.ndarray, error: list[str], status: np.ndarray):
-        """Write one whole row chunk; the status chunk last, as the commit mark."""
-        sl = self.chunk_slice(c)
-        n = sl.stop - sl.start
-        assert emb.shape == (n, self.views, self.dim) and len(error) == n == len(status)
-        try:
-            self.group["emb"][sl] = emb.astype(np.float16, copy=False)
-            self.group["view"][sl] = view
-            self.group["error"][sl] = np.asarray(error, dtype=str)
-            self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
-        except OSError as e:  # Zarr removes its temporary file; without the status chunk the rows stay pending
-            raise ZsdError(f"cannot write rows {sl.start}..{sl.stop - 1} of {self.path} ({e.strerror}): they stay "
-                           "pending and the rows written before are kept; make room and rerun the same command "
-                           "to continue") from None
+        """Write the rows of chunk `c` that this writer planned: all of them, unless another process
+        appended rows to the chunk since (those stay pending); the status chunk last, as the commit mark.
+        Under the lock: a chunk that is not whole on disk is read, modified and rewritten by zarr."""
+        n = len(status)
+        start = c * self.chunk_rows
+        assert emb.shape == (n, self.views, self.dim) and len(error) == n == len(view)
+        with self.locked():
+            assert start + n <= self.rows
+            sl = slice(start, start + n)
+            try:
+                self.group["emb"][sl] = emb.astype(np.float16, copy=False)
+                self.group["view"][sl] = view
+                self.group["error"][sl] = np.asarray(error, dtype=str)
+                self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
+            except OSError as e:  # Zarr removes its temporary file; without the status chunk the rows stay pending
+                raise ZsdError(f"cannot write rows {sl.start}..{sl.stop - 1} of {self.path} ({e.strerror}): they "
+                               "stay pending and the rows written before are kept; make room and rerun the same "
+                               "command to continue") from None
 
     def write_index(self, rows: slice, keys, labels, locs):
         """Rewrite key, label and loc of `rows` (written at creation; this repairs a damaged chunk of them)."""
-        self.group["key"][rows] = np.asarray(keys, dtype=str)
-        self.group["label"][rows] = np.asarray(labels, dtype=np.int32)
-        self.group["loc"][rows] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+        with self.locked():
+            self.group["key"][rows] = np.asarray(keys, dtype=str)
+            self.group["label"][rows] = np.asarray(labels, dtype=np.int32)
+            self.group["loc"][rows] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
 
-    def append_rows(self, keys, labels, locs, descs: list[dict], classnames: list[str]):
-        """Add rows (and their sources) after the existing ones.
+    def append_rows(self, start: int, keys, labels, locs, descs: list[dict], classnames: list[str]):
+        """Set the rows from `start` on (the first row of the new sources) and record the sources.
 
-        The last chunk, if partial, becomes pending again so that it is rewritten whole; the
-        teacher recomputes its old rows to the same values (same views, same batches).
+        Rows after `start` can only be those of an append that was killed before its attrs were
+        written: they are replaced. The last old chunk, if partial, becomes pending again so that it
+        is rewritten whole; the teacher recomputes its old rows to the same values.
         """
-        old = self.rows
-        new = old + len(keys)
-        try:  # the key array (the row count) and the sources last: until then the store reads as before
-            for name in ("emb", "label", "loc", "view", "error", "status", "key"):
-                arr = self.group[name]
-                arr.resize((new, *arr.shape[1:]))
-            self.group["label"][old:] = np.asarray(labels, dtype=np.int32)
-            self.group["loc"][old:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
-            self.group["key"][old:] = np.asarray(keys, dtype=str)
-            if old % self.chunk_rows:
-                self.group["status"][old - old % self.chunk_rows:old] = PENDING
-            attrs = {**self.attrs, "sources": descs, "classnames": classnames}
-            self.group.attrs["zsd"] = attrs
+        try:
+            with self.locked():
+                new = start + len(keys)
+                for name in ("emb", "key", "label", "loc", "view", "error", "status"):
+                    arr = self.group[name]
+                    arr.resize((new, *arr.shape[1:]))
+                self.group["key"][start:] = np.asarray(keys, dtype=str)
+                self.group["label"][start:] = np.asarray(labels, dtype=np.int32)
+                self.group["loc"][start:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+                self.group["status"][start - start % self.chunk_rows:] = PENDING
+                attrs = {**self.group.attrs["zsd"], "sources": descs, "classnames": classnames}
+                self.group.attrs["zsd"] = attrs  # last: the commit mark of the append
         except OSError as e:
             raise ZsdError(f"cannot add the new sources' rows to {self.path} ({e.strerror}); "
                            "make room and rerun the same command") from None
@@ -310,13 +367,15 @@ class Store:
         for c in chunks:
             self.chunk_file("status", c).unlink(missing_ok=True)
 
-    def info(self) -> dict:
+    def info(self, full: bool = False) -> dict:
+        """Counts and attributes from the per-row status, labels and the failed rows' keys; the
+        embeddings (view-0 norm statistics) are read only with `full` (a DataComp store: ~130 GB)."""
         st = self.status()
         written = st == WRITTEN
-        health = self.embedding_health()
-        keys = self.keys()
-        errors = self.errors()
+        health = self.embedding_health() if full else None
         failed = np.flatnonzero(st == FAILED)
+        shown = failed[:100]
+        keys, errors = self._scattered("key", shown), self._scattered("error", shown)
         return {
             "path": str(self.path),
             "format_version": self.attrs["format_version"],
@@ -333,9 +392,10 @@ class Store:
             "labelled": int((self.labels() >= 0).sum()),
             "sources": self.sources,
             "bytes": self.bytes_on_disk(),
-            "norm_view0": health["norm_view0"],
-            "nonfinite": [str(keys[i]) for i in health["nonfinite"]],
-            "failures": [{"key": str(keys[i]), "reason": str(errors[i])} for i in failed[:100]],
+            "norm_view0": health["norm_view0"] if health else None,
+            # rows with NaN/inf embeddings (the trainer drops them); None: not read (without `full`)
+            "nonfinite": [str(k) for k in self.keys()[health["nonfinite"]]] if health else None,
+            "failures": [{"key": str(k), "reason": str(e)} for k, e in zip(keys, errors)],
             "zsd_version": self.attrs.get("zsd_version"),
         }
 

@@ -43,6 +43,7 @@ from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, load_pretrained_backbone, load_student,
                          save_student, student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
+from zsd.views import normalize
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
 PROMPT = "a photo of a {c}, a type of {superclass}."
@@ -237,18 +238,26 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def _setup_distributed(device: str):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; gloo on CPU, nccl on GPUs."""
+    """(world, rank, device, distributed). A process group the caller initialised is joined;
+    otherwise torchrun's WORLD_SIZE/RANK/LOCAL_RANK start one: gloo on CPU, nccl on GPUs."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 1, 0, resolve_device(device)
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0))
+    if world == 1 and not dist.is_initialized():
+        return 1, 0, resolve_device(device), False
     dev = resolve_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local)
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return world, rank, dev
+    return dist.get_world_size(), dist.get_rank(), dev, True
+
+
+def all_ranks(values: list[float], op, dev: torch.device) -> list[float]:
+    """`values` reduced elementwise over all ranks with `op`, in one collective. The tensor lives on
+    `dev`, the model's device: NCCL reduces only CUDA tensors (gloo both)."""
+    t = torch.tensor([float(v) for v in values], device=dev)
+    dist.all_reduce(t, op=op)
+    return t.tolist()
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
@@ -260,7 +269,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     (job time limits).
     """
     t_start = time.perf_counter()
-    world, rank, dev = _setup_distributed(config.device)
+    world, rank, dev, distributed = _setup_distributed(config.device)
     tune_allocator(dev)
     main_proc = rank == 0
     say = log if main_proc else (lambda m: None)
@@ -329,7 +338,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         run_dir.mkdir(parents=True, exist_ok=True)
         if main_proc:
             class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
-        if world > 1:
+        if distributed:
             dist.barrier()
         text = class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
     criterion = Criterion(config.losses, text)
@@ -357,7 +366,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     train_model = model
     if config.compile:
         train_model = torch.compile(train_model)
-    if world > 1:
+    if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
@@ -376,7 +385,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         if not main_proc:  # rank 0 renders, the others read its file
             dist.barrier()
         pixels = PixelCache(data, views, workers=workers, progress=progress and main_proc, log=say)
-        if main_proc and world > 1:
+        if main_proc and distributed:
             dist.barrier()
         loader = pixels.batches(plan)
     else:
@@ -411,12 +420,13 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                 skipped_images += len(errors)
                 # Unreadable images leave holes; BatchNorm needs two samples. Under DDP every rank
                 # skips together, or the others would wait for this one's gradients forever.
-                usable = torch.tensor([0.0 if pixels is None or len(pixels) < 2 else 1.0])
-                if world > 1:
-                    dist.all_reduce(usable, op=dist.ReduceOp.MIN)
-                if not usable.item():
+                usable = pixels is not None and len(pixels) >= 2
+                if distributed:
+                    usable = all_ranks([usable], dist.ReduceOp.MIN, dev)[0]
+                if not usable:
                     continue
-                x = pixels.to(dev, non_blocking=True)
+                # uint8 to the device (from pinned memory on a GPU, asynchronously), normalised there
+                x = normalize(pixels.to(dev, non_blocking=True), student_pre.mean, student_pre.std)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t = data.targets(items).to(dev)
@@ -434,14 +444,15 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                     sn = torch.nn.functional.normalize(s.float(), dim=-1)
                     dists.append((sn - t).norm(dim=-1).cpu().numpy())
                 n_images += len(items)
-            nonfinite = torch.tensor([0.0 if math.isfinite(loss_sum) else 1.0])  # on any rank stops all
-            if world > 1:
-                dist.all_reduce(nonfinite)
+            if distributed:  # the mean over ranks is logged; a non-finite loss on any rank stops all
+                names = sorted(term_sums)
+                means = all_ranks([loss_sum, *(term_sums[k] for k in names)], dist.ReduceOp.SUM, dev)
+                loss_sum, term_sums = means[0] / world, {k: v / world for k, v in zip(names, means[1:])}
                 for p in criterion.parameters():  # the temperatures live outside DDP
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world
-            if nonfinite.item():
+            if not math.isfinite(loss_sum):
                 where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
                     else "no checkpoint was written yet"
                 raise ZsdError(f"loss became {loss_sum} at step {step + 1}: stopping; {where} in {run_dir}")
@@ -451,7 +462,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             if ema is not None:
                 ema.update(model, step=step)
             dists = np.concatenate(dists) if dists else np.zeros(1)
-            if world > 1:
+            if distributed:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, (dists, n_images, skipped_images))
                 dists = np.concatenate([g[0] for g in gathered])
@@ -490,7 +501,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         if log_file:
             log_file.close()
         del batches
-    if world > 1:
+    if distributed:
         dist.barrier()
     elapsed = time.perf_counter() - t_start
     summary = {"run_dir": str(run_dir), "student": student, "steps": step, "total_steps": total,

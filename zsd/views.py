@@ -110,10 +110,10 @@ def render_view(img: Image.Image, view: int, params: np.ndarray, pre: Preprocess
 
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (..., 3, H, W) -> float32 normalised model input."""
+    """uint8 (..., 3, H, W) -> float32 normalised model input, on the pixels' device."""
     x = pixels.float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return x.sub_(m).div_(s)
 
 

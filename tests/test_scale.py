@@ -1,0 +1,223 @@
+"""What breaks only at scale, provoked small: thousands of shards against the open-file limit,
+several shard processes writing one store at once."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from zsd.sources import RowReader, scan_sources
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_shards(root: Path, n_shards: int, per_shard: int = 1) -> list[str]:
+    """`n_shards` webdataset shards of `per_shard` tiny JPEGs each, uid `u{shard}_{i}`."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    uids = []
+    for s in range(n_shards):
+        with tarfile.open(root / f"{s:05d}.tar", "w") as tar:
+            for i in range(per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+                uids.append(f"u{s}_{i}")
+                for ext, data in ((".jpg", buf.getvalue()), (".json", json.dumps({"uid": uids[-1]}).encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:03d}{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return uids
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_row_reader_keeps_at_most_max_open_shards_open_and_closes_them(tmp_path):
+    write_shards(tmp_path / "shards", 20, per_shard=2)
+    scan = scan_sources([str(tmp_path / "shards")])
+    before = open_fds()
+    reader = RowReader(scan.descs, max_open=4)
+    expected = {}
+    for key, loc in zip(scan.keys, scan.locs):  # shard after shard, then all again in reverse
+        expected[key] = reader.read(key, loc)
+        assert open_fds() - before <= 4
+    for key, loc in reversed(list(zip(scan.keys, scan.locs))):
+        assert reader.read(key, loc) == expected[key]  # an evicted shard is opened again
+    assert list(reader._files) == [scan.descs[0]["shards"][p] for p in (3, 2, 1, 0)]  # most recent last
+    reader.close()
+    assert open_fds() == before
+    assert len({Image.open(io.BytesIO(b)).size for b in expected.values()}) == 1  # the bytes are the JPEGs
+
+
+# Runs in a fresh interpreter: the limit applies to it and its DataLoader workers, not to pytest.
+LIMITED = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[5]),) * 2)
+from zsd.cache import cache_teacher
+from zsd.train import TrainConfig, train
+shards, store, teacher, run = sys.argv[1:5]
+cache_teacher([shards], store, teacher=teacher, pretrained=None, chunk_rows=64, batch_size=32, workers=2,
+              progress=False, log=print)
+train(TrainConfig([store], run_dir=run, student="test_efficientnet_gn", student_res=32, epochs=1, batch_size=16,
+                  workers=2, device="cpu", precision="fp32", pixel_cache="no"), progress=False, log=print)
+"""
+
+
+def test_more_shards_than_the_open_file_limit_cache_and_train(tmp_path, tiny_teacher_name):
+    """200 shards under a limit of 96 open files: before the reader's LRU every shard stayed open (the
+    pass failed rows with EMFILE), and per-image tensors from the workers ran out of descriptors too."""
+    from safetensors.torch import load_file
+
+    from zsd.store import WRITTEN, open_store
+
+    uids = write_shards(tmp_path / "shards", 200)
+    store, run = tmp_path / "s.zarr", tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", LIMITED, str(tmp_path / "shards"), str(store),
+                          tiny_teacher_name, str(run), "96"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = open_store(store)
+    assert sorted(s.keys()) == sorted(uids) and (s.status() == WRITTEN).all()
+    records = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 200 // 16 and all(r["images"] == 16 and r["skipped_images"] == 0 for r in steps)
+    assert load_file(str(run / "student.safetensors"))
+
+
+# Two shard processes append the same new source to one store at the same moment: each waits for the
+# other at the door of _open_or_create, and shard 1's append_rows waits until shard 0 has appended
+# (without the store's lock shard 1 went on from the old sources it had read: rows duplicated).
+APPENDER = """
+import sys, time
+from pathlib import Path
+from zsd import cache
+from zsd.store import Store
+src_a, src_b, store, teacher, me, other, shard = sys.argv[1:]
+open_or_create, append_rows = cache._open_or_create, Store.append_rows
+
+def together(*a, **k):
+    Path(me).touch()
+    t = time.time()
+    while not Path(other).exists() and time.time() - t < 60:
+        time.sleep(0.01)
+    return open_or_create(*a, **k)
+
+def slowly(*a, **k):  # shard 1 appends 2 s after shard 0, both having read the old sources
+    time.sleep(2.0 * int(shard))
+    return append_rows(*a, **k)
+
+cache._open_or_create, Store.append_rows = together, slowly
+cache.cache_teacher([src_a, src_b], store, teacher=teacher, pretrained=None, views=2, chunk_rows=5, num_shards=2,
+                    shard_index=int(shard), workers=0, progress=False, log=print)
+"""
+
+
+def two_folders(tmp_path):
+    from conftest import make_image
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i in range(12):
+        make_image(a / f"{i:02d}.png", i, size=(40 + i, 36))
+    for i in range(7):
+        make_image(b / f"{i:02d}.jpg", 100 + i, size=(36, 40 + i))
+    return str(a), str(b)
+
+
+def cache(sources, store, teacher, **kw):
+    from zsd.cache import cache_teacher
+
+    return cache_teacher(sources, str(store), teacher=teacher, pretrained=None, views=2, chunk_rows=5, workers=0,
+                         progress=False, log=lambda m: None, **kw)
+
+
+def assert_same_rows(store, ref):
+    """Every key exactly once, in the reference's order, with the reference's bytes."""
+    from zsd.store import WRITTEN, open_store
+
+    s, r = open_store(store), open_store(ref)
+    assert list(s.keys()) == list(r.keys()) and len(set(s.keys())) == s.rows == 19
+    assert (s.status() == WRITTEN).all()
+    np.testing.assert_array_equal(s.embeddings(), r.embeddings())
+    np.testing.assert_array_equal(s.view_params(), r.view_params())
+    assert s.sources == r.sources
+
+
+def test_two_shard_processes_append_and_fill_one_store_at_once(tmp_path, tiny_teacher_name):
+    a, b = two_folders(tmp_path)
+    ref = tmp_path / "ref.zarr"
+    cache([a, b], ref, tiny_teacher_name)
+    store = tmp_path / "s.zarr"
+    cache([a], store, tiny_teacher_name)  # 12 rows: the last chunk (rows 10-11) partial
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}{os.pathsep}"
+           f"{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    flags = [str(tmp_path / f"at_door_{i}") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, a, b, str(store), tiny_teacher_name, flags[i],
+                               flags[1 - i], str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert_same_rows(store, ref)
+
+
+def test_an_append_killed_before_its_commit_is_redone(tmp_path, tiny_teacher_name, monkeypatch):
+    """Killed after the resize and the new keys, before the attrs that record the new source: the
+    next run replaces those rows instead of refusing the store or appending them a second time."""
+    import zarr.core.attributes
+
+    a, b = two_folders(tmp_path)
+    ref = tmp_path / "ref.zarr"
+    cache([a, b], ref, tiny_teacher_name)
+    store = tmp_path / "s.zarr"
+    cache([a], store, tiny_teacher_name)
+
+    class Killed(BaseException):
+        pass
+
+    def kill(self, key, value):
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(zarr.core.attributes.Attributes, "__setitem__", kill)
+        try:
+            cache([a, b], store, tiny_teacher_name)
+        except Killed:
+            pass
+        else:
+            raise AssertionError("the append was not interrupted")
+    from zsd.store import open_store
+
+    assert open_store(store).rows == 19 and len(open_store(store).sources) == 1  # the torn state
+    cache([a, b], store, tiny_teacher_name)
+    assert_same_rows(store, ref)
+
+
+def test_info_reads_no_embedding_unless_full(tmp_path, monkeypatch):
+    from conftest import random_store, unit
+
+    from zsd.store import FAILED, WRITTEN, Store, open_store
+
+    rng = np.random.default_rng(0)
+    emb = unit(rng.standard_normal((20, 2, 8))).astype(np.float16)
+    store = random_store(tmp_path / "s.zarr", emb, chunk_rows=8)
+    status = np.full(8, WRITTEN, np.uint8)
+    status[[2, 5]] = FAILED
+    errors = [f"bad {i}" if status[i] == FAILED else "" for i in range(8)]
+    store.write_chunk(0, emb[:8], np.zeros((8, 2, 5), np.int32), errors, status)
+    with monkeypatch.context() as m:
+        m.setattr(Store, "iter_blocks", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read embeddings")))
+        info = open_store(store.path).info()
+    assert (info["rows"], info["written"], info["failed"], info["pending"]) == (20, 18, 2, 0)
+    assert info["failures"] == [{"key": "img00002", "reason": "bad 2"}, {"key": "img00005", "reason": "bad 5"}]
+    assert info["norm_view0"] is None
+    norms = np.linalg.norm(np.delete(emb[:, 0], [2, 5], axis=0).astype(np.float32), axis=-1)
+    full = open_store(store.path).info(full=True)["norm_view0"]
+    np.testing.assert_allclose([full["mean"], full["min"], full["max"]], [norms.mean(), norms.min(), norms.max()],
+                               rtol=1e-6)
