@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_at_least
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -115,8 +115,10 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     part of the teacher's fingerprint, so one store never mixes precisions.
     Returns a summary dict (rows, written, failed, seconds per phase, images/s).
     """
-    if views < 1:
-        raise ZsdError("--views must be at least 1")
+    for flag, value in (("--views", views), ("--batch-size", batch_size), ("--chunk-rows", chunk_rows),
+                        ("--num-shards", num_shards)):
+        check_at_least(flag, value, 1)
+    check_at_least("--workers", workers, 0)
     num_shards, shard_index = _shard_from_env(num_shards, shard_index)
     if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -125,8 +127,6 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     tune_allocator(model.device)
     if batch_size is None:
         batch_size = CPU_BATCH if model.device.type == "cpu" else 256
-    if batch_size < 1:
-        raise ZsdError("--batch-size must be at least 1")
     scan = scan_sources(sources)
     for problem in scan.problems:
         log(f"warning: {problem}")

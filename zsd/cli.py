@@ -9,12 +9,11 @@ from pathlib import Path
 import click
 
 from zsd import __version__
-from zsd.cache import cache_teacher
-from zsd.coverage import coverage, coverage_text, plot_coverage
+from zsd.defaults import DEFAULT_CHUNK_ROWS, DEFAULT_PRETRAINED, DEFAULT_TEACHER
 from zsd.errors import ZsdError
-from zsd.evaluate import evaluate, results_table, student_embeddings
-from zsd.store import DEFAULT_CHUNK_ROWS, open_store
-from zsd.teachers import DEFAULT_PRETRAINED, DEFAULT_TEACHER
+
+# Library modules (torch, timm, open_clip, zarr) are imported inside the commands: `zsd --help`
+# and every `zsd CMD --help` stay under a second.
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -106,16 +105,16 @@ def _parse_scale(value: str) -> tuple[float, float]:
 @click.option("--pretrained", default=None,
               help=f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
-@click.option("--views", default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
-@click.option("--batch-size", type=int, default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
-@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--views", type=click.IntRange(1), default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
                    "store's teacher id, so a store never mixes precisions.")
-@click.option("--num-shards", type=int, default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
-@click.option("--shard-index", type=int, default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
-@click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
+@click.option("--num-shards", type=click.IntRange(1), default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
+@click.option("--shard-index", type=click.IntRange(0), default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
+@click.option("--chunk-rows", type=click.IntRange(1), default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
 @click.option("--crop-scale", default="0.9,1.0", show_default=True, callback=lambda c, p, v: _parse_scale(v),
               help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
@@ -128,6 +127,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
     a brace pattern such as shards/{00000..00099}.tar) or a synthetic manifest .jsonl. Rerunning
     the same command continues where it stopped; more sources after the original ones are appended.
     """
+    from zsd.cache import cache_teacher
+
     summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
                             batch_size=batch_size, workers=workers, device=device, precision=precision,
                             num_shards=num_shards,
@@ -142,6 +143,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
 def info_cmd(store, as_json):
     """Describe a store: rows written/failed/pending, teacher, classes, size, embedding norms."""
+    from zsd.store import open_store
+
     info = open_store(store).info()
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -185,8 +188,8 @@ def info_cmd(store, as_json):
               help="Write one CLIP_benchmark-style JSON per model here (DATASET__MODEL.json).")
 @click.option("--confusion", is_flag=True, help="Include confusion matrices in the JSON.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 @click.option("--embed", "embed_stores", multiple=True,
               help="Also write each student's embeddings of this (train) store into RUN_DIR/embeddings/; repeatable.")
 def eval_cmd(test, students, templates, classnames, classes_from, pretrained, teacher, out_dir, confusion, device,
@@ -197,6 +200,9 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
     sees its own deterministic eval transform (resize + centre crop). Student embeddings are kept
     in RUN_DIR/embeddings/TEST.zarr, where `zsd coverage` reuses them.
     """
+    from zsd.evaluate import evaluate, results_table, student_embeddings
+    from zsd.store import open_store
+
     results = evaluate(test, list(students), teacher=teacher, pretrained=pretrained, templates=templates,
                        classnames=classnames, classes_from=classes_from, device=device, batch_size=batch_size,
                        workers=workers, confusion=confusion, out_dir=out_dir, log=lambda m: click.echo(m, err=True))
@@ -215,9 +221,9 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 @click.option("--student", default=None, type=click.Path(file_okay=False),
               help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the lemma's bound "
                    "and the certificates.")
-@click.option("-k", "k", default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
-@click.option("--block-rows", default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
-@click.option("--dup-threshold", default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
+@click.option("--block-rows", type=click.IntRange(1), default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
+@click.option("--dup-threshold", type=click.FloatRange(0), default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
 @click.option("--templates", default=None, help="As in `zsd eval` (for the teacher margins).")
 @click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
 @click.option("--classes-from", default=None, metavar="STORE",
@@ -225,10 +231,10 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 @click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report (with per-image records) here.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
-@click.option("--worst", default=20, show_default=True, help="How many least-covered test images to list.")
+@click.option("--worst", type=click.IntRange(0), default=20, show_default=True, help="How many least-covered test images to list.")
 @click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
                  pretrained, json_out, plot, worst, device, batch_size, workers):
     """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
@@ -237,6 +243,8 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
     train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
     teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
     """
+    from zsd.coverage import coverage, coverage_text, plot_coverage
+
     report = coverage(list(train) + list(more_train), test, student, k=k, block_rows=block_rows,
                       pretrained=pretrained, templates=templates, classnames=classnames, classes_from=classes_from,
                       dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
@@ -258,20 +266,20 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--loss", "losses", multiple=True, metavar="L[=W]",
               help="Loss and weight, repeatable: l2 (default), mse, cosine, contrastive-image, clip, mp; "
                    "e.g. --loss l2 --loss clip=0.5.")
-@click.option("--epochs", type=float, default=None, help="Epochs over all target rows [default: 1].")
-@click.option("--steps", type=int, default=None, help="Optimizer steps instead of --epochs.")
-@click.option("--batch-size", default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
-@click.option("--lr", default=5e-4, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Epochs over all target rows [default: 1].")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps instead of --epochs.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--accum", default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
+@click.option("--accum", type=click.IntRange(1), default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Also keep an EMA of the weights with this decay (e.g. 0.999), saved as ema_student.* "
                    "(evaluate it as RUN_DIR:ema); 0: none.")
 @click.option("--ema-warmup", is_flag=True, help="Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at "
               "--ema-decay (timm's warmup; for short runs).")
-@click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
+@click.option("--student-res", type=click.IntRange(8), default=None, help="Student input resolution [default: the student's own].")
 @click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
 @click.option("--student-pretrained", default=None, metavar="SPEC",
               help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
@@ -283,17 +291,17 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
               help="bf16 autocast (also on CPU) or plain fp32.")
 @click.option("--no-channels-last", is_flag=True, help="Keep the default NCHW memory format.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
 @click.option("--seed", default=0, show_default=True, help="Seeds the student's init and the data order.")
-@click.option("--save-every", default=500, show_default=True, help="Write a checkpoint every N steps.")
-@click.option("--stop-after", type=int, default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
+@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True, help="Write a checkpoint every N steps.")
+@click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
 @click.option("--superclass", default="object", show_default=True,
               help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
 @click.option("--teacher-weights", default=None, type=click.Path(exists=True, dir_okay=False),
               help="For clip/mp when the teacher's weights were a local file: that file.")
 @click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
-@click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
+@click.option("--shuffle-chunks", type=click.IntRange(1), default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
 @click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Render every sample's student input once into a file in the cache dir and train from it "
                    "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
@@ -330,8 +338,8 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 @click.option("--pretrained", default=None,
               help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
 @click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
-@click.option("--student-res", default=128, show_default=True, help="Student input resolution.")
-@click.option("--steps", default=150, show_default=True, help="Training steps.")
+@click.option("--student-res", type=click.IntRange(8), default=128, show_default=True, help="Student input resolution.")
+@click.option("--steps", type=click.IntRange(1), default=150, show_default=True, help="Training steps.")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
 @click.option("--device", default="auto", show_default=True)
 def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device):
@@ -355,6 +363,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("zsd: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad or missing option: the same one line as every other error
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"zsd: error: {e.format_message()}{hint}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

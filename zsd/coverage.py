@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_at_least
 from zsd.store import Store, open_store
 
 DEFAULT_BLOCK_ROWS = 65536
@@ -148,6 +148,10 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     The teacher margins use the class embeddings of `zsd.evaluate.build_classifier`: prototypes
     from the labelled store `classes_from`, or the teacher's zero-shot classifier.
     """
+    for flag, value in (("-k", k), ("--block-rows", block_rows), ("--batch-size", batch_size)):
+        check_at_least(flag, value, 1)
+    for flag, value in (("--dup-threshold", dup_threshold), ("--worst", worst), ("--workers", workers)):
+        check_at_least(flag, value, 0)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     _check_stores(train_stores, test_store)

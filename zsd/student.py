@@ -10,6 +10,7 @@ coverage).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -61,8 +62,18 @@ def _takes_img_size(name: str) -> bool:
     return any(k in name for k in ("vit", "deit", "swin", "eva", "beit", "tiny_vit", "levit", "xcit"))
 
 
+def check_student_name(name: str) -> None:
+    """An unknown timm name fails here, with suggestions, before anything is read or written."""
+    if ":" in name or timm.is_model(name):  # hf-hub:/local-dir: names are resolved by timm on creation
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    raise ZsdError(f"--student {name}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close
+                                                              else " (python -c 'import timm; print(timm.list_models())')"))
+
+
 def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
     """The student's own evaluation transform (timm's data config), at `image_size` if given."""
+    check_student_name(name)
     model = timm.create_model(name, pretrained=False, num_classes=0)
     cfg = timm.data.resolve_data_config({}, model=model)
     size = image_size or cfg["input_size"][-1]

@@ -22,13 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from zsd.defaults import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
 from zsd.sources import class_key
 from zsd.views import Preprocess
 
-DEFAULT_TEACHER = "ViT-B-32"
-DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_at_least
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
-                         student_preprocess)
+from zsd.student import (EMA_PREFIX, Student, _unwrap, check_student_name, load_pretrained_backbone, load_student,
+                         save_student, student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
@@ -123,6 +123,19 @@ class TrainConfig:
             raise ZsdError("pass --init or --student-pretrained, not both (--init brings its own weights)")
         if not 0 <= self.ema_decay < 1:
             raise ZsdError(f"--ema-decay {self.ema_decay}: choose 0 (no EMA) <= D < 1, e.g. 0.999")
+        if self.in_ram not in ("auto", "yes", "no"):
+            raise ZsdError(f"--in-ram {self.in_ram}: choose auto, yes or no")
+        for flag, value in (("--batch-size", self.batch_size), ("--steps", self.steps), ("--accum", self.accum_steps),
+                            ("--save-every", self.save_every), ("--shuffle-chunks", self.shuffle_chunks)):
+            check_at_least(flag, value, 1)
+        for flag, value in (("--warmup", self.warmup_steps), ("--weight-decay", self.weight_decay),
+                            ("--workers", self.workers)):
+            check_at_least(flag, value, 0)
+        check_at_least("--epochs", self.epochs, 0, exclusive=True)
+        check_at_least("--lr", self.lr, 0, exclusive=True)
+        check_at_least("--student-res", self.student_res, 8)
+        if self.student:
+            check_student_name(self.student)
 
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
@@ -244,6 +257,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     define the same run). `stop_after` ends this invocation after that many steps with a checkpoint
     (job time limits).
     """
+    check_at_least("--stop-after", stop_after, 1)
     t_start = time.perf_counter()
     world, rank, dev = _setup_distributed(config.device)
     tune_allocator(dev)
