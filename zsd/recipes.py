@@ -2,8 +2,8 @@
 
 A recipe names the classes (in label order), the contextual dimensions an LLM is asked about,
 the prompt weight of each dimension and of the class name (the paper's Table 7), and the
-zero-shot templates `zsd eval` uses. Data files live in the top-level `recipes/` directory;
-`load_recipe("pets")` resolves a bare name there, anything else is read as a path.
+zero-shot templates `zsd eval` uses. Data files live in `zsd/data/recipes/` (package data, so a
+wheel install has them); `load_recipe("pets")` resolves a bare name there, anything else is read as a path.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from zsd.errors import ZsdError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "data" / "recipes"
 
 # The contextual dimensions zsd knows how to ask an LLM about. A recipe may use another key
 # only if it brings its own `question`; otherwise a typo ("locaton") would silently produce
@@ -95,7 +95,7 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load and validate a recipe by bare name (`recipes/<name>.json`) or by path."""
+    """Load and validate a recipe by bare name (`zsd/data/recipes/<name>.json`) or by path."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.json"
