@@ -210,3 +210,28 @@ def test_coverage_cli(tmp_path, capsys):
         main(["coverage", "--train", str(tmp_path / "other.zarr"), "--test", str(tmp_path / "test.zarr")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("zsd: error:") and err.count("\n") == 1
+
+
+def test_the_plot_is_readable_with_many_classes_and_small_margins(tmp_path):
+    """Margins < 0.35 next to bounds ~ 2.5 and 120 classes: every panel keeps its own scale and title."""
+    from matplotlib.colors import to_rgba
+
+    rng = np.random.default_rng(0)
+    n = 300
+    margin, delta = rng.uniform(0, 0.35, n), rng.uniform(0, 0.2, n)
+    images = [{"eps_t": float(e), "margin": float(m), "delta": float(d), "bound": float(d + 2.3), "agree": bool(a)}
+              for e, m, d, a in zip(rng.uniform(0, 1, n), margin, delta, rng.uniform(size=n) < 0.8)]
+    report = {"n_test": n, "coverage_curve": {"threshold": [0, 0.5, 1], "fraction": [0, 0.5, 1]},
+              "per_class": [{"class": f"class {i}", "median_eps_t": i / 120} for i in range(120)],
+              "images": images, "certificate": {"margin": {}}}
+    fig = plot_coverage(report, tmp_path / "cov.png")
+    assert (tmp_path / "cov.png").read_bytes()[:4] == b"\x89PNG"
+    curve, classes, direct, witness = fig.axes
+    assert all(ax.get_title() for ax in fig.axes)
+    labels = [t.get_text() for t in classes.get_yticklabels()]
+    assert len(labels) == 40 and "class 0" in labels and "class 119" in labels and "class 60" not in labels
+    assert direct.get_ylim()[1] == pytest.approx(1.05 * margin.max())  # not squashed under 2 B's scale
+    assert witness.get_xlim()[1] == pytest.approx(1.05 * 2 * (delta.max() + 2.3))
+    assert f"{(margin > 2 * delta).mean():.0%} certified" in direct.get_title()
+    agree_dots, disagree_dots = witness.collections[:2]
+    assert to_rgba(agree_dots.get_facecolor()[0]) != to_rgba(disagree_dots.get_facecolor()[0])

@@ -402,39 +402,61 @@ def coverage_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_coverage(report: dict, path: str | os.PathLike) -> None:
+PLOT_CLASSES = 20  # the per-class panel shows this many least and best covered classes when there are more
+
+
+def plot_coverage(report: dict, path: str | os.PathLike):
+    """A PNG of the audit: coverage curve, per-class coverage and, with margins, one panel per certificate.
+
+    Every panel has its own scales and a title; agreement and disagreement have their own colours
+    in every panel. Returns the matplotlib figure (closed), whose axes tests read back.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cert = report.get("certificate") or {}
-    panels = 3 if "margin" in cert else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    per_class = sorted(report["per_class"], key=lambda p: p["median_eps_t"])
+    shown = per_class if len(per_class) <= 2 * PLOT_CLASSES else per_class[:PLOT_CLASSES] + per_class[-PLOT_CLASSES:]
+    rows = 2 if "margin" in cert else 1
+    height = max(4.0, 0.16 * len(shown) + 1)  # the per-class labels never overlap
+    fig, axes = plt.subplots(rows, 2, figsize=(11, height + 4 * (rows - 1)), squeeze=False,
+                             gridspec_kw={"height_ratios": [height, 4][:rows]})
+    axes = axes.ravel()
     curve = report["coverage_curve"]
     axes[0].plot(curve["threshold"], curve["fraction"])
-    axes[0].set(xlabel="t (teacher-space L2)", ylabel="fraction of test images with eps_T < t", title="coverage curve")
-    per_class = sorted(report["per_class"], key=lambda p: p["median_eps_t"])
-    if per_class:
-        axes[1].barh(range(len(per_class)), [p["median_eps_t"] for p in per_class])
-        axes[1].set_yticks(range(len(per_class)), [p["class"] for p in per_class], fontsize=6)
-        axes[1].set(xlabel="median eps_T", title="per-class coverage")
+    axes[0].set(xlabel="t (teacher-space L2)", ylabel="fraction of test images with eps_T < t",
+                title=f"coverage curve ({report['n_test']} test images)")
+    if shown:
+        y = range(len(shown))
+        axes[1].barh(y, [p["median_eps_t"] for p in shown])
+        axes[1].set_yticks(y, [p["class"] for p in shown], fontsize=7)
+        cut = "" if len(shown) == len(per_class) else f": the {PLOT_CLASSES} least and best covered of {len(per_class)}"
+        axes[1].set(xlabel="median eps_T (lower: better covered)", title=f"per-class coverage{cut}")
+        if cut:
+            axes[1].axhline(PLOT_CLASSES - 0.5, color="k", lw=0.8, ls=":")
     else:
         axes[1].hist([r["eps_t"] for r in report["images"]], bins=50)
         axes[1].set(xlabel="eps_T", ylabel="test images", title="eps_T histogram")
-    if panels == 3:
+    if rows == 2:
         imgs = report["images"]
         margin = np.array([r["margin"] for r in imgs])
         agree = np.array([r["agree"] for r in imgs])
-        for values, label, marker in ((np.array([2 * r["delta"] for r in imgs]), "2 delta", "o"),
-                                      (np.array([2 * r["bound"] for r in imgs]), "2 B", "x")):
-            axes[2].scatter(values[agree], margin[agree], s=6, marker=marker, label=f"{label}, agree")
-            axes[2].scatter(values[~agree], margin[~agree], s=12, marker=marker, c="red", label=f"{label}, disagree")
-        top = max(float(margin.max()), 2 * max(r["bound"] for r in imgs), 1e-6)
-        axes[2].plot([0, top], [0, top], "k--", lw=0.8)
-        axes[2].set(xlabel="2 delta, 2 B", ylabel="teacher margin", title="certificates (above the line: certified)")
-        axes[2].legend(fontsize=6)
+        for ax, field, name, title in (
+                (axes[2], "delta", "2 delta", "direct certificate: margin > 2 delta"),
+                (axes[3], "bound", "2 B", "witness certificate: margin > 2 B")):
+            x = 2 * np.array([r[field] for r in imgs])
+            ax.scatter(x[agree], margin[agree], s=8, c="tab:blue", label="student agrees with teacher")
+            ax.scatter(x[~agree], margin[~agree], s=14, c="tab:red", marker="x", label="student disagrees")
+            top = float(min(x.max(), margin.max())) or 1e-6
+            ax.plot([0, top], [0, top], "k--", lw=0.8, label="certified above the line")
+            ax.set_xlim(0, float(x.max()) * 1.05 or 1e-6)  # each panel its own scale: margins are
+            ax.set_ylim(0, float(margin.max()) * 1.05 or 1e-6)  # often 10x smaller than 2 B
+            ax.set(xlabel=name, ylabel="teacher top-1 margin", title=f"{title} ({(margin > x).mean():.0%} certified)")
+            ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig
