@@ -22,7 +22,7 @@ from torch import nn
 
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
-from zsd.views import Preprocess
+from zsd.views import Preprocess, timm_preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
 EMA_PREFIX = "ema_"  # the EMA student's files: ema_student.safetensors, ema_student.json
@@ -74,11 +74,7 @@ def check_student_name(name: str) -> None:
 def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
     """The student's own evaluation transform (timm's data config), at `image_size` if given."""
     check_student_name(name)
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = image_size or cfg["input_size"][-1]
-    return Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)), interpolation=cfg["interpolation"],
-                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    return timm_preprocess(timm.create_model(name, pretrained=False, num_classes=0), image_size)
 
 
 def load_pretrained_backbone(model: Student, spec: str, image_size: int | None = None) -> None:

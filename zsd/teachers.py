@@ -26,7 +26,7 @@ from zsd.defaults import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
 from zsd.sources import class_key
-from zsd.views import Preprocess
+from zsd.views import Preprocess, timm_preprocess
 
 
 
@@ -213,7 +213,6 @@ class TimmTeacher(Teacher):
 
     def __init__(self, name: str, pretrained: str | None, device: torch.device):
         import timm
-        from timm.data import resolve_data_config
 
         self.model_name, self.device = f"timm:{name}", device
         pretrained = resolve_packaged_weights(pretrained)
@@ -239,14 +238,9 @@ class TimmTeacher(Teacher):
             raise ZsdError(f"could not load timm weights for {name} (offline?): pass --pretrained FILE "
                            f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
         self.model = model.eval().to(device)
-        cfg = resolve_data_config({}, model=model)
-        size = cfg["input_size"][-1]
-        self.preprocess = Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)),
-                                     interpolation=cfg["interpolation"], mean=tuple(cfg["mean"]),
-                                     std=tuple(cfg["std"]))
-        if cfg.get("crop_mode", "center") != "center":
-            raise ZsdError(f"timm crop_mode {cfg['crop_mode']!r} is not supported")
-        self.dim = int(model.num_features)
+        self.preprocess = timm_preprocess(model)
+        # The pre-logits width: head_hidden_size where a head MLP/conv follows the features (MobileNetV3).
+        self.dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     def _forward(self, x):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
