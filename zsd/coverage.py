@@ -26,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from zsd.errors import ZsdError, check_at_least
+from zsd.sources import class_key
 from zsd.store import Store, open_store
 
 DEFAULT_BLOCK_ROWS = 65536
@@ -360,7 +361,9 @@ def _per_class(records: list[dict], test_store: Store, train_labels: list, neare
         eps = np.array([records[n]["eps_t"] for n in idx])
         entry = {"class": name, "n": len(idx), "median_eps_t": float(np.median(eps)), "mean_eps_t": float(eps.mean()),
                  "max_eps_t": float(eps.max()),
-                 "nearest_same_class": (float(np.mean([train_labels[nearest[n]] == name for n in idx]))
+                 "nearest_same_class": (float(np.mean([train_labels[nearest[n]] is not None
+                                                       and class_key(train_labels[nearest[n]]) == class_key(name)
+                                                       for n in idx]))
                                         if train_labelled else None)}
         if "agree" in records[idx[0]]:
             entry["agreement"] = float(np.mean([records[n]["agree"] for n in idx]))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zsd.errors import ZsdError
+from zsd.sources import class_key
 
 RECIPES_DIR = Path(__file__).resolve().parent / "data" / "recipes"
 
@@ -75,19 +76,15 @@ class Recipe:
         """Label of an ImageFolder-style folder name ("american_bulldog", "n01558993").
 
         Sorted folder order is not label order (pets sorts "Sphynx" before "american_bulldog"),
-        so consumers map folders by name; case, '_' and ' ' are not significant.
+        so consumers map folders by name with `class_key` (case, ' ', '_' and '-' are not significant).
         """
         if self.folders and folder in self.folders:
             return self.folders.index(folder)
-        wanted = _normalise(folder)
+        wanted = class_key(folder)
         for label, name in enumerate(self.classes):
-            if _normalise(name) == wanted:
+            if class_key(name) == wanted:
                 return label
         raise ZsdError(f"Folder {folder!r} matches no class of recipe {self.name!r}; rename it to one of its class names.")
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[\s_]+", " ", name).strip().lower()
 
 
 def recipe_names() -> list[str]:
@@ -133,9 +130,9 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         fail("'classes' must be a non-empty list of class names")
     seen: dict[str, str] = {}
     for c in classes:
-        if _normalise(c) in seen:
-            fail(f"duplicate class {c!r} (same as {seen[_normalise(c)]!r})")
-        seen[_normalise(c)] = c
+        if class_key(c) in seen:
+            fail(f"duplicate class {c!r} (same as {seen[class_key(c)]!r})")
+        seen[class_key(c)] = c
 
     if not isinstance(data["dimensions"], list):
         fail("'dimensions' must be a list")
