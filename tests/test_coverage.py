@@ -56,7 +56,7 @@ def synthetic_case(rng, n_train=60, n_test=40, classes=5, d=16):
 
 
 def test_certificates_never_certify_a_disagreement(tmp_path):
-    counts = np.zeros(4, int)  # lemma-certified, direct-certified, disagreements, images
+    counts = np.zeros(5, int)  # paper-, witness-, direct-certified, disagreements, images
     for seed in range(40):
         rng = np.random.default_rng(seed)
         z, (t_train, s_train), (t_test, s_test) = synthetic_case(rng)
@@ -67,7 +67,8 @@ def test_certificates_never_certify_a_disagreement(tmp_path):
         bounds = witnesses(T, S, nn_t, stores[:1], stores[1:], k=4, block_rows=16)
         cert = certify(T, S, z, bounds)
         assert (bounds["delta"] <= bounds["bound"]).all()
-        assert not (cert["lemma_certified"] & ~cert["direct_certified"]).any()
+        assert not (cert["paper_certified"] & ~cert["witness_certified"]).any()
+        assert not (cert["witness_certified"] & ~cert["direct_certified"]).any()
         assert not (cert["direct_certified"] & ~cert["agree"]).any()
 
         # the witness minimises B over the union of both top-4 lists (numpy brute force)
@@ -78,9 +79,16 @@ def test_certificates_never_certify_a_disagreement(tmp_path):
         for i in range(len(T)):
             cand = np.union1d(np.argsort(d_t[i])[:4], np.argsort(d_s[i])[:4])
             assert bounds["bound"][i] == pytest.approx(b_all[i, cand].min(), abs=1e-9)
-        counts += [cert["lemma_certified"].sum(), cert["direct_certified"].sum(), (~cert["agree"]).sum(), len(T)]
+        # the paper's epsilon: the student's largest gap over every training image, independently
+        gap_max = np.linalg.norm(tt - ss, axis=-1).max()
+        assert bounds["eps_train_max"] == pytest.approx(gap_max, abs=1e-9)
+        eps = np.maximum(np.maximum(bounds["eps_t_witness"], bounds["eps_s"]), gap_max)
+        assert np.array_equal(cert["paper_certified"], cert["margin"] > 6 * eps)
+        counts += [cert["paper_certified"].sum(), cert["witness_certified"].sum(), cert["direct_certified"].sum(),
+                   (~cert["agree"]).sum(), len(T)]
     # the property is not vacuous: both certificates fire and the students do disagree somewhere
-    assert counts[0] > 0 and counts[1] > counts[0] and counts[2] > 0 and counts[1] < counts[3]
+    assert counts[1] > 0 and counts[2] > counts[1] and counts[3] > 0 and counts[2] < counts[4]
+    assert counts[1] >= counts[0]  # the paper's premise on every train image is the stricter one
 
 
 def cache_train_and_test(image_folder, tmp_path, teacher, pretrained=None, train_views=1):
@@ -106,9 +114,11 @@ def test_coverage_with_tiny_trained_student(image_folder, tiny_teacher_name, tmp
     assert len(images) == 9 and report["n_train"] == 12
     for r in images:
         assert r["delta"] <= r["bound"] + 1e-12
-        assert not r["lemma_certified"] or r["direct_certified"]
+        assert not r["paper_certified"] or r["witness_certified"]
+        assert not r["witness_certified"] or r["direct_certified"]
         assert not r["direct_certified"] or r["agree"]
-    assert report["certificate"]["violations"] == {"lemma_not_direct": 0, "direct_not_agree": 0}
+    assert report["certificate"]["violations"] == {"paper_not_witness": 0, "witness_not_direct": 0,
+                                                   "direct_not_agree": 0}
 
     # eps_t and eps_train against an independent computation from the stores
     train, test = open_store(tmp_path / "train.zarr"), open_store(tmp_path / "test.zarr")

@@ -11,7 +11,7 @@ class name with its normalised classifier rows. Data: the real photos in ../shar
 - test: pets37, the 25 breeds that are ImageNet classes (250 photos, never trained on).
 Students (<= 50 % of the teacher's 4.65M parameters) are trained from scratch on the cached
 targets with each loss, then evaluated (top-1, agreement with the teacher) and audited (mean
-delta, lemma-certified and directly certified fractions, coverage of the test set). Finding 3
+delta, witness-certified and directly certified fractions, coverage of the test set). Finding 3
 of the paper is checked by training on the domain-specific stand-in alone vs after a
 domain-agnostic first stage. Everything is seeded; reruns reuse finished stores and runs.
 Results: OUT/results.json, OUT/results.md, OUT/*.png.
@@ -199,7 +199,7 @@ def main():
                      "train_images_per_s": s.get("images_per_s"), "train_seconds": s.get("seconds"),
                      "final_train_loss": s.get("final_loss"),
                      "acc1": m["acc1"], "agreement": m["agreement_with_teacher"], "mean_delta": cert["delta"]["mean"],
-                     "lemma_certified": cert["lemma_certified"], "direct_certified": cert["direct_certified"],
+                     "witness_certified": cert["witness_certified"], "direct_certified": cert["direct_certified"],
                      "median_eps_t": cov["eps_t"]["median"]})
     timeline["evaluation and coverage"] = time.time() - t2
 
@@ -223,12 +223,12 @@ def markdown(report: dict) -> str:
     t = report["teacher"]
     lines = [f"Teacher {t['model']} ({t['params_M']}M params): top-1 {100 * t['acc1']:.1f} % on {report['test']} "
              f"({t['n_test']} images).", "",
-             "| student | params | loss | training data | steps | img/s | top-1 | agreement | mean δ | lemma-cert. | direct-cert. |",
+             "| student | params | loss | training data | steps | img/s | top-1 | agreement | mean δ | witness-cert. | direct-cert. |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
         lines.append(f"| {r['student']} | {r['params_M']}M | {r['loss']} | {r['data']} | {r['steps']} | "
                      f"{r['train_images_per_s']} | {100 * r['acc1']:.1f} % | {100 * r['agreement']:.1f} % | "
-                     f"{r['mean_delta']:.3f} | {100 * r['lemma_certified']:.1f} % | {100 * r['direct_certified']:.1f} % |")
+                     f"{r['mean_delta']:.3f} | {100 * r['witness_certified']:.1f} % | {100 * r['direct_certified']:.1f} % |")
     e = report["coverage_of_test_by_training_stores"]["eps_t"]
     lines += ["", f"Coverage of the pets test set by all training stores (teacher space): ε_T median {e['median']:.3f}, "
                   f"p90 {e['p90']:.3f}, max {e['max']:.3f}; near-duplicates "

@@ -225,7 +225,7 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 @click.argument("more_train", nargs=-1)
 @click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
 @click.option("--student", default=None, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the lemma's bound "
+              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the bound B "
                    "and the certificates.")
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
 @click.option("--block-rows", type=click.IntRange(1), default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
@@ -247,7 +247,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 
     Per test image: its nearest train image in teacher space and eps_T. With a student: a witness
     train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
-    teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
+    teacher's top-1 margin, and three certificates: paper-certified (Lemma 1 as stated: margin > 6 eps, the
+    student's gap checked on every train image), witness-certified (margin > 2B) and directly certified
+    (margin > 2 delta); then agreement.
     """
     from zsd.coverage import coverage, coverage_text, plot_coverage
 
