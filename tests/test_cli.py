@@ -22,7 +22,6 @@ BAD = [
     ("train --targets {store} --student resnet_18 --out r", "did you mean"),
     ("train --targets {store} --student no_such_net --out r", "not a timm model"),
     ("train --targets {store} --student resnet18 --out r --lr -1", "--lr"),
-    ("train --targets {store} --student resnet18 --out r --lr 0", "--lr"),
     ("train --targets {store} --student resnet18 --out r --lr nan", "--lr"),
     ("train --targets {store} --student resnet18 --out r --steps -1", "--steps"),
     ("train --targets {store} --student resnet18 --out r --steps 0", "--steps"),

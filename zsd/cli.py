@@ -277,7 +277,7 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Epochs over all target rows [default: 1].")
 @click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps instead of --epochs.")
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=5e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", type=click.FloatRange(0), default=5e-4, show_default=True, help="AdamW learning rate.")
 @click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
 @click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)

@@ -132,7 +132,7 @@ class TrainConfig:
                             ("--workers", self.workers)):
             check_at_least(flag, value, 0)
         check_at_least("--epochs", self.epochs, 0, exclusive=True)
-        check_at_least("--lr", self.lr, 0, exclusive=True)
+        check_at_least("--lr", self.lr, 0)  # 0 is a run that keeps its initial weights (tests of --init use it)
         check_at_least("--student-res", self.student_res, 8)
         if self.student:
             check_student_name(self.student)
