@@ -276,7 +276,7 @@ def test_timm_teacher_loads_weights_by_position_and_classifies_by_imagenet_name(
 def test_cli_info_json_and_one_line_errors(image_folder, tmp_path, tiny_teacher_name):
     out = tmp_path / "s.zarr"
     run_cache([image_folder], out, tiny_teacher_name)
-    r = subprocess.run([sys.executable, "-m", "zsd", "info", str(out), "--json"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "zsd", "info", str(out), "--json", "-"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert {k: info[k] for k in ("rows", "written", "failed", "views", "dim")} == \
         {"rows": 12, "written": 12, "failed": 0, "views": 2, "dim": 16}

@@ -1,6 +1,7 @@
 """The README's promise, command by command: bad input ends in one line `zsd: error: ...`, exit
 code 1, no traceback and no file written; `--help` never imports torch."""
 
+import json
 import os
 import subprocess
 import sys
@@ -146,3 +147,16 @@ def test_help_is_fast_and_imports_no_torch():
     assert (torch_loaded, zarr_loaded) == ("False", "False")
     assert "cache-teacher" in out.stdout and "quickstart" in out.stdout
     assert wall < 3.0  # <= 1 s on an idle machine (0.2 s measured); slack for a loaded CI box
+
+
+def test_json_is_a_path_in_every_command_and_dash_is_stdout(workdir, capsys):
+    work, given = workdir
+    main(["info", given["store"], "--json", "-"])
+    info = json.loads(capsys.readouterr().out)  # only the JSON
+    assert (info["rows"], info["classnames"]) == (12, ["cat", "dog", "fish"])
+    main(["info", given["store"], "--json", "out/info.json"])
+    assert "12 written" in capsys.readouterr().out  # the description, and the JSON beside it
+    assert json.loads((work / "out" / "info.json").read_text()) == info
+    main(["coverage", "--train", given["store"], "--test", given["store"], "--json", "-"])
+    report = json.loads(capsys.readouterr().out)  # the report alone, not after its text
+    assert report["n_test"] == 12 and report["near_duplicates"] == 12  # the store against itself

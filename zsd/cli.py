@@ -16,6 +16,19 @@ from zsd.errors import ZsdError
 # and every `zsd CMD --help` stay under a second.
 
 
+# Every command's --json takes a path ('-': standard output), written after the command succeeded.
+JSON_PATH = click.Path(dir_okay=False, allow_dash=True)
+
+
+def _write_json(path: str, data) -> None:
+    text = json.dumps(data, indent=1) + "\n"
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="zsd")
 def cli():
@@ -124,7 +137,7 @@ def _weights_spec(value: str | None) -> str | None:
 @click.option("--crop-scale", default="0.9,1.0", show_default=True, callback=lambda c, p, v: _parse_scale(v),
               help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, precision, num_shards,
                       shard_index, chunk_rows, crop_scale, view_seed, json_out):
     """Embed the images of SOURCES with the teacher into the store OUT (resumable).
@@ -141,20 +154,23 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
                             shard_index=shard_index, chunk_rows=chunk_rows, view_seed=view_seed,
                             crop_scale=crop_scale, log=lambda m: click.echo(m, err=True))
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(json_out, summary)
 
 
 @cli.command("info")
 @click.argument("store")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
-def info_cmd(store, as_json):
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write the description as JSON here (rows, written, failed, views, dim, teacher, "
+                   "classnames, ...); '-' prints only the JSON.")
+def info_cmd(store, json_out):
     """Describe a store: rows written/failed/pending, teacher, classes, size, embedding norms."""
     from zsd.store import open_store
 
     info = open_store(store).info()
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
+    if json_out:
+        _write_json(json_out, info)
+        if json_out == "-":
+            return
     t = info["teacher"]
     norm = info["norm_view0"]
     click.echo(f"{info['path']}  (zsd store format {info['format_version']})")
@@ -235,7 +251,7 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 @click.option("--classes-from", default=None, metavar="STORE",
               help="As in `zsd eval`: the teacher margins use class prototypes from this labelled store.")
 @click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report (with per-image records) here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Write the full report (with per-image records) here ('-': standard output).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
 @click.option("--worst", type=click.IntRange(0), default=20, show_default=True, help="How many least-covered test images to list.")
 @click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
@@ -257,10 +273,10 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
                       pretrained=pretrained, templates=templates, classnames=classnames, classes_from=classes_from,
                       dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
                       workers=workers, log=lambda m: click.echo(m, err=True))
-    click.echo(coverage_text(report))
+    if json_out != "-":
+        click.echo(coverage_text(report))
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+        _write_json(json_out, report)
     if plot:
         plot_coverage(report, plot)
 
@@ -314,7 +330,7 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Render every sample's student input once into a file in the cache dir and train from it "
                    "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
               no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
@@ -338,7 +354,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
                          teacher_weights=teacher_weights)
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(json_out, summary)
 
 
 @cli.command("quickstart")
