@@ -46,3 +46,11 @@ def test_the_wheel_holds_the_package_data_and_zsd_prompts_runs_from_it(tmp_path)
     prompts = [json.loads(line) for line in (run / "p.jsonl").read_text().splitlines()]
     assert {p["class"] for p in prompts} == set(recipe.classes)
     assert sorted(recipe_names()) == sorted(p.stem for p in Path(where).glob("*.json"))
+    # the quickstart's photos and class mapping come from the installed copy too
+    probe = ("from zsd.quickstart import DATA; print(DATA); "
+             "print(sum(1 for p in DATA.rglob('*') if p.suffix.lower() in ('.jpg', '.jpeg', '.png')))")
+    data, photos = subprocess.run([sys.executable, "-c", probe], cwd=run, env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()
+    assert Path(data).is_relative_to(site) and (Path(data) / "imagenet_classes.json").is_file()
+    assert int(photos) == sum(1 for p in (ROOT / "zsd" / "data" / "pets37").rglob("*")
+                              if p.suffix.lower() in (".jpg", ".jpeg", ".png")) > 300
