@@ -7,6 +7,7 @@ import json
 import logging
 import socket
 import time
+import warnings
 
 import pytest
 
@@ -65,8 +66,10 @@ def test_the_probe_goes_through_the_https_proxy_unless_no_proxy_exempts_the_hub(
 
 def one_error_line(capsys, argv, seconds=2.0):
     t = time.perf_counter()
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         main(argv)
+    assert not [str(w.message) for w in caught]  # a library warning on the way would be a second line
     elapsed = time.perf_counter() - t
     err = capsys.readouterr().err
     assert e.value.code == 1 and len(err.strip().splitlines()) == 1 and err.startswith("zsd: error: "), err

@@ -10,6 +10,7 @@ import os
 import socket
 import urllib.parse
 import urllib.request
+import warnings
 
 from zsd.errors import ZsdError
 
@@ -85,7 +86,9 @@ def load_local_or_hub(load, name: str, flag: str, what: str):
     """`load(name, local_files_only=...)` for transformers/diffusers: local files first, the hub only
     when it is reachable, so an offline machine fails at once with one line naming `flag`."""
     try:
-        return load(name, local_files_only=True)
+        with warnings.catch_warnings():  # the libraries' deprecation chatter about their own internals
+            warnings.simplefilter("ignore")
+            return load(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - not in the local cache (or not a model): try the hub if there is one
         pass
     reason = "not a local model and not in the Hugging Face cache"
