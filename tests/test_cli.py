@@ -83,6 +83,14 @@ BAD = [
     ("quickstart --steps 0", "--steps"),
     ("quickstart --student-res 0", "--student-res"),
     ("quickstart --student no_such_net", "not a timm model"),
+    # devices (cuda:99 exists nowhere) and students checked before any long work
+    ("train --targets {store} --student resnet18 --out r --device bogus", "--device bogus"),
+    ("train --targets {store} --student resnet18 --out r --device cuda:99", "--device cuda:99"),
+    ("cache-teacher imgs --out s --device bogus", "--device bogus"),
+    ("eval {store} --classes-from {store} --device bogus", "--device bogus"),
+    ("coverage --train {store} --test {store} --student {run} --device bogus", "no trained student"),
+    ("coverage --train {store} --test {store} --student {run}:ema", "no EMA student"),
+    ("quickstart --device bogus", "--device bogus"),
     # the command itself
     ("trian", "train"),
 ]

@@ -20,7 +20,7 @@ from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store, resolve_store
-from zsd.teachers import DEFAULT_TEACHER, create_teacher
+from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
 
@@ -119,6 +119,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
                         ("--num-shards", num_shards)):
         check_at_least(flag, value, 1)
     check_at_least("--workers", workers, 0)
+    resolve_device(device)
     num_shards, shard_index = _shard_from_env(num_shards, shard_index)
     if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
         device = f"cuda:{os.environ['LOCAL_RANK']}"

@@ -156,6 +156,12 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         check_at_least(flag, value, 1)
     for flag, value in (("--dup-threshold", dup_threshold), ("--worst", worst), ("--workers", workers)):
         check_at_least(flag, value, 0)
+    if student is not None:  # before the teacher-space search, not after it
+        from zsd.student import student_files
+        from zsd.teachers import resolve_device
+
+        student_files(student)
+        resolve_device(device)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     _check_stores(train_stores, test_store)

@@ -28,7 +28,7 @@ from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least
 from zsd.sources import class_key
 from zsd.store import WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
-from zsd.student import load_student, student_fingerprint, student_location
+from zsd.student import load_student, student_files, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess
@@ -273,6 +273,9 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     """
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--workers", workers, 0)
+    resolve_device(device)
+    for run_dir in students:  # a typo in the last --student fails before the teacher is run
+        student_files(run_dir)
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     if store.rows == 0:
         raise ZsdError(f"{store.path} holds no images")

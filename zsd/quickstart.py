@@ -40,6 +40,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     check_at_least("--steps", steps, 1)
     check_at_least("--student-res", student_res, 8)
     check_student_name(student)  # before the teacher pass, not minutes later
+    resolve_device(device)
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher)

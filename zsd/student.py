@@ -144,16 +144,22 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     os.replace(str(c) + ".tmp", c)
 
 
-def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
-    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
-    from safetensors.torch import load_file
-
+def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) of a student spec; one line when the run folder holds none (checked before long work)."""
     run_dir, prefix = student_location(spec)
     cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
         hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
         raise ZsdError(f"{run_dir} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
                        f"{w_path.name}); {hint}")
+    return cfg_path, w_path
+
+
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = student_files(spec)
     config = json.loads(cfg_path.read_text())
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
     model.load_state_dict(load_file(str(w_path)))

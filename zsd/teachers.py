@@ -51,9 +51,17 @@ def teacher_id(fingerprint: dict) -> str:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """--device: auto (cuda if there is one), cpu, cuda, cuda:N, ...; a typo or an absent GPU is one line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZsdError(f"--device {device}: not a torch device; pass auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       "pass cpu or auto")
+    return dev
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

