@@ -54,7 +54,9 @@ def tune_allocator(device: str | torch.device = "cpu") -> bool:
     Idempotent; a no-op for CUDA devices, off glibc, and when the user tuned the allocator.
     """
     global _applied
-    if resolve_device(device).type != "cpu":
+    if device == "auto":
+        device = resolve_device(device)
+    if torch.device(device).type != "cpu":  # only the type: naming a device that is absent is not an error here
         return False
     if _applied is None:
         _applied = False
