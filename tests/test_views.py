@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision.transforms import functional as F
 
 from zsd.teachers import create_teacher
-from zsd.views import normalize, render_view, resize_pixels, sample_views
+from zsd.views import eval_box, normalize, render_view, resize_pixels, sample_views
 
 
 def _img(w, h, seed=0):
@@ -33,6 +33,35 @@ def test_view0_is_timms_own_eval_transform(tmp_path):
     img = _img(97, 61)
     pre = teacher.preprocess
     assert torch.equal(normalize(render_view(img, 0, np.zeros(5), pre), pre.mean, pre.std), transform(img))
+
+
+@pytest.mark.parametrize("size", [(97, 61), (40, 130)])
+def test_squash_crop_mode_is_timms_own_eval_transform(size):
+    """tf_efficientnetv2_b3 squashes to 1/crop_pct of the input, then centre-crops (timm's crop_mode)."""
+    from zsd.student import student_preprocess
+
+    model = timm.create_model("tf_efficientnetv2_b3", pretrained=False)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    assert cfg["crop_mode"] == "squash" and cfg["crop_pct"] < 1
+    transform = timm.data.create_transform(**cfg, is_training=False)
+    pre = student_preprocess("tf_efficientnetv2_b3")
+    img = _img(*size)
+    assert torch.equal(normalize(render_view(img, 0, np.zeros(5), pre), pre.mean, pre.std), transform(img))
+    top, left, h, w = eval_box(*size, pre)  # the kept region: the centre size/resize (~ crop_pct) of each side
+    keep = pre.size / int(pre.size / cfg["crop_pct"])
+    assert (h, w) == (round(size[1] * keep), round(size[0] * keep))
+    assert (top, left) == (round((size[1] - h) / 2), round((size[0] - w) / 2))
+
+
+def test_timm_teacher_dim_is_the_pre_logits_width(tmp_path):
+    """MobileNetV3's head conv widens the pooled features (288 -> 1024): the embedding is 1024-d."""
+    model = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    teacher = create_teacher("timm:mobilenetv3_small_050", str(path), "cpu")
+    assert model.num_features != model.head_hidden_size
+    z = teacher.encode_images(torch.zeros(2, 3, 64, 64))
+    assert teacher.dim == z.shape[-1] == model.head_hidden_size
 
 
 def test_augmented_views_are_reproducible_and_in_bounds(tiny_teacher_name):

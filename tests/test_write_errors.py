@@ -126,7 +126,7 @@ def test_bad_out_device_and_json_fail_before_the_pass(image_folder, tmp_path, ti
             cli_main(["cache-teacher", str(image_folder), *args, "--teacher", tiny_teacher_name])
         assert message in one_error_line(capsys)
     monkeypatch.undo()
-    for device, message in (("gpu", "--device gpu: not a device"), ("cuda:7", "--device cuda:7: this machine has"),
+    for device, message in (("gpu", "--device gpu: not a torch device"), ("cuda:7", "--device cuda:7: this machine has"),
                             ("meta", "--device meta: zsd runs on cpu, cuda or mps")):
         if device == "cuda:7" and torch.cuda.device_count() > 7:
             continue

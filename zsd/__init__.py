@@ -10,3 +10,4 @@ __version__ = "0.1.0"
 # that the CLI starts without importing torch.
 DEFAULT_TEACHER = "ViT-B-32"
 DEFAULT_PRETRAINED = "datacomp_xl_s13b_b90k"
+DEFAULT_CHUNK_ROWS = 512  # store rows per chunk: the unit of writing and resuming

@@ -17,11 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError, check_writable
+from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store,
                        resolve_store, store_lock)
-from zsd.teachers import DEFAULT_TEACHER, create_teacher
+from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
 
@@ -136,8 +136,11 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     part of the teacher's fingerprint, so one store never mixes precisions.
     Returns a summary dict (rows, written, failed, seconds per phase, images/s).
     """
-    if views < 1:
-        raise ZsdError("--views must be at least 1")
+    for flag, value in (("--views", views), ("--batch-size", batch_size), ("--chunk-rows", chunk_rows),
+                        ("--num-shards", num_shards)):
+        check_at_least(flag, value, 1)
+    check_at_least("--workers", workers, 0)
+    resolve_device(device)
     num_shards, shard_index = _shard_from_env(num_shards, shard_index)
     path = resolve_store(out)
     check_writable(path if path.is_dir() else path.parent, "--out")
@@ -148,8 +151,6 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     tune_allocator(model.device)
     if batch_size is None:
         batch_size = CPU_BATCH if model.device.type == "cpu" else 256
-    if batch_size < 1:
-        raise ZsdError("--batch-size must be at least 1")
     scan = scan_sources(sources, log=log)
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows, log)
 

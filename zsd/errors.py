@@ -36,3 +36,15 @@ def check_writable(folder, what: str, create: bool = True) -> None:
     finally:
         if create and made is not None and made.is_dir():
             shutil.rmtree(made, ignore_errors=True)
+
+
+def check_at_least(flag: str, value, minimum, *, exclusive: bool = False) -> None:
+    """The library's twin of the CLI's click ranges, so a Python caller gets the same one-line error.
+
+    Written as `not value >= minimum` so that NaN fails too. None means "use the default" and passes.
+    """
+    if value is None:
+        return
+    ok = value > minimum if exclusive else value >= minimum
+    if not ok:
+        raise ZsdError(f"{flag} {value}: must be {'>' if exclusive else '>='} {minimum}")

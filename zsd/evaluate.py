@@ -25,10 +25,10 @@ import numpy as np
 
 from zsd.cache import ViewDataset, cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_at_least
 from zsd.sources import class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
-from zsd.student import load_student, student_fingerprint, student_location
+from zsd.student import load_student, student_files, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess
@@ -205,6 +205,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     Reused when it exists, matches this student checkpoint and the source store, and is
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
     """
+    device = resolve_device(device)  # "auto" is zsd's word, not torch's
     if model is None:
         model, config = load_student(run_dir, device)
     if not store.complete():
@@ -238,7 +239,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]),
                           1, 0, (1.0, 1.0))
     model = model.to(device).eval()
-    tune_allocator(next(model.parameters()).device)
+    tune_allocator(device)
     embed_rows(emb_store, dataset, model.encode_images, emb_store.pending_chunks(),
                images_per_batch=batch_size, workers=workers, skip=skip, device=device,
                desc=f"student -> {out.parent.parent.name}/{out.name}", encoder_name="student", progress=progress)
@@ -299,6 +300,11 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     With `classes_from` (a labelled store of the same teacher) every model is scored against its
     class prototypes (see `build_classifier`), and the teacher is not loaded.
     """
+    check_at_least("--batch-size", batch_size, 1)
+    check_at_least("--workers", workers, 0)
+    resolve_device(device)
+    for run_dir in students:  # a typo in the last --student fails before the teacher is run
+        student_files(run_dir)
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     check_labelled(store)
     classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,

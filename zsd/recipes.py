@@ -2,8 +2,8 @@
 
 A recipe names the classes (in label order), the contextual dimensions an LLM is asked about,
 the prompt weight of each dimension and of the class name (the paper's Table 7), and the
-zero-shot templates `zsd eval` uses. Data files live in the top-level `recipes/` directory;
-`load_recipe("pets")` resolves a bare name there, anything else is read as a path.
+zero-shot templates `zsd eval` uses. Data files live in `zsd/data/recipes/` (package data, so a
+wheel install has them); `load_recipe("pets")` resolves a bare name there, anything else is read as a path.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zsd.errors import ZsdError
+from zsd.sources import class_key
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parent / "data" / "recipes"
 
 # The contextual dimensions zsd knows how to ask an LLM about. A recipe may use another key
 # only if it brings its own `question`; otherwise a typo ("locaton") would silently produce
@@ -75,19 +76,15 @@ class Recipe:
         """Label of an ImageFolder-style folder name ("american_bulldog", "n01558993").
 
         Sorted folder order is not label order (pets sorts "Sphynx" before "american_bulldog"),
-        so consumers map folders by name; case, '_' and ' ' are not significant.
+        so consumers map folders by name with `class_key` (case, ' ', '_' and '-' are not significant).
         """
         if self.folders and folder in self.folders:
             return self.folders.index(folder)
-        wanted = _normalise(folder)
+        wanted = class_key(folder)
         for label, name in enumerate(self.classes):
-            if _normalise(name) == wanted:
+            if class_key(name) == wanted:
                 return label
         raise ZsdError(f"Folder {folder!r} matches no class of recipe {self.name!r}; rename it to one of its class names.")
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[\s_]+", " ", name).strip().lower()
 
 
 def recipe_names() -> list[str]:
@@ -95,7 +92,7 @@ def recipe_names() -> list[str]:
 
 
 def load_recipe(name_or_path: str | Path) -> Recipe:
-    """Load and validate a recipe by bare name (`recipes/<name>.json`) or by path."""
+    """Load and validate a recipe by bare name (`zsd/data/recipes/<name>.json`) or by path."""
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = RECIPES_DIR / f"{name_or_path}.json"
@@ -133,9 +130,9 @@ def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
         fail("'classes' must be a non-empty list of class names")
     seen: dict[str, str] = {}
     for c in classes:
-        if _normalise(c) in seen:
-            fail(f"duplicate class {c!r} (same as {seen[_normalise(c)]!r})")
-        seen[_normalise(c)] = c
+        if class_key(c) in seen:
+            fail(f"duplicate class {c!r} (same as {seen[class_key(c)]!r})")
+        seen[class_key(c)] = c
 
     if not isinstance(data["dimensions"], list):
         fail("'dimensions' must be a list")

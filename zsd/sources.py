@@ -175,16 +175,21 @@ def expand_braces(pattern: str) -> list[str]:
 
 def class_key(name: str) -> str:
     """The one class-name normaliser: names that differ only in case, spaces, '_' or '-' match
-    ("Egyptian_Mau" the folder, "egyptian mau" the prompt or ImageNet synonym)."""
+    ("Egyptian_Mau" the folder, "egyptian mau" the prompt or ImageNet synonym, "American Bulldog"
+    a recipe's display name and "american_bulldog" its dataset folder). Used wherever classes
+    of two origins meet: mixed sources and stores, recipes and folders, coverage, classifiers."""
     return re.sub(r"[\s_\-]+", " ", name.strip().lower())
 
 
 def merge_classnames(merged: list[str], names: list[str]) -> list[int]:
-    """Add `names` to `merged` (same name, same class) and return each name's index in it."""
+    """Add `names` to `merged` (one class per `class_key`; the first spelling seen is kept) and
+    return each name's index in it."""
+    keys = [class_key(m) for m in merged]
     for name in names:
-        if name not in merged:
+        if class_key(name) not in keys:
             merged.append(name)
-    return [merged.index(name) for name in names]
+            keys.append(class_key(name))
+    return [keys.index(class_key(name)) for name in names]
 
 
 def scan_sources(specs: list[str], log=print) -> Scan:
@@ -311,7 +316,7 @@ def _scan_manifest(path: Path, index: int):
 
 
 def _scan_shards(spec: str, shards: list[str], index: int, problems: list[str]):
-    keys, locs, found = [], [], []
+    keys, locs, found, seen = [], [], [], {}
     for part, shard in enumerate(shards):
         shard = os.path.abspath(shard)
         found.append(shard)
@@ -321,9 +326,17 @@ def _scan_shards(spec: str, shards: list[str], index: int, problems: list[str]):
         samples, error = _index_shard(shard)
         if error:
             problems.append(f"shard {shard}: {error}; kept the {len(samples)} complete samples before it")
+        repeated = []
         for key, offset, size in samples:
+            if key in seen:
+                repeated.append(key)
+                continue
+            seen[key] = shard
             keys.append(key)
             locs.append((index, part, offset, size))
+        if repeated:  # a store row is one key: a second sample with a seen uid would be a silent duplicate
+            problems.append(f"shard {shard}: {len(repeated)} samples repeat an earlier sample's uid "
+                            f"(e.g. {repeated[0]!r}); skipped")
     desc = {"kind": "webdataset", "spec": spec, "shards": found}
     return desc, keys, [-1] * len(keys), locs, []
 

@@ -53,12 +53,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from zsd import __version__
+from zsd import DEFAULT_CHUNK_ROWS, __version__
 from zsd.errors import ZsdError
 
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
-DEFAULT_CHUNK_ROWS = 512
 ARRAYS = ("emb", "key", "label", "loc", "view", "error", "status")
 CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk write; the rest at creation
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.

@@ -10,6 +10,7 @@ coverage).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
-from zsd.views import Preprocess
+from zsd.views import Preprocess, timm_preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
 EMA_PREFIX = "ema_"  # the EMA student's files: ema_student.safetensors, ema_student.json
@@ -61,13 +62,19 @@ def _takes_img_size(name: str) -> bool:
     return any(k in name for k in ("vit", "deit", "swin", "eva", "beit", "tiny_vit", "levit", "xcit"))
 
 
+def check_student_name(name: str) -> None:
+    """An unknown timm name fails here, with suggestions, before anything is read or written."""
+    if ":" in name or timm.is_model(name):  # hf-hub:/local-dir: names are resolved by timm on creation
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    raise ZsdError(f"--student {name}: not a timm model" + (f"; did you mean {', '.join(close)}?" if close
+                                                              else " (python -c 'import timm; print(timm.list_models())')"))
+
+
 def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
     """The student's own evaluation transform (timm's data config), at `image_size` if given."""
-    model = timm.create_model(name, pretrained=False, num_classes=0)
-    cfg = timm.data.resolve_data_config({}, model=model)
-    size = image_size or cfg["input_size"][-1]
-    return Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)), interpolation=cfg["interpolation"],
-                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    check_student_name(name)
+    return timm_preprocess(timm.create_model(name, pretrained=False, num_classes=0), image_size)
 
 
 def load_pretrained_backbone(model: Student, spec: str, image_size: int | None = None) -> None:
@@ -137,16 +144,22 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     os.replace(str(c) + ".tmp", c)
 
 
-def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
-    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
-    from safetensors.torch import load_file
-
+def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
+    """(config, weights) of a student spec; one line when the run folder holds none (checked before long work)."""
     run_dir, prefix = student_location(spec)
     cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
         hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
         raise ZsdError(f"{run_dir} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
                        f"{w_path.name}); {hint}")
+    return cfg_path, w_path
+
+
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
+    from safetensors.torch import load_file
+
+    cfg_path, w_path = student_files(spec)
     config = json.loads(cfg_path.read_text())
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
     model.load_state_dict(load_file(str(w_path)))

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
+from zsd.hub import load_local_or_hub, require_extra
 from zsd.prompts import read_prompts
 
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -60,29 +61,18 @@ def _resolve(device: str, dtype: str):
     return device, getattr(torch, dtype)
 
 
-def _from_pretrained(load, name: str, what: str, flag: str):
-    """Local files first: an offline machine fails at once instead of retrying the hub."""
-    for local_only in (True, False):
-        if not local_only and os.environ.get("HF_HUB_OFFLINE") == "1":
-            break
-        try:
-            return load(name, local_files_only=local_only)
-        except Exception:  # noqa: BLE001 - every loading failure means the same to the user
-            continue
-    raise ZsdError(f"Cannot load the {what} {name!r}; pass {flag} a local directory or a downloadable Hugging Face id.")
-
-
 def load_pipeline(settings: SynthSettings):
+    require_extra("synth", "diffusers", "transformers", "compel")
     from diffusers import AutoPipelineForText2Image, LCMScheduler
 
     device, dtype = _resolve(settings.device, settings.dtype)
-    pipe = _from_pretrained(lambda n, **kw: AutoPipelineForText2Image.from_pretrained(n, dtype=dtype, **kw),
-                            settings.model, "diffusion model", "--model")
+    pipe = load_local_or_hub(lambda n, **kw: AutoPipelineForText2Image.from_pretrained(n, dtype=dtype, **kw),
+                             settings.model, "--model", "diffusion model")
     if settings.lora:
         if importlib.util.find_spec("peft") is None:  # diffusers loads LoRAs through peft
             raise ZsdError("Loading a LoRA needs the peft package; pip install 'zsd[synth]' (or peft), or pass --lora none.")
-        _from_pretrained(lambda n, **kw: pipe.load_lora_weights(n, **kw) or pipe, settings.lora,
-                         "LoRA", "--lora none, or --lora")
+        load_local_or_hub(lambda n, **kw: pipe.load_lora_weights(n, **kw) or pipe, settings.lora,
+                          "--lora none, or --lora", "LoRA")
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -156,14 +146,15 @@ def synthesize(prompts_path: str | Path, out: str | Path, settings: SynthSetting
         raise ZsdError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}; pass an index below --num-shards.")
 
     part = out / (MANIFEST if num_shards == 1 else f"manifest-{shard_index:05d}-of-{num_shards:05d}.jsonl")
-    out.mkdir(parents=True, exist_ok=True)
     done = _read_manifest(part, out)
-    _write_lines(part, done)  # drop entries of vanished images and any truncated line
     done_paths = {e["image"] for e in done}
     todo = [i for i in range(shard_index, len(prompts), num_shards) if paths[i] not in done_paths]
+    if todo:  # before anything is written: a model that does not load leaves no output folder behind
+        pipe = pipe or load_pipeline(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_lines(part, done)  # drop entries of vanished images and any truncated line
 
     if todo:
-        pipe = pipe or load_pipeline(settings)
         encode = WeightedPromptEncoder(pipe)
         with open(part, "a", encoding="utf-8") as manifest, tqdm(total=len(todo), desc="synth", unit="img") as bar:
             for start in range(0, len(todo), settings.batch_size):

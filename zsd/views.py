@@ -48,10 +48,28 @@ class Preprocess:
         return InterpolationMode(self.interpolation)
 
 
+def timm_preprocess(model, size: int | None = None) -> Preprocess:
+    """A timm model's evaluation transform from its data config (at `size` if given): the one
+    definition for timm teachers and students, `crop_mode` included."""
+    from timm.data import resolve_data_config
+
+    from zsd.errors import ZsdError
+
+    cfg = resolve_data_config({}, model=model)
+    mode = cfg.get("crop_mode") or "center"
+    if mode not in ("center", "squash"):
+        raise ZsdError(f"timm crop_mode {mode!r} of {type(model).__name__} is not supported (center, squash)")
+    size = size or cfg["input_size"][-1]
+    return Preprocess(size=size, resize=int(size / cfg.get("crop_pct", 1.0)), interpolation=cfg["interpolation"],
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                      resize_mode="squash" if mode == "squash" else "shortest")
+
+
 def eval_box(width: int, height: int, pre: Preprocess) -> tuple[int, int, int, int]:
     """The region of the original image that the evaluation transform keeps, for the record."""
-    if pre.resize_mode == "squash":
-        return 0, 0, height, width
+    if pre.resize_mode == "squash":  # both sides scaled to `resize`, then the centre `size` kept
+        h, w = int(round(height * pre.size / pre.resize)), int(round(width * pre.size / pre.resize))
+        return int(round((height - h) / 2)), int(round((width - w) / 2)), h, w
     scale = pre.resize / min(width, height)
     crop = min(pre.size / scale, width, height)
     h = w = int(round(crop))
@@ -97,8 +115,8 @@ def sample_views(width: int, height: int, n_views: int, seed: int, row: int,
 def render_view(img: Image.Image, view: int, params: np.ndarray, pre: Preprocess) -> torch.Tensor:
     """The uint8 (3, size, size) pixels the teacher saw for one view of a decoded RGB image."""
     if view == 0:
-        if pre.resize_mode == "squash":
-            out = F.resize(img, [pre.size, pre.size], pre.interpolation_mode)
+        if pre.resize_mode == "squash":  # timm's crop_mode squash; open_clip's has resize == size
+            out = F.center_crop(F.resize(img, [pre.resize, pre.resize], pre.interpolation_mode), pre.size)
         else:
             out = F.center_crop(F.resize(img, pre.resize, pre.interpolation_mode), pre.size)
     else:
