@@ -96,6 +96,8 @@ def cache_all(views: int, log) -> dict:
         "imagenet_no_pets": ([no_pets], views, None),
         "imagenet_dogs_cats": ([dogs_cats], views, None),
         "pets_test": ([SHARED / "pets37/test"], 1, None),
+        # In-domain reference for the coverage figures: CIFAR-10 val, which tools/fidelity.py reproduces.
+        "cifar10_val": ([SHARED / "cifar10/val"], 1, cache_dir() / "fidelity" / "cifar10_val.zarr"),
     }
     stores = {}
     for name, (sources, v, path) in plan.items():
@@ -159,7 +161,6 @@ def main(argv=None):
         runs.setdefault(name, []).append({"seed": seed, **result})
         return cfg.run_dir
 
-    t0 = time.time()
     stage1 = {s: run("stage1_all", base, args.curve_points, s) for s in seeds}
     run("stage1_photos_only", replace(base, targets=[str(stores[n].path) for n in PHOTOS]), args.curve_points, seeds[0])
     run("stage1_cifar_only", replace(base, targets=[str(stores["cifar10"].path)]), args.curve_points, seeds[0])
@@ -169,13 +170,15 @@ def main(argv=None):
             run(f"stage2_{loss}", replace(specific, losses={loss: 1.0}, init_from=stage1[s], student=None,
                                           student_res=None), 2, s)
         run("stage2_only_l2", specific, 2, s)
-    train_minutes = (time.time() - t0) / 60
 
     # Coverage of the test set by all training data, in the teacher's space: how far the pets are
     # from anything the students saw (Lemma 1's epsilon_T).
     train_paths = [str(stores[n].path) for n in AGNOSTIC + ["imagenet_dogs_cats"]]
     cov = coverage(train_paths, str(test.path), pretrained=WEIGHTS, classnames=str(PETS_IMAGENET), templates="pets",
                    log=lambda m: None, progress=False)
+    cifar_cov = coverage([str(stores["cifar10"].path)], str(stores["cifar10_val"].path), log=lambda m: None,
+                         progress=False)
+    by_distance = cosine_by_distance(cov, test, [r["run"] for r in runs["stage1_all"]])
 
     def per_image(name, key="student_correct"):
         return [r["per_image"][key] for r in runs[name]]
@@ -206,14 +209,39 @@ def main(argv=None):
                           "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in rs]}
                    for name, rs in runs.items()},
         "comparisons": comparisons,
-        "coverage_teacher_space": {"eps_t": cov["eps_t"], "near_duplicates": cov["near_duplicates"]},
+        "coverage_teacher_space": {"eps_t": cov["eps_t"], "near_duplicates": cov["near_duplicates"],
+                                   "cifar10_val_by_cifar10_train": {"eps_t": cifar_cov["eps_t"]},
+                                   "stage1_cosine_by_eps_t": by_distance},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "minutes": {"training and curves": train_minutes, "total": (time.time() - t_start) / 60},
+        # Training as measured when each run was trained (a rerun reuses finished runs), and this invocation.
+        "minutes": {"training and curves (sum over runs)": sum(r["train_minutes"] for rs in runs.values() for r in rs),
+                    "this invocation": (time.time() - t_start) / 60},
     }
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "results.md").write_text(markdown(report))
     plot(report, out)
     log(markdown(report))
+
+
+def cosine_by_distance(cov: dict, test, students: list[str], bins: int = 4) -> list[dict]:
+    """Mean cosine(student, teacher) of the test images in quartiles of their distance to the nearest
+    training image (teacher space), averaged over the students: does fidelity fall with distance?"""
+    eps = {r["key"]: r["eps_t"] for r in cov["images"]}
+    keys = [str(k) for k in test.keys()]
+    rows = [i for i, k in enumerate(keys) if k in eps]
+    e = np.array([eps[keys[i]] for i in rows])
+    t = test.embeddings(view=0)[rows].astype(np.float64)
+    t /= np.linalg.norm(t, axis=1, keepdims=True)
+    cos = []
+    for student in students:
+        s = _student_store(student, test).embeddings(view=0)[rows].astype(np.float64)
+        cos.append((s / np.linalg.norm(s, axis=1, keepdims=True) * t).sum(1))
+    cos = np.mean(cos, axis=0)
+    edges = np.quantile(e, np.linspace(0, 1, bins + 1))
+    which = np.clip(np.searchsorted(edges, e, side="right") - 1, 0, bins - 1)
+    return [{"eps_t_range": [float(edges[b]), float(edges[b + 1])], "n": int((which == b).sum()),
+             "mean_cosine": float(cos[which == b].mean()), "mean_cosine_ci95": bootstrap_ci(cos[which == b])}
+            for b in range(bins)]
 
 
 def _student_store(student: str, test):
@@ -257,7 +285,15 @@ def markdown(report: dict) -> str:
     e = report["coverage_teacher_space"]["eps_t"]
     lines += ["", f"Distance from each test image to its nearest training image in the teacher's space (ε_T): "
                   f"median {e['median']:.3f}, p90 {e['p90']:.3f}, max {e['max']:.3f} (unit vectors: 0 identical, "
-                  f"1.41 orthogonal).", "",
+                  f"1.41 orthogonal). For comparison, CIFAR-10 val by CIFAR-10 train, where tools/fidelity.py's "
+                  f"student reproduces the teacher: median "
+                  f"{report['coverage_teacher_space']['cifar10_val_by_cifar10_train']['eps_t']['median']:.3f}.", "",
+              "Stage-1 students' mean cosine to the teacher on the test images, by quartile of ε_T:", "",
+              "| ε_T range | images | mean cosine [95 % CI] |", "|---|---|---|"]
+    for b in report["coverage_teacher_space"]["stage1_cosine_by_eps_t"]:
+        lines.append(f"| {b['eps_t_range'][0]:.3f}–{b['eps_t_range'][1]:.3f} | {b['n']} | {b['mean_cosine']:.3f} "
+                     f"[{b['mean_cosine_ci95'][0]:.3f}, {b['mean_cosine_ci95'][1]:.3f}] |")
+    lines += ["",
               "Minutes: " + ", ".join(f"{k} {v:.1f}" for k, v in report["minutes"].items()), ""]
     return "\n".join(lines)
 
