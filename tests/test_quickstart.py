@@ -19,9 +19,18 @@ def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch, capsy
 
     monkeypatch.chdir(tmp_path)
     logged = []
-    result = quickstart(steps=4, views=1, student_res=32, out=str(tmp_path / "runs"), device="cpu",
-                        log=logged.append)
+    result = quickstart(steps=4, views=1, out=str(tmp_path / "runs"), device="cpu", log=logged.append)
     run = tmp_path / "runs" / "timm_tf_efficientnet_lite0"
+    # stage 2 starts from the shipped first-stage student: its weights, its resolution
+    from zsd.quickstart import AGNOSTIC_STUDENT
+    from zsd.student import load_student
+
+    config = json.loads((run / "student" / "student.json").read_text())
+    assert config["preprocess"]["size"] == 64 and config["train_config"]["init_from"] == str(AGNOSTIC_STUDENT)
+    shipped, _ = load_student(AGNOSTIC_STUDENT)
+    trained, _ = load_student(run / "student")
+    moved = [(a - b).abs().max().item() for a, b in zip(shipped.parameters(), trained.parameters())]
+    assert 0 < max(moved) < 0.05  # weights fine-tuned for 4 steps at lr 5e-4, not re-initialised
     assert (run / "coverage.png").stat().st_size > 0
     teacher = json.loads((run / "eval" / "pets_test__teacher.json").read_text())
     # the teacher's top-1 recomputed from its cached test embeddings and its classifier rows

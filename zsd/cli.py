@@ -513,7 +513,8 @@ def predict_cmd(model, images, top_k, as_json):
 @click.option("--pretrained", default=None,
               help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
 @click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
-@click.option("--student-res", type=click.IntRange(8), default=128, show_default=True, help="Student input resolution.")
+@click.option("--student-res", type=click.IntRange(8), default=None,
+              help="Student input resolution [default: 64 px, the shipped first-stage student's, else 128].")
 @click.option("--steps", type=click.IntRange(1), default=150, show_default=True, help="Training steps.")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
 @click.option("--device", default="auto", show_default=True)
