@@ -160,8 +160,12 @@ def run_one(config: TrainConfig, val_store, measure, points: int, log) -> dict:
     key = {"config": {k: v for k, v in asdict(config).items() if k != "run_dir"}, "points": points,
            "val_store": str(Path(val_store.path).resolve())}
     saved = run / "curve.json"
-    if saved.is_file() and json.loads(saved.read_text())["key"] == json.loads(json.dumps(key)):
+    try:  # written last, so a run interrupted before it (or with a damaged one) is trained again
         record = json.loads(saved.read_text())
+        finished = record["key"] == json.loads(json.dumps(key))
+    except (OSError, ValueError, KeyError, TypeError):
+        finished = False
+    if finished:
         log(f"  reusing the finished run {run}")
         result = summarise(measure(student_embeddings(student, val_store, device="cpu", progress=False)))
         result.update(run=student, **record["result"])

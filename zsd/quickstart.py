@@ -64,9 +64,10 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     for src, dst, v in ((DATA / "train", train_store, views), (DATA / "test", test_store, 1)):
         cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device, log=log)
 
-    if two_stage and open_store(train_store).teacher_id != shipped["teacher_id"]:
+    stores_teacher = open_store(train_store).teacher_id
+    if two_stage and stores_teacher != shipped["teacher_id"]:
         log(f"the shipped first-stage student was distilled from teacher {shipped['teacher_id']}, these stores "
-            f"hold {open_store(train_store).teacher_id}'s embeddings (another precision?): training from scratch")
+            f"hold {stores_teacher}'s embeddings (another precision?): training from scratch")
         two_stage = False
     if two_stage:
         stage(2, f"student: the shipped domain-agnostic {student} (stage 1) learns the pets photos' cached "

@@ -347,7 +347,7 @@ class Store:
         try:
             with self.locked():
                 new = start + len(keys)
-                for name in ("emb", "key", "label", "loc", "view", "error", "status"):
+                for name in ARRAYS:
                     arr = self.group[name]
                     arr.resize((new, *arr.shape[1:]))
                 self.group["key"][start:] = np.asarray(keys, dtype=str)
@@ -393,7 +393,7 @@ class Store:
             "bytes": self.bytes_on_disk(),
             "norm_view0": health["norm_view0"] if health else None,
             # rows with NaN/inf embeddings (the trainer drops them); None: not read (without `full`)
-            "nonfinite": [str(k) for k in self.keys()[health["nonfinite"]]] if health else None,
+            "nonfinite": [str(k) for k in self._scattered("key", health["nonfinite"])] if health else None,
             "failures": [{"key": str(k), "reason": str(e)} for k, e in zip(keys, errors)],
             "zsd_version": self.attrs.get("zsd_version"),
         }
