@@ -39,7 +39,9 @@ AGNOSTIC_STUDENT = Path(__file__).parent / "data" / "students" / "agnostic_lite0
 
 def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, student: str = "mobilenetv3_small_050",
                student_res: int | None = None, views: int = 4, steps: int = 150, batch_size: int = 32,
-               out: str = "runs/quickstart", device: str = "auto", log=print) -> dict:
+               out: str = "runs/quickstart", device: str = "auto", data: str | Path = DATA, log=print) -> dict:
+    """`data` is a folder laid out like zsd/data/pets37 (train/, test/, imagenet_classes.json); the default is
+    the shipped one (tools/quickstart_cv.py passes rotated splits of it)."""
     check_at_least("--steps", steps, 1)
     check_at_least("--student-res", student_res, 8)
     shipped = json.loads((AGNOSTIC_STUDENT / "student.json").read_text())
@@ -52,6 +54,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher)
+    data = Path(data)
     stores = cache_dir() / "quickstart" / slug
     run_dir = Path(out) / slug
     t0 = time.time()
@@ -61,7 +64,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
 
     stage(1, f"teacher pass: {teacher} embeds {views} views of each train photo and the test photos")
     train_store, test_store = stores / "pets_train.zarr", stores / "pets_test.zarr"
-    for src, dst, v in ((DATA / "train", train_store, views), (DATA / "test", test_store, 1)):
+    for src, dst, v in ((data / "train", train_store, views), (data / "test", test_store, 1)):
         cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device, log=log)
 
     stores_teacher = open_store(train_store).teacher_id
@@ -88,7 +91,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
 
     stage(3, "zero-shot evaluation of teacher and student on the test photos")
     # A timm teacher classifies by ImageNet class name: only the 25 breeds that are ImageNet classes.
-    classnames = str(DATA / "imagenet_classes.json") if teacher.startswith("timm:") else None
+    classnames = str(data / "imagenet_classes.json") if teacher.startswith("timm:") else None
     results = evaluate(str(test_store), [str(run_dir / "student")], pretrained=pretrained, classnames=classnames,
                        templates="pets", device=device, out_dir=str(run_dir / "eval"), log=log)
     log(results_table(results))
