@@ -8,7 +8,7 @@ from PIL import Image
 from zsd.cli import main
 from zsd.errors import ZsdError
 from zsd.sources import scan_sources
-from zsd.spurious import derangement, make_spurious
+from zsd.spurious import COLOURS, class_features, derangement, make_spurious
 
 
 def class_counts(folder):
@@ -24,6 +24,23 @@ def test_derangement_has_no_fixed_point():
             assert sorted(p) == list(range(n)) and (p != np.arange(n)).all()
     with pytest.raises(ZsdError, match="at least 2 classes"):
         derangement(1, rng)
+
+
+def test_class_features_distinct_colours_first():
+    for n in (2, 10):  # up to 10 classes the colour alone tells every class apart
+        f = class_features([f"c{i}" for i in range(n)], "shapes", seed=3)
+        assert len({x["colour"] for x in f}) == n
+    f = class_features([f"c{i}" for i in range(50)], "shapes", seed=3)
+    assert len({(x["shape"], x["colour"]) for x in f}) == 50
+    assert all(x["rgb"] == list(COLOURS[x["colour"]]) for x in f)
+    assert f == class_features([f"c{i}" for i in range(50)], "shapes", seed=3)  # fixed by the seed
+    assert f != class_features([f"c{i}" for i in range(50)], "shapes", seed=4)
+    b = class_features([f"c{i}" for i in range(10)], "background", seed=0)
+    assert len({x["colour"] for x in b}) == 10 and "shape" not in b[0]
+    with pytest.raises(ZsdError, match="51 classes but only 50"):
+        class_features([f"c{i}" for i in range(51)], "shapes", seed=0)
+    with pytest.raises(ZsdError, match="11 classes but only 10"):
+        class_features([f"c{i}" for i in range(11)], "background", seed=0)
 
 
 def test_shapes_variant(image_folder, tmp_path):

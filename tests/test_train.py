@@ -370,6 +370,61 @@ def test_clip_and_mp_use_cached_class_prompt_embeddings(store, tmp_path, tiny_te
     assert set(log[0]["terms"]) == {"mp", "clip"}
 
 
+def test_clip_with_class_prototypes_from_a_store(store, tmp_path, monkeypatch, capsys):
+    """--class-embeddings-from: the clip/mp class embeddings are the prototypes of another labelled
+    store (classes matched by name, view 0, written rows only), and the teacher is never rebuilt."""
+    import zsd.train
+    from conftest import random_store, unit
+
+    targets = open_store(store)
+    rng = np.random.default_rng(0)
+    names = ["Fish tank", "bird", "cat", "dog"]  # another order, another spelling, an extra class
+    labels = np.array([0, 1, 2, 3, 2, 3, 0, 2, 3, 0, 2])
+    emb = rng.normal(size=(len(labels), 2, targets.dim))
+    protos = random_store(tmp_path / "protos.zarr", emb, labels, names, teacher=targets.teacher, failed=[4])
+    attrs = dict(protos.attrs)
+    protos.group.attrs["zsd"] = {**attrs, "teacher_id": targets.teacher_id}
+    stored = open_store(protos.path).embeddings(view=0).astype(np.float64)  # as written (fp16)
+    ok = np.arange(len(labels)) != 4
+    expected = np.stack([unit(unit(stored[ok & (labels == names.index(c))]).sum(0)) for c in ("cat", "dog", "Fish tank")])
+
+    seen = []
+
+    class Spy(zsd.train.Criterion):
+        def __init__(self, weights, text=None):
+            seen.append(text)
+            super().__init__(weights, text)
+
+    def no_teacher(*a, **k):
+        raise AssertionError("the teacher was rebuilt")
+
+    monkeypatch.setattr(zsd.train, "Criterion", Spy)
+    monkeypatch.setattr(zsd.train, "rebuild_teacher", no_teacher)
+    run = tmp_path / "run"
+    fit([store], run, steps=2, losses={"clip": 1.0, "mp": 0.5}, class_embeddings_from=str(protos.path))
+    np.testing.assert_allclose(seen[0].numpy(), expected, atol=1e-6)
+    assert load_student(run)[1]["train_config"]["class_embeddings_from"] == str(protos.path)
+    assert not (run / "text_embeddings.pt").exists()
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
+    assert set(log[0]["terms"]) == {"clip", "mp"} and all(np.isfinite(r["loss"]) for r in log)
+
+    # what it cannot use ends in one line
+    with pytest.raises(ZsdError, match="pass --loss clip or --loss mp"):
+        fit([store], tmp_path / "a", steps=1, class_embeddings_from=str(protos.path))
+    other = random_store(tmp_path / "other.zarr", emb, labels, names)  # another teacher
+    with pytest.raises(ZsdError, match="prototypes need the same teacher"):
+        fit([store], tmp_path / "b", steps=1, losses=["clip"], class_embeddings_from=str(other.path))
+    few = random_store(tmp_path / "few.zarr", emb, np.where(labels == 3, 1, labels), names, teacher=targets.teacher)
+    few.group.attrs["zsd"] = {**dict(few.attrs), "teacher_id": targets.teacher_id}
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--targets", store, "--student", STUDENT, "--student-res", "32", "--out",
+                  str(tmp_path / "c"), "--steps", "1", "--batch-size", "4", "--device", "cpu", "--loss", "clip",
+                  "--class-embeddings-from", str(few.path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("zsd: error: ") and "dog" in err[-1] and "prototypes need every class" in err[-1]
+    assert not (tmp_path / "c").exists()
+
+
 def test_cli_train_and_one_line_errors(store, tmp_path, capsys):
     out = tmp_path / "cli_run"
     cli_main(["train", "--targets", store, "--student", STUDENT, "--student-res", "32", "--out", str(out),

@@ -88,6 +88,13 @@ def seeds_interval(values: list[float]) -> dict:
 
 # ---------------------------------------------------------------- stores
 
+def require_folders(tool: str, train_dir: Path, val_dir: Path) -> None:
+    for d in (train_dir, val_dir):
+        if not d.is_dir():
+            sys.exit(f"{tool}: {d} is not a folder: pass --train/--val ImageFolder trees "
+                     "(the defaults live in ../shared/data/cifar10, beside a checkout of this project)")
+
+
 def teacher_stores(train_dir: Path, val_dir: Path, views: int, log) -> tuple:
     folder = cache_dir() / "fidelity"
     tag = lambda d: "_".join(Path(d).resolve().parts[-2:])  # noqa: E731  e.g. cifar10_train
@@ -314,10 +321,7 @@ def main(argv=None):
     t_start = time.time()
     log = lambda m: print(m, flush=True)  # noqa: E731
     train_dir, val_dir, out = Path(args.train), Path(args.val), Path(args.out)
-    for d in (train_dir, val_dir):
-        if not d.is_dir():
-            sys.exit(f"fidelity: {d} is not a folder: pass --train/--val ImageFolder trees "
-                     "(the defaults live in ../shared/data/cifar10, beside a checkout of this project)")
+    require_folders("fidelity", train_dir, val_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_store, val_store = teacher_stores(train_dir, val_dir, args.views, log)
     missing = set(val_store.classnames) - set(train_store.classnames)

