@@ -519,13 +519,17 @@ def export_cmd(run, out, classes, classes_from, templates, pretrained, opset, dy
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: per image its top classes and its embedding.")
-def predict_cmd(model, images, top_k, as_json):
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write per image its top classes and its embedding as JSON here; '-' prints only the JSON.")
+def predict_cmd(model, images, top_k, json_out):
     """Classify IMAGES (files or folders) with an exported MODEL: onnxruntime only, no torch."""
     from zsd.predict import predict, predictions_text
 
     results = predict(model, list(images), top_k=top_k)
-    click.echo(json.dumps(results) if as_json else predictions_text(results))
+    if json_out:
+        _write_json(json_out, results)
+    if json_out != "-":
+        click.echo(predictions_text(results))
 
 
 @cli.command("quickstart")
