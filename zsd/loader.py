@@ -216,9 +216,11 @@ class StudentInputs(Dataset):
     """
 
     def __init__(self, targets: TrainTargets, student_pre: Preprocess):
+        # the index first: a damaged key chunk fails with its one line before anything else is read
+        index = [(s.sources, s.keys(), s.locs(), s.view_params()) for s in (src.store for src in targets.sources)]
         self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
-        self.stores = [ViewDataset(s.sources, s.keys(), s.locs(), self.teacher_pre, params=s.view_params())
-                       for s in (src.store for src in targets.sources)]
+        self.stores = [ViewDataset(descs, keys, locs, self.teacher_pre, params=params)
+                       for descs, keys, locs, params in index]
         self.student_pre = student_pre
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
