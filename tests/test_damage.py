@@ -12,7 +12,7 @@ import zsd.cache
 from conftest import random_store, unit
 from test_cache import direct_embeddings, run_cache
 from zsd.cli import main
-from zsd.data import TrainTargets
+from zsd.loader import TrainTargets
 from zsd.store import FAILED, WRITTEN, open_store
 from zsd.teachers import create_teacher
 from zsd.verify import verify

@@ -139,7 +139,7 @@ def test_export_prototypes_metadata_parity_and_predict_equals_eval(store, run, i
     assert student_res["metrics"]["acc1"] == pytest.approx(acc)
 
     # the CLI on a folder: text lines and JSON agree with the Python function
-    code, out, _ = cli(["predict", model, image_folder, "--top-k", "2", "--json"], capsys)
+    code, out, _ = cli(["predict", model, image_folder, "--top-k", "2", "--json", "-"], capsys)
     assert code == 0
     by_file = {r["image"]: r for r in json.loads(out)}
     assert all(by_file[str(f)]["top"][0]["class"] == p for f, p in zip(files, eval_pred))
@@ -198,12 +198,13 @@ def test_predict_imports_no_torch(store, run, image_folder, tmp_path, capsys):
     assert code == 0 and "encoder only" in out and "(" + str(image_folder) + ")" in err
     image = sorted(image_folder.glob("*/*"))[0]
     script = ("import json, sys\nfrom zsd.cli import main\n"
-              f"main(['predict', {str(model)!r}, {str(image)!r}, '--json'])\n"
+              f"main(['predict', {str(model)!r}, {str(image)!r}, '--json', '-'])\n"
               "print(json.dumps([m for m in ('torch', 'torchvision', 'timm', 'open_clip') if m in sys.modules]))")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
-    result, loaded = (json.loads(line) for line in done.stdout.strip().splitlines())
+    *report, modules = done.stdout.strip().splitlines()
+    result, loaded = json.loads("\n".join(report)), json.loads(modules)
     assert loaded == []
     # an encoder-only model: the embedding, no classes; equal to the student's in torch
     assert "top" not in result[0]

@@ -25,8 +25,13 @@ def test_the_wheel_holds_the_package_data_and_zsd_prompts_runs_from_it(tmp_path)
     wheel, = (tmp_path / "dist").glob("zsd-*.whl")
 
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "zsd" / "data").rglob("*") if p.is_file()}
-    assert {f"zsd/data/recipes/{n}.json" for n in ("pets", "flowers", "imagenet100")} <= shipped
-    assert shipped <= set(zipfile.ZipFile(wheel).namelist())
+    student = "zsd/data/students/agnostic_lite0_mobilenetv3_small_050/student"
+    assert {f"zsd/data/recipes/{n}.json" for n in ("pets", "flowers", "imagenet100")} | \
+        {f"{student}.safetensors", f"{student}.json", "zsd/data/pets37/imagenet_classes.json"} <= shipped
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert shipped <= names
+    # zsd/data is data only: no module of that name shadows it or is shadowed by it
+    assert "zsd/loader.py" in names and not any(n.startswith("zsd/data") and n.endswith(".py") for n in names)
 
     site = tmp_path / "site"
     subprocess.run(pip + ["install", "--no-deps", "--no-index", "--target", str(site), str(wheel)], check=True,
@@ -54,3 +59,9 @@ def test_the_wheel_holds_the_package_data_and_zsd_prompts_runs_from_it(tmp_path)
     assert Path(data).is_relative_to(site) and (Path(data) / "imagenet_classes.json").is_file()
     assert int(photos) == sum(1 for p in (ROOT / "zsd" / "data" / "pets37").rglob("*")
                               if p.suffix.lower() in (".jpg", ".jpeg", ".png")) > 300
+    # and the quickstart's first-stage student, loaded from there
+    probe = ("from zsd.quickstart import AGNOSTIC_STUDENT as s; from zsd.student import load_student; "
+             "m, c = load_student(s); print(s, c['student'], sum(p.numel() for p in m.parameters()))")
+    where, name, params = subprocess.run([sys.executable, "-c", probe], cwd=run, env=env, capture_output=True,
+                                         text=True, check=True).stdout.split()
+    assert Path(where).is_relative_to(site) and name == "mobilenetv3_small_050" and int(params) > 10**5

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
-from zsd.data import TrainTargets, ViewDataset, parse_target
+from zsd.loader import StudentInputs, TrainTargets, parse_target
 from zsd.errors import ZsdError
 from zsd.evaluate import student_embeddings
 from zsd.store import PENDING, open_store
@@ -52,7 +52,7 @@ def weights(run_dir, prefix=""):
 def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
     """The pixels the trainer rebuilds for a (row, view), fed to the teacher, give the cached embedding."""
     targets = TrainTargets([store], log=lambda m: None)
-    ds = ViewDataset(targets, student_preprocess(STUDENT, 32))
+    ds = StudentInputs(targets, student_preprocess(STUDENT, 32))
     teacher = create_teacher(tiny_teacher_name, None, "cpu")
     s = open_store(store)
     emb = s.embeddings()
@@ -484,12 +484,12 @@ def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, 
     attrs = dict(s.attrs)
     attrs["teacher"] = {**attrs["teacher"], "model": "ViT-B-32", "weights": "sha256:" + "0" * 64}
     s.group.attrs["zsd"] = attrs
-    with pytest.raises(ZsdError, match="pass --teacher-weights FILE"):
+    with pytest.raises(ZsdError, match="pass --pretrained FILE"):
         fit([store], tmp_path / "a", steps=1, losses=["clip"])
     other = tmp_path / "other.bin"
     other.write_bytes(b"not the teacher")
     with pytest.raises(ZsdError, match="is not the file the targets were cached with"):
-        fit([store], tmp_path / "b", steps=1, losses=["mp"], teacher_weights=str(other))
+        fit([store], tmp_path / "b", steps=1, losses=["mp"], pretrained=str(other))
     # unlabelled rows (a flat folder) cannot be used by class-prompt losses
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from zsd import train as train_module
 from zsd.cache import cache_teacher
-from zsd.data import TrainTargets
+from zsd.loader import TrainTargets
 from zsd.store import open_store
 from zsd.train import TrainConfig, train
 

@@ -175,7 +175,7 @@ def main():
 
     import open_clip
 
-    from zsd.data import TrainTargets, ViewDataset
+    from zsd.loader import StudentInputs, TrainTargets
     from zsd.student import Student, student_preprocess
     from zsd.teachers import _preprocess_from_open_clip
     from zsd.train import TrainConfig, train
@@ -227,7 +227,7 @@ def main():
 
     targets = TrainTargets([str(store.path)], log=lambda m: None)
     order = targets.epoch_order(0, 0)
-    online = OnlineDataset(ViewDataset(targets, student_pre), [(int(r), int(v)) for _, r, v in order])
+    online = OnlineDataset(StudentInputs(targets, student_pre), [(int(r), int(v)) for _, r, v in order])
 
     def online_teacher():  # (b): teacher inference + student step on every batch, same decoded views
         model, opt = new_student()

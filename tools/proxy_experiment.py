@@ -149,7 +149,7 @@ def main(argv=None):
     measure = pets_measure(test)
     recipe = {k: v for k, v in RECIPE.items() if k != "steps"}
     base = TrainConfig(targets=[str(stores[n].path) for n in AGNOSTIC], **recipe, steps=args.steps,
-                       superclass="dog or cat", teacher_weights=WEIGHTS, run_dir="")
+                       superclass="dog or cat", pretrained=WEIGHTS, run_dir="")
 
     runs: dict[str, list[dict]] = {}
 

@@ -13,43 +13,22 @@ from collections import Counter
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
+from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import BadImage, RowReader, scan_sources
+from zsd.sources import scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store,
                        resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
-from zsd.views import Preprocess, normalize, render_view, sample_views
+from zsd.views import ViewDataset, normalize
 
 
 # Views per teacher forward on a CPU: measured with the proxy teacher (tf_efficientnet_lite0) on 2
 # cores, throughput is flat from 16 to 64 and halves at 128, where activations outgrow the caches.
 CPU_BATCH = 32
-
-
-class ViewDataset(Dataset):
-    """Row index -> (row, uint8 views (V, 3, S, S) | None, view params, error, decode seconds)."""
-
-    def __init__(self, descs, keys, locs, pre: Preprocess, views: int, view_seed: int, crop_scale):
-        self.reader = RowReader(descs)
-        self.keys, self.locs = keys, locs
-        self.pre, self.views, self.view_seed, self.crop_scale = pre, views, view_seed, tuple(crop_scale)
-
-    def __len__(self):
-        return len(self.keys)
-
-    def __getitem__(self, row):
-        t0 = time.perf_counter()
-        try:
-            img = self.reader.image(self.keys[row], self.locs[row])
-        except BadImage as e:
-            return row, None, None, str(e), time.perf_counter() - t0
-        params = sample_views(img.width, img.height, self.views, self.view_seed, row, self.crop_scale, self.pre)
-        pixels = torch.stack([render_view(img, v, params[v], self.pre) for v in range(self.views)])
-        return row, pixels, params, "", time.perf_counter() - t0
 
 
 def _collate(items):
@@ -61,17 +40,6 @@ def _collate(items):
     ok = [it[1] for it in items if it[1] is not None]
     return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
         [it[3] for it in items], sum(it[4] for it in items)
-
-
-def _shard_from_env(num_shards, shard_index):
-    """--num-shards/--shard-index, else torchrun's WORLD_SIZE/RANK, else one shard."""
-    if num_shards is None:
-        num_shards = int(os.environ.get("WORLD_SIZE", 1))
-        shard_index = int(os.environ.get("RANK", 0))
-    shard_index = shard_index or 0
-    if not 0 <= shard_index < num_shards:
-        raise ZsdError(f"--shard-index {shard_index} is not in 0..{num_shards - 1}")
-    return num_shards, shard_index
 
 
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
@@ -141,11 +109,11 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         check_at_least(flag, value, 1)
     check_at_least("--workers", workers, 0)
     resolve_device(device)
-    num_shards, shard_index = _shard_from_env(num_shards, shard_index)
+    num_shards, shard_index = shard(num_shards, shard_index)
     path = resolve_store(out)
     check_writable(path if path.is_dir() else path.parent, "--out")
-    if device == "auto" and num_shards > 1 and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
-        device = f"cuda:{os.environ['LOCAL_RANK']}"
+    if num_shards > 1:
+        device = local_cuda(device)
     t_start = time.perf_counter()
     model = create_teacher(teacher, pretrained, device, precision)
     tune_allocator(model.device)

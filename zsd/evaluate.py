@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zsd.cache import ViewDataset, cache_teacher, embed_rows
+from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least
 from zsd.sources import class_key
@@ -31,7 +31,7 @@ from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, ope
 from zsd.student import load_student, student_files, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
-from zsd.views import Preprocess
+from zsd.views import Preprocess, ViewDataset
 
 
 # ---------------------------------------------------------------- classes and classifier
@@ -236,8 +236,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     # Rows the teacher could not embed are recorded as failed here too, without being read.
     status, errors = store.status(), store.errors()
     skip = {int(r): str(errors[r]) or "not embedded by the teacher" for r in np.flatnonzero(status != WRITTEN)}
-    dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]),
-                          1, 0, (1.0, 1.0))
+    dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]))
     model = model.to(device).eval()
     tune_allocator(device)
     embed_rows(emb_store, dataset, model.encode_images, emb_store.pending_chunks(),

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError
 from zsd.hub import load_local_or_hub, require_extra
 from zsd.prompts import read_prompts
@@ -54,8 +55,9 @@ def image_path(prompt: dict) -> str:
 def _resolve(device: str, dtype: str):
     import torch
 
-    if device == "auto":  # torchrun sets LOCAL_RANK: one GPU per process
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    device = local_cuda(device)  # torchrun: one GPU per process
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)
@@ -108,10 +110,6 @@ def generate_images(pipe, prompts: list[dict], settings: SynthSettings, encode=N
                     height=settings.size, width=settings.size, generator=generators).images
 
 
-def _shard() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def _read_manifest(path: Path, out: Path) -> list[dict]:
     """Entries whose image exists; a line cut short by a crash is dropped."""
     entries = []
@@ -140,10 +138,7 @@ def synthesize(prompts_path: str | Path, out: str | Path, settings: SynthSetting
     paths = [image_path(p) for p in prompts]
     if len(set(paths)) != len(paths):
         raise ZsdError(f"{prompts_path} has two prompts of one class with the same seed; give every prompt its own seed.")
-    rank, world = _shard()
-    shard_index, num_shards = (rank if shard_index is None else shard_index), (world if num_shards is None else num_shards)
-    if not 0 <= shard_index < num_shards:
-        raise ZsdError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}; pass an index below --num-shards.")
+    num_shards, shard_index = shard(num_shards, shard_index)
 
     part = out / (MANIFEST if num_shards == 1 else f"manifest-{shard_index:05d}-of-{num_shards:05d}.jsonl")
     done = _read_manifest(part, out)

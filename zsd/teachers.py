@@ -322,9 +322,9 @@ def create_teacher(name: str = DEFAULT_TEACHER, pretrained: str | None = None,
     return teacher
 
 
-def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None, device: str = "auto",
-                    option: str = "--pretrained") -> Teacher:
-    """Rebuild the teacher that made a store from its fingerprint; `option` names the user's flag.
+def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | None = None,
+                    device: str = "auto") -> Teacher:
+    """Rebuild the teacher that made a store from its fingerprint (`pretrained`: every command's --pretrained).
 
     A tag or a model folder says where the weights are; a checkpoint file is recorded only by its
     hash, so the user passes the file and its hash is checked.
@@ -336,14 +336,14 @@ def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | 
             pretrained = weights[len("tag:"):]
         elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
             raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): "
-                           f"pass {option} FILE")
+                           "pass --pretrained FILE")
     if weights.startswith("sha256:") and pretrained and Path(pretrained).is_file() \
             and "sha256:" + file_sha256(pretrained) != weights:  # before loading: any file may be passed
-        raise ZsdError(f"{option} {pretrained} is not the file the targets were cached with (not the checkpoint "
+        raise ZsdError(f"--pretrained {pretrained} is not the file the targets were cached with (not the checkpoint "
                        f"hash {weights[:19]}...)")
     teacher = create_teacher(model, pretrained, device, fingerprint.get("precision", "fp32"))
     if teacher.weights != weights:
-        raise ZsdError(f"{option} {pretrained or model} is not the file the targets were cached with (its hash "
+        raise ZsdError(f"--pretrained {pretrained or model} is not the file the targets were cached with (its hash "
                        f"{teacher.weights[:19]}... is not the checkpoint hash {weights[:19]}...)")
     if teacher.id != store_teacher_id:
         raise ZsdError(f"the rebuilt teacher {model} has id {teacher.id}, the store's is {store_teacher_id} "

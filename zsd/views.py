@@ -5,19 +5,24 @@ deterministic evaluation transform (resize shortest side, centre crop), identica
 open_clip's `preprocess_val` or timm's eval transform computes. Views 1..V-1 are
 RandomResizedCrop + horizontal flip, as in CLIP training; their parameters are drawn from a
 generator seeded by (view_seed, row) and stored per row, so the trainer rebuilds exactly the
-pixels the teacher saw. Both sides go through `render_view`, so there is one definition of a view.
+pixels the teacher saw. Both sides go through `render_view`, so there is one definition of a view,
+and read a store's images through `ViewDataset`.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
+from torch.utils.data import Dataset
 from torchvision.transforms import functional as F
+
+from zsd.sources import BadImage, RowReader
 
 # One stored view = (top, left, height, width, flip) in the decoded image's pixel coordinates.
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
@@ -140,3 +145,40 @@ def resize_pixels(pixels: torch.Tensor, size: int, interpolation: str = "bicubic
     if pixels.shape[-1] == size and pixels.shape[-2] == size:
         return pixels
     return F.resize(pixels, [size, size], InterpolationMode(interpolation), antialias=True)
+
+
+class ViewDataset(Dataset):
+    """The views of a store's rows, decoded from the store's recorded sources with preprocessing `pre`.
+
+    Indexed by row, it is the teacher pass's dataset: row -> (row, uint8 views (V, 3, S, S) | None,
+    view params, error, decode seconds), the views drawn by `sample_views` from (view_seed, row).
+    With the stored `params`, `view(row, v)` rebuilds one view exactly: the trainer's student inputs.
+    Each DataLoader worker gets its own copy, with its own open shard handles.
+    """
+
+    def __init__(self, descs, keys, locs, pre: Preprocess, views: int = 1, view_seed: int = 0,
+                 crop_scale=(1.0, 1.0), params: np.ndarray | None = None):
+        self.reader = RowReader(descs)
+        self.keys, self.locs, self.params = keys, locs, params
+        self.pre, self.views, self.view_seed, self.crop_scale = pre, views, view_seed, tuple(crop_scale)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def image(self, row: int) -> Image.Image:
+        """The decoded RGB image of a row; BadImage if it can no longer be read."""
+        return self.reader.image(self.keys[row], self.locs[row])
+
+    def view(self, row: int, view: int) -> torch.Tensor:
+        """The uint8 pixels (3, S, S) of a stored view, as the teacher saw them."""
+        return render_view(self.image(row), view, self.params[row, view], self.pre)
+
+    def __getitem__(self, row):
+        t0 = time.perf_counter()
+        try:
+            img = self.image(row)
+        except BadImage as e:
+            return row, None, None, str(e), time.perf_counter() - t0
+        params = sample_views(img.width, img.height, self.views, self.view_seed, row, self.crop_scale, self.pre)
+        pixels = torch.stack([render_view(img, v, params[v], self.pre) for v in range(self.views)])
+        return row, pixels, params, "", time.perf_counter() - t0

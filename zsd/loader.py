@@ -31,9 +31,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader, merge_classnames
+from zsd.sources import BadImage, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
-from zsd.views import Preprocess, render_view, resize_pixels
+from zsd.views import Preprocess, ViewDataset, resize_pixels
 
 
 def parse_target(spec: str) -> tuple[str, float | None]:
@@ -204,8 +204,9 @@ class TrainTargets:
         return torch.tensor([int(self.sources[i].labels[row]) for i, row, _ in items], dtype=torch.long)
 
 
-class ViewDataset(Dataset):
-    """(store, row, view) -> (item, uint8 student input (3, R, R) | None, error).
+class StudentInputs(Dataset):
+    """(store, row, view) -> (item, uint8 student input (3, R, R) | None, error): a stored teacher
+    view (`ViewDataset.view`) resized to the student's resolution.
 
     uint8, normalised by the trainer on its device: a quarter of the bytes through the workers'
     shared memory and the pinned host-to-GPU copy.
@@ -215,17 +216,16 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, targets: TrainTargets, student_pre: Preprocess):
-        self.readers = [RowReader(src.store.sources) for src in targets.sources]
-        self.keys = [src.store.keys() for src in targets.sources]
-        self.locs = [src.store.locs() for src in targets.sources]
-        self.params = [src.store.view_params() for src in targets.sources]
+        # the index first: a damaged key chunk fails with its one line before anything else is read
+        index = [(s.sources, s.keys(), s.locs(), s.view_params()) for s in (src.store for src in targets.sources)]
         self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
+        self.stores = [ViewDataset(descs, keys, locs, self.teacher_pre, params=params)
+                       for descs, keys, locs, params in index]
         self.student_pre = student_pre
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
         """The uint8 pixels (3, S, S) the teacher saw for this view."""
-        img = self.readers[i].image(self.keys[i][row], self.locs[i][row])
-        return render_view(img, view, self.params[i][row, view], self.teacher_pre)
+        return self.stores[i].view(row, view)
 
     def student_pixels(self, item) -> torch.Tensor:
         """The uint8 student input (3, R, R) of a (store, row, view) item; BadImage if unreadable."""
@@ -297,7 +297,7 @@ class PixelCache:
     killed render leaves nothing to trust. Batches come out as `collate` makes them, bit for bit.
     """
 
-    def __init__(self, targets: TrainTargets, dataset: ViewDataset, *, workers: int = 0, progress: bool = True,
+    def __init__(self, targets: TrainTargets, dataset: StudentInputs, *, workers: int = 0, progress: bool = True,
                  log=print):
         self.pre = dataset.student_pre
         views = [src.store.views for src in targets.sources]
@@ -376,7 +376,7 @@ def _read_pixels(path, errors_path, shape) -> tuple[np.ndarray, dict[int, str]] 
 
 
 class _Render(Dataset):
-    def __init__(self, dataset: ViewDataset, items: np.ndarray):
+    def __init__(self, dataset: StudentInputs, items: np.ndarray):
         self.dataset, self.items = dataset, items
 
     def __len__(self):
