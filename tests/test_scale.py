@@ -221,3 +221,51 @@ def test_info_reads_no_embedding_unless_full(tmp_path, monkeypatch):
     full = open_store(store.path).info(full=True)["norm_view0"]
     np.testing.assert_allclose([full["mean"], full["min"], full["max"]], [norms.mean(), norms.min(), norms.max()],
                                rtol=1e-6)
+
+
+def test_a_resumed_pass_reads_the_shard_index_not_the_tar_headers(tmp_path, tiny_teacher_name, monkeypatch):
+    """The second pass takes every shard's member offsets from STORE/shard-index.npz; a shard rewritten
+    since (another size and mtime) is indexed again, and its new sample is found and embedded."""
+    from zsd import sources
+    from zsd.store import WRITTEN, open_store
+
+    uids = write_shards(tmp_path / "shards", 6, per_shard=2)
+    indexed = []
+    index_shard = sources._index_shard
+    monkeypatch.setattr(sources, "_index_shard", lambda shard: indexed.append(shard) or index_shard(shard))
+    store = tmp_path / "s.zarr"
+    first = cache([str(tmp_path / "shards")], store, tiny_teacher_name)
+    assert len(indexed) == 6 and (store / "shard-index.npz").exists()
+    indexed.clear()
+    again = cache([str(tmp_path / "shards")], store, tiny_teacher_name)
+    assert indexed == [] and again["processed"] == 0 and again["written"] == first["written"] == 12
+
+    # a rewritten shard (one sample more): only it is read again, and the index says what the tar says
+    fresh = tmp_path / "fresh"
+    write_shards(fresh, 6, per_shard=3)
+    shard = tmp_path / "shards" / "00004.tar"
+    os.replace(fresh / "00004.tar", shard)
+    new = sources.ShardIndex(store / "shard-index.npz")
+    assert new.entries[str(shard)][2] != index_shard(str(shard))[0]  # the stale entry, until looked up
+    assert new.lookup(str(shard)) == index_shard(str(shard)) and indexed == [str(shard)]
+    indexed.clear()
+    scan = sources.scan_sources([str(tmp_path / "shards")], index=sources.ShardIndex(store / "shard-index.npz"))
+    assert indexed == [str(shard)] and len(scan) == 13 and "u4_2" in scan.keys
+    assert scan.keys == sources.scan_sources([str(tmp_path / "shards")]).keys
+    assert sorted(open_store(store).keys()) == sorted(uids)
+    assert (open_store(store).status() == WRITTEN).all()
+
+
+def test_a_damaged_shard_index_is_rebuilt(tmp_path):
+    from zsd.sources import ShardIndex, scan_sources
+
+    write_shards(tmp_path / "shards", 3)
+    path = tmp_path / "shard-index.npz"
+    path.write_bytes(b"not an npz")
+    index = ShardIndex(path)
+    assert index.entries == {}
+    scan = scan_sources([str(tmp_path / "shards")], index=index)
+    index.save()
+    again = ShardIndex(path)
+    assert len(again.entries) == 3 and scan_sources([str(tmp_path / "shards")], index=again).keys == scan.keys
+    assert not again.changed

@@ -18,9 +18,9 @@ from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import BadImage, RowReader, scan_sources
-from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store,
-                       resolve_store, store_lock)
+from zsd.sources import BadImage, RowReader, ShardIndex, scan_sources
+from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, SHARD_INDEX, WRITTEN, Store, create_store,
+                       open_store, resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import Preprocess, normalize, render_view, sample_views
 
@@ -151,8 +151,10 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     tune_allocator(model.device)
     if batch_size is None:
         batch_size = CPU_BATCH if model.device.type == "cpu" else 256
-    scan = scan_sources(sources, log=log)
+    index = ShardIndex(path / SHARD_INDEX)
+    scan = scan_sources(sources, log=log, index=index)
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows, log)
+    index.save()  # now that the store exists: a first pass keeps its scan for the resumes
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
     damage = store.damage(mine, CHUNK_WRITES)  # before trusting a commit: a cut-short copy must not read as zeros

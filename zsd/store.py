@@ -14,6 +14,9 @@
                                  evaluation transform (its box is recorded for reference)
       error   (N,)      str      why a row failed ("" otherwise)
       status  (N,)      uint8    0 pending, 1 written, 2 failed: the commit mark
+      shard-index.npz            webdataset sources: each shard's member offsets with its size and
+                                 mtime (zsd.sources.ShardIndex), so a resume reads no tar header
+                                 again; a cache, rebuilt for any shard that changed
 
 Every array is chunked by the same `chunk_rows` rows, and rows are written one whole chunk
 at a time (a partial-chunk write rewrites the chunk): emb, view and error first, status last.
@@ -63,6 +66,7 @@ CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk wr
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
 NORM_TOLERANCE = 1e-2
 LOCK = "zsd.lock"  # the writers' lock file inside the store (see "Several writers")
+SHARD_INDEX = "shard-index.npz"  # webdataset member offsets of the store's shards (zsd.sources.ShardIndex)
 
 
 def cache_dir() -> Path:
