@@ -269,3 +269,14 @@ def test_a_damaged_shard_index_is_rebuilt(tmp_path):
     again = ShardIndex(path)
     assert len(again.entries) == 3 and scan_sources([str(tmp_path / "shards")], index=again).keys == scan.keys
     assert not again.changed
+
+
+def test_gpu_smoke_without_a_cuda_device_is_one_line(tmp_path):
+    """tools/gpu_smoke.sh needs a GPU; where torch sees none it says so in one line and exits 1, before
+    writing anything."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("zsd: error: tools/gpu_smoke.sh needs a CUDA")
+    assert list(tmp_path.iterdir()) == []
