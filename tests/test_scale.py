@@ -280,3 +280,26 @@ def test_gpu_smoke_without_a_cuda_device_is_one_line(tmp_path):
     assert res.returncode == 1 and res.stdout == ""
     assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("zsd: error: tools/gpu_smoke.sh needs a CUDA")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_keys_and_the_row_index_give_the_stores_rows(tmp_path):
+    """Keys of any text (escaped bytes and the empty key too) come back from the packed buffer; a streamed
+    row index holds at most `cached` chunks and answers like the whole one and like the store."""
+    from conftest import random_store, unit
+
+    from zsd.data import RowIndex
+    from zsd.sources import PackedKeys, encode_key
+
+    keys = ["a", "", "café.jpg", encode_key("caf\udce9.jpg"), "日本/猫.png"]
+    packed = PackedKeys(keys)
+    assert [packed[i] for i in range(len(packed))] == keys and packed.buf.dtype == np.uint8
+    assert len(PackedKeys([])) == 0
+
+    store = random_store(tmp_path / "s.zarr", unit(np.random.default_rng(0).standard_normal((41, 2, 4))), chunk_rows=8)
+    whole, streamed = RowIndex(store, True, 2), RowIndex(store, False, 2)
+    k, loc, params = store.keys(), store.locs(), store.view_params()
+    for row in np.random.default_rng(1).permutation(41):
+        for index in (whole, streamed):
+            got = index.row(int(row))
+            assert got[0] == k[row] and np.array_equal(got[1], loc[row]) and np.array_equal(got[2], params[row])
+        assert len(streamed._chunks) <= 2

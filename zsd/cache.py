@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import BadImage, RowReader, ShardIndex, scan_sources
+from zsd.sources import BadImage, PackedKeys, RowReader, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
@@ -35,7 +35,7 @@ class ViewDataset(Dataset):
 
     def __init__(self, descs, keys, locs, pre: Preprocess, views: int, view_seed: int, crop_scale):
         self.reader = RowReader(descs)
-        self.keys, self.locs = keys, locs
+        self.keys, self.locs = PackedKeys(keys), np.asarray(locs, dtype=np.int64)  # shared by the workers
         self.pre, self.views, self.view_seed, self.crop_scale = pre, views, view_seed, tuple(crop_scale)
 
     def __len__(self):
@@ -168,7 +168,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    dataset = ViewDataset(store.sources, list(store.keys()), store.locs(), model.preprocess, views,
+    dataset = ViewDataset(store.sources, store.keys(), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
                      workers=workers, device=model.device,

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader, merge_classnames
+from zsd.sources import BadImage, PackedKeys, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, resize_pixels
 
@@ -231,8 +231,7 @@ class TrainTargets:
 class RowIndex:
     """Key, location and view boxes of a store's rows for DataLoader workers, held in numpy arrays only.
 
-    A list of str is copied into every forked worker page by page, as reading an item touches its
-    refcount; numpy buffers are not. Keys are packed as one UTF-8 buffer with offsets. `whole`:
+    Keys are `PackedKeys`, the rest numpy arrays: nothing a worker reads is copied into it. `whole`:
     all rows at once (a store in RAM, visited in any order); else the chunks of the rows asked
     for, `cached` of them at a time (a streamed store, visited a window of chunks at a time).
     """
@@ -244,17 +243,13 @@ class RowIndex:
 
     def _load(self, rows: slice) -> tuple:
         s = self.store
-        data = [k.encode() for k in s.keys(rows)]
-        offsets = np.zeros(len(data) + 1, np.int64)
-        np.cumsum([len(d) for d in data], out=offsets[1:])
-        return rows.start or 0, (np.frombuffer(b"".join(data), np.uint8), offsets), s.locs(rows), s.view_params(rows)
+        return rows.start or 0, PackedKeys(s.keys(rows)), s.locs(rows), s.view_params(rows)
 
     def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
         """(key, loc (4,), view params (V, 5)) of a store row."""
         block = self._whole or self._chunk(row // self.store.chunk_rows)
-        first, (buf, offsets), locs, params = block
-        j = row - first
-        return buf[offsets[j]:offsets[j + 1]].tobytes().decode(), locs[j], params[j]
+        first, keys, locs, params = block
+        return keys[row - first], locs[row - first], params[row - first]
 
     def _chunk(self, c: int) -> tuple:
         block = self._chunks.pop(c, None) or self._load(self.store.chunk_slice(c))

@@ -434,6 +434,24 @@ class ShardIndex:
         self.changed = False
 
 
+class PackedKeys:
+    """Keys as two numpy arrays, one UTF-8 buffer and the offsets into it: forked DataLoader workers
+    share their pages, where a list of str is copied into every worker page by page as reading its
+    items touches their refcounts (a DataComp source: millions of keys, once per worker)."""
+
+    def __init__(self, keys):
+        data = [k.encode() for k in keys]
+        self.offsets = np.zeros(len(data) + 1, np.int64)
+        self.offsets[1:] = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
+        self.buf = np.frombuffer(b"".join(data), np.uint8)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+
 class RowReader:
     """Reads a row's encoded image bytes from the source descriptions stored with a store.
 
