@@ -221,3 +221,85 @@ def test_info_reads_no_embedding_unless_full(tmp_path, monkeypatch):
     full = open_store(store.path).info(full=True)["norm_view0"]
     np.testing.assert_allclose([full["mean"], full["min"], full["max"]], [norms.mean(), norms.min(), norms.max()],
                                rtol=1e-6)
+
+
+def test_a_resumed_pass_reads_the_shard_index_not_the_tar_headers(tmp_path, tiny_teacher_name, monkeypatch):
+    """The second pass takes every shard's member offsets from STORE/shard-index.npz; a shard rewritten
+    since (another size and mtime) is indexed again, and its new sample is found and embedded."""
+    from zsd import sources
+    from zsd.store import WRITTEN, open_store
+
+    uids = write_shards(tmp_path / "shards", 6, per_shard=2)
+    indexed = []
+    index_shard = sources._index_shard
+    monkeypatch.setattr(sources, "_index_shard", lambda shard: indexed.append(shard) or index_shard(shard))
+    store = tmp_path / "s.zarr"
+    first = cache([str(tmp_path / "shards")], store, tiny_teacher_name)
+    assert len(indexed) == 6 and (store / "shard-index.npz").exists()
+    indexed.clear()
+    again = cache([str(tmp_path / "shards")], store, tiny_teacher_name)
+    assert indexed == [] and again["processed"] == 0 and again["written"] == first["written"] == 12
+
+    # a rewritten shard (one sample more): only it is read again, and the index says what the tar says
+    fresh = tmp_path / "fresh"
+    write_shards(fresh, 6, per_shard=3)
+    shard = tmp_path / "shards" / "00004.tar"
+    os.replace(fresh / "00004.tar", shard)
+    new = sources.ShardIndex(store / "shard-index.npz")
+    assert new.entries[str(shard)][2] != index_shard(str(shard))[0]  # the stale entry, until looked up
+    assert new.lookup(str(shard)) == index_shard(str(shard)) and indexed == [str(shard)]
+    indexed.clear()
+    scan = sources.scan_sources([str(tmp_path / "shards")], index=sources.ShardIndex(store / "shard-index.npz"))
+    assert indexed == [str(shard)] and len(scan) == 13 and "u4_2" in scan.keys
+    assert scan.keys == sources.scan_sources([str(tmp_path / "shards")]).keys
+    assert sorted(open_store(store).keys()) == sorted(uids)
+    assert (open_store(store).status() == WRITTEN).all()
+
+
+def test_a_damaged_shard_index_is_rebuilt(tmp_path):
+    from zsd.sources import ShardIndex, scan_sources
+
+    write_shards(tmp_path / "shards", 3)
+    path = tmp_path / "shard-index.npz"
+    path.write_bytes(b"not an npz")
+    index = ShardIndex(path)
+    assert index.entries == {}
+    scan = scan_sources([str(tmp_path / "shards")], index=index)
+    index.save()
+    again = ShardIndex(path)
+    assert len(again.entries) == 3 and scan_sources([str(tmp_path / "shards")], index=again).keys == scan.keys
+    assert not again.changed
+
+
+def test_gpu_smoke_without_a_cuda_device_is_one_line(tmp_path):
+    """tools/gpu_smoke.sh needs a GPU; where torch sees none it says so in one line and exits 1, before
+    writing anything."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("zsd: error: tools/gpu_smoke.sh needs a CUDA")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_packed_keys_and_the_row_index_give_the_stores_rows(tmp_path):
+    """Keys of any text (escaped bytes and the empty key too) come back from the packed buffer; a streamed
+    row index holds at most `cached` chunks and answers like the whole one and like the store."""
+    from conftest import random_store, unit
+
+    from zsd.data import RowIndex
+    from zsd.sources import PackedKeys, encode_key
+
+    keys = ["a", "", "café.jpg", encode_key("caf\udce9.jpg"), "日本/猫.png"]
+    packed = PackedKeys(keys)
+    assert [packed[i] for i in range(len(packed))] == keys and packed.buf.dtype == np.uint8
+    assert len(PackedKeys([])) == 0
+
+    store = random_store(tmp_path / "s.zarr", unit(np.random.default_rng(0).standard_normal((41, 2, 4))), chunk_rows=8)
+    whole, streamed = RowIndex(store, True, 2), RowIndex(store, False, 2)
+    k, loc, params = store.keys(), store.locs(), store.view_params()
+    for row in np.random.default_rng(1).permutation(41):
+        for index in (whole, streamed):
+            got = index.row(int(row))
+            assert got[0] == k[row] and np.array_equal(got[1], loc[row]) and np.array_equal(got[2], params[row])
+        assert len(streamed._chunks) <= 2

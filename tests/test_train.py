@@ -498,3 +498,77 @@ def test_clip_and_mp_refuse_what_they_cannot_use(store, tmp_path, image_folder, 
     unlabelled = make_store(flat, tmp_path / "flat.zarr", tiny_teacher_name, views=1)
     with pytest.raises(ZsdError, match="need class labels|need labelled rows"):
         fit([unlabelled], tmp_path / "c", steps=1, losses=["clip"])
+
+
+def eager_order(targets, seed, epoch):
+    """The epoch order as zsd computed it before it was generated lazily (kept verbatim as the reference):
+    every sample of the epoch laid out at once."""
+    rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
+    rows, bounds = [], []
+    for src in targets.sources:
+        if src.in_ram:
+            rows.append(rng.permutation(src.rows))
+            bounds.append(np.arange(len(src.rows) + 1))
+        else:
+            edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
+            chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
+            rows.append(np.concatenate([src.rows[edges[c]:edges[c + 1]] for c in chunks]))
+            bounds.append(np.concatenate([[0], np.cumsum(edges[chunks + 1] - edges[chunks])]))
+    n_blocks = np.array([len(b) - 1 for b in bounds])
+    if targets.sources[0].weight is None:
+        first_block = np.concatenate([[0], np.cumsum(n_blocks)])
+        ids = rng.permutation(first_block[-1])
+        store = np.searchsorted(first_block, ids, side="right") - 1
+        block = ids - first_block[store]
+    else:
+        p = np.array([src.weight / src.block_rows for src in targets.sources])
+        store = rng.choice(len(targets.sources), size=targets.rows_per_epoch, p=p / p.sum())
+        block = np.empty_like(store)
+        for i, n in enumerate(n_blocks):
+            mine = store == i
+            block[mine] = np.arange(mine.sum()) % n
+    all_bounds = np.concatenate(bounds)
+    where = np.concatenate([[0], np.cumsum(n_blocks + 1)])[store] + block
+    starts, lengths = all_bounds[where], all_bounds[where + 1] - all_bounds[where]
+    keep = np.searchsorted(np.cumsum(lengths), targets.rows_per_epoch) + 1
+    store, starts, lengths = store[:keep], starts[:keep], lengths[:keep]
+    total = int(lengths.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    sample_store = np.repeat(store, lengths)
+    position = np.repeat(starts, lengths) + within
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    sample_row = np.concatenate(rows)[offsets[sample_store] + position]
+    window = np.repeat(np.arange(len(store)) // targets.shuffle_chunks, lengths)
+    shuffled = np.lexsort((rng.random(total), window))[:targets.rows_per_epoch]
+    sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
+    views = np.array([src.store.views for src in targets.sources])[sample_store]
+    sample_view = (rng.random(len(sample_row)) * views).astype(np.int64)
+    return np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
+
+
+@pytest.mark.parametrize("in_ram,weights,shuffle", [("yes", None, 16), ("no", (0.3, 0.7), 3), ("yes", (1.0, 2.0), 16)])
+def test_lazy_epoch_samples_give_the_eager_order_from_any_start(tmp_path, in_ram, weights, shuffle):
+    """Stores of 20,011 and 517 rows (some failed), chunks of 512: the window-by-window samples from any
+    start are the rows of the order computed all at once, and batches follow them."""
+    from conftest import random_store, unit
+
+    from zsd.data import BatchPlan
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name, n, views in (("a", 20011, 2), ("b", 517, 3)):
+        emb = unit(rng.standard_normal((n, views, 4))).astype(np.float16)
+        paths.append(str(random_store(tmp_path / f"{name}.zarr", emb, chunk_rows=512, failed=range(5, n, 97)).path))
+    specs = paths if weights is None else [f"{p}={w}" for p, w in zip(paths, weights)]
+    targets = TrainTargets(specs, in_ram=in_ram, shuffle_chunks=shuffle, log=lambda m: None)
+    for epoch in (0, 1):
+        ref = eager_order(targets, 7, epoch)
+        assert ref.shape == (targets.rows_per_epoch, 3)
+        np.testing.assert_array_equal(targets.epoch_order(7, epoch), ref)
+        for start in (1, 8191, 8193, 12345, targets.rows_per_epoch - 3):
+            np.testing.assert_array_equal(np.concatenate(list(targets.epoch_samples(7, epoch, start))), ref[start:])
+    # a plan resumed at step 37 of epoch 1 (batch 256, 2 micro-batches) yields that epoch's samples in order
+    per_epoch = targets.rows_per_epoch // 256
+    plan = BatchPlan(targets, 7, 256, 2, 1, 0, start=per_epoch + 37, total=per_epoch + 50)
+    got = np.array([x for batch in plan for x in batch])
+    np.testing.assert_array_equal(got, ref[37 * 256:(37 + len(plan) // 2) * 256])

@@ -129,3 +129,37 @@ def test_all_ranks_puts_the_value_on_the_given_device(monkeypatch):
     with pytest.raises(NotImplementedError):  # .tolist() of a meta tensor: the reduction itself was recorded
         train_module.all_ranks([1.0, True], dist.ReduceOp.MIN, torch.device("meta"))
     assert seen == [(torch.device("meta"), torch.float32, dist.ReduceOp.MIN)]
+
+
+@pytest.mark.parametrize("in_ram", ["yes", "no"])
+def test_each_rank_reads_only_its_own_target_rows(tmp_path, in_ram, monkeypatch):
+    """Two ranks' plans over one store: the embedding rows each rank reads are exactly those of its own
+    micro-batches, never the whole array (a rank used to load every row of a store in RAM), and
+    they hold the stored values."""
+    from conftest import random_store, unit
+
+    from zsd.data import BatchPlan
+    from zsd.store import Store
+
+    emb = unit(np.random.default_rng(0).standard_normal((40, 2, 8))).astype(np.float16)
+    store = random_store(tmp_path / "s.zarr", emb, chunk_rows=8)
+    targets = TrainTargets([str(store.path)], in_ram=in_ram, shuffle_chunks=2, log=lambda m: None)
+    monkeypatch.setattr(Store, "embeddings", lambda *a, **k: pytest.fail("read the whole embedding array"))
+    read, read_rows = [], Store.read_rows
+    monkeypatch.setattr(Store, "read_rows", lambda self, rows, views: (read.append(rows.copy()),
+                                                                       read_rows(self, rows, views))[1])
+    plans = [BatchPlan(targets, seed=1, batch_size=8, accum=2, world=2, rank=r, start=0, total=10) for r in (0, 1)]
+    order = np.concatenate([targets.epoch_order(1, e)[:8 * (40 // 8)] for e in range(2)])
+    for step, (a, b) in enumerate(zip(*plans)):  # micro-batch `step` of both ranks
+        mine = []
+        for batch in (a, b):
+            items = np.array(batch, dtype=np.int64)
+            read.clear()
+            np.testing.assert_array_equal(targets.targets(items).numpy(),
+                                          emb[items[:, 1], items[:, 2]].astype(np.float32))
+            assert sorted(np.concatenate(read).tolist()) == sorted(items[:, 1].tolist())
+            mine.append(items)
+        assert len(mine[0]) == len(mine[1]) == 2
+        assert not set(map(tuple, mine[0])) & set(map(tuple, mine[1]))  # each rank its half
+        micro = order[step * 4:(step + 1) * 4]
+        assert sorted(map(tuple, np.concatenate(mine))) == sorted(map(tuple, micro))

@@ -19,9 +19,9 @@ from tqdm import tqdm
 from zsd.cpu import tune_allocator
 from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import scan_sources
-from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, WRITTEN, Store, create_store, open_store,
-                       resolve_store, store_lock)
+from zsd.sources import ShardIndex, scan_sources
+from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, SHARD_INDEX, WRITTEN, Store, create_store,
+                       open_store, resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import ViewDataset, normalize
 
@@ -119,8 +119,10 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     tune_allocator(model.device)
     if batch_size is None:
         batch_size = CPU_BATCH if model.device.type == "cpu" else 256
-    scan = scan_sources(sources, log=log)
+    index = ShardIndex(path / SHARD_INDEX)
+    scan = scan_sources(sources, log=log, index=index)
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows, log)
+    index.save()  # now that the store exists: a first pass keeps its scan for the resumes
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
     damage = store.damage(mine, CHUNK_WRITES)  # before trusting a commit: a cut-short copy must not read as zeros
@@ -134,7 +136,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = min(4, max(1, (os.cpu_count() or 2) - 1))
-    dataset = ViewDataset(store.sources, list(store.keys()), store.locs(), model.preprocess, views,
+    dataset = ViewDataset(store.sources, store.keys(), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
                      workers=workers, device=model.device,

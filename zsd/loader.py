@@ -6,7 +6,7 @@ normalised with the student's mean/std; its target is the cached embedding of th
 
 Data order is a pure function of (seed, epoch), so a resumed run finds the batch of any step
 again without replaying the ones before it:
-- stores whose embeddings fit in RAM are loaded whole and their rows are permuted freely;
+- stores whose embeddings fit in RAM (the page cache) have their rows permuted freely;
 - larger stores are streamed: their row chunks are visited in a random order and the rows of a
   window of `shuffle_chunks` consecutive chunks are shuffled together (a shuffle buffer), so
   every chunk is read from disk once per epoch (webdataset rows follow the shard order, so
@@ -15,6 +15,11 @@ again without replaying the ones before it:
   drawn with probability proportional to its weight per row, cycling through that store's own
   permutation; an epoch has as many rows as all stores together.
 The view of every sample is drawn uniformly from the stored views, also from (seed, epoch).
+
+Nothing per row is held as Python objects or copied per process: targets are read row by row
+from the memory-mapped store (each DDP rank its own rows), and the DataLoader workers find a row's
+image through numpy arrays (`RowIndex`), whole for a store in RAM, a few chunks at a time when
+streaming, so memory does not grow with the rows of a streamed store.
 """
 
 from __future__ import annotations
@@ -31,9 +36,9 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, merge_classnames
+from zsd.sources import BadImage, PackedKeys, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
-from zsd.views import Preprocess, ViewDataset, resize_pixels
+from zsd.views import Preprocess, render_view, resize_pixels
 
 
 def parse_target(spec: str) -> tuple[str, float | None]:
@@ -112,34 +117,41 @@ class TrainTargets:
                 self.skipped_rows += len(nonfinite)
             if not len(rows):
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
-            remap = np.array(store_remap + [-1], dtype=np.int64)
-            labels = remap[s.labels().astype(np.int64)]  # label -1 picks the trailing -1
+            remap = np.array(store_remap + [-1], dtype=np.int32)
+            labels = remap[s.labels()]  # label -1 picks the trailing -1
             fits = s.rows * s.views * s.dim * 2 <= budget
             ram = {"auto": fits, "yes": True, "no": False}[in_ram]
             self.sources.append(Source(s, w, rows, labels, ram, 1 if ram else s.chunk_rows))
         self.rows_per_epoch = sum(len(src.rows) for src in self.sources)
-        self._emb = [src.store.embeddings() if src.in_ram else None for src in self.sources]
-        self._chunks: OrderedDict = OrderedDict()  # (store, chunk) -> fp16 (rows, V, D), streaming only
 
     # --- order
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
-        """(rows_per_epoch, 3) int64 array of (store, row, view): the samples of one epoch, in order.
+        """(rows_per_epoch, 3) int64 array of (store, row, view): the samples of one epoch, in order."""
+        return np.concatenate(list(self.epoch_samples(seed, epoch)))
 
-        Vectorised, so that an epoch of a DataComp-scale store is ordered in seconds.
+    def epoch_samples(self, seed: int, epoch: int, start: int = 0):
+        """The samples of `epoch_order(seed, epoch)` from sample `start` on, as (k, 3) arrays, one shuffle
+        window at a time: a streamed DataComp-scale epoch is never laid out whole (its blocks are chunks).
+
+        Random numbers come from one PCG64 stream in a fixed sequence: the block order, then one
+        shuffle key per sample, then one view draw per sample. Each draw takes one 64-bit output,
+        so the windows before `start` are skipped by advancing the stream, not by drawing them.
         """
         rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
-        # Per store: its written rows laid out block after block, blocks in a random order.
-        rows, bounds = [], []
+        # Per store: an array of its rows and its blocks as (start, length) in it, blocks in a random order.
+        base, block_start, block_len = [], [], []
         for src in self.sources:
             if src.in_ram:
-                rows.append(rng.permutation(src.rows))
-                bounds.append(np.arange(len(src.rows) + 1))
+                base.append(rng.permutation(src.rows))
+                block_start.append(np.arange(len(src.rows)))
+                block_len.append(np.ones(len(src.rows), np.int64))
             else:
                 edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
                 chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
-                rows.append(np.concatenate([src.rows[edges[c]:edges[c + 1]] for c in chunks]))
-                bounds.append(np.concatenate([[0], np.cumsum(edges[chunks + 1] - edges[chunks])]))
-        n_blocks = np.array([len(b) - 1 for b in bounds])
+                base.append(src.rows)
+                block_start.append(edges[chunks])
+                block_len.append(edges[chunks + 1] - edges[chunks])
+        n_blocks = np.array([len(b) for b in block_start])
 
         # The sequence of blocks of this epoch, as (store, block) pairs.
         if self.sources[0].weight is None:
@@ -154,59 +166,102 @@ class TrainTargets:
             for i, n in enumerate(n_blocks):
                 mine = store == i
                 block[mine] = np.arange(mine.sum()) % n  # cycle through the store's own permutation
-        all_bounds = np.concatenate(bounds)
-        where = np.concatenate([[0], np.cumsum(n_blocks + 1)])[store] + block
-        starts, lengths = all_bounds[where], all_bounds[where + 1] - all_bounds[where]
+        starts, lengths = np.empty(len(store), np.int64), np.empty(len(store), np.int64)
+        for i in range(len(self.sources)):
+            mine = store == i
+            starts[mine], lengths[mine] = block_start[i][block[mine]], block_len[i][block[mine]]
         keep = np.searchsorted(np.cumsum(lengths), self.rows_per_epoch) + 1
         store, starts, lengths = store[:keep], starts[:keep], lengths[:keep]
 
-        # Expand blocks into samples; shuffle the samples within windows of `shuffle_chunks` blocks.
+        # Samples, window by window of `shuffle_chunks` blocks, shuffled within their window.
         total = int(lengths.sum())
-        within = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        sample_store = np.repeat(store, lengths)
-        position = np.repeat(starts, lengths) + within
-        offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
-        sample_row = np.concatenate(rows)[offsets[sample_store] + position]
-        window = np.repeat(np.arange(len(store)) // self.shuffle_chunks, lengths)
-        shuffled = np.lexsort((rng.random(total), window))[:self.rows_per_epoch]
-        sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
-        views = np.array([src.store.views for src in self.sources])[sample_store]
-        sample_view = (rng.random(len(sample_row)) * views).astype(np.int64)
-        return np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
+        keys = rng.bit_generator  # one shuffle key per sample of the `total`, then the view draws
+        draws = np.random.PCG64()
+        draws.state = keys.state
+        draws.advance(total)
+        keys, draws = np.random.Generator(keys), np.random.Generator(draws)
+        views = np.array([src.store.views for src in self.sources])
+        w = self.shuffle_chunks
+        window_len = np.add.reduceat(lengths, np.arange(0, len(lengths), w))
+        window_end = np.cumsum(window_len)
+        first = int(np.searchsorted(window_end, start, side="right"))  # the window holding sample `start`
+        done = int(window_end[first - 1]) if first else 0
+        keys.bit_generator.advance(done)
+        draws.bit_generator.advance(min(done, self.rows_per_epoch))
+        k = first
+        while k < len(window_len) and done < self.rows_per_epoch:
+            # a group of whole windows of >= 8,192 samples: an in-RAM store's windows are 16 rows each
+            k2 = min(len(window_len), int(np.searchsorted(window_end, window_end[k] + 8192)) + 1)
+            b = slice(k * w, k2 * w)
+            n = int(window_len[k:k2].sum())
+            within = np.arange(n) - np.repeat(np.cumsum(lengths[b]) - lengths[b], lengths[b])
+            sample_store = np.repeat(store[b], lengths[b])
+            position = np.repeat(starts[b], lengths[b]) + within
+            sample_row = np.empty(n, np.int64)
+            for i in np.unique(sample_store):
+                mine = sample_store == i
+                sample_row[mine] = base[i][position[mine]]
+            window = np.repeat(np.arange(k2 - k), window_len[k:k2])
+            shuffled = np.lexsort((keys.random(n), window))[:self.rows_per_epoch - done]
+            sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
+            sample_view = (draws.random(len(shuffled)) * views[sample_store]).astype(np.int64)
+            out = np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
+            yield out[max(0, start - done):]
+            done += len(shuffled)
+            k = k2
 
     # --- targets
     def targets(self, items: np.ndarray) -> torch.Tensor:
-        """Cached embeddings (n, D) float32 of (store, row, view) items."""
+        """Cached embeddings (n, D) float32 of (store, row, view) items: only these rows are read."""
         out = np.empty((len(items), self.dim), np.float32)
-        for j, (i, row, view) in enumerate(items):
-            emb = self._emb[i]
-            if emb is not None:
-                out[j] = emb[row, view]
-            else:
-                store = self.sources[i].store
-                c = row // store.chunk_rows
-                chunk = self._chunk(i, c)
-                out[j] = chunk[row - c * store.chunk_rows, view]
+        for i, src in enumerate(self.sources):
+            mine = items[:, 0] == i
+            if mine.any():
+                out[mine] = src.store.read_rows(items[mine, 1], items[mine, 2])
         return torch.from_numpy(out)
 
-    def _chunk(self, i: int, c: int) -> np.ndarray:
-        key = (i, c)
-        if key in self._chunks:
-            self._chunks.move_to_end(key)
-            return self._chunks[key]
-        store = self.sources[i].store
-        self._chunks[key] = store.embeddings(rows=store.chunk_slice(c))
-        while len(self._chunks) > 2 * self.shuffle_chunks + 2:  # a window plus its neighbour
-            self._chunks.popitem(last=False)
-        return self._chunks[key]
-
     def labels(self, items: np.ndarray) -> torch.Tensor:
-        return torch.tensor([int(self.sources[i].labels[row]) for i, row, _ in items], dtype=torch.long)
+        out = np.empty(len(items), np.int64)
+        for i, src in enumerate(self.sources):
+            mine = items[:, 0] == i
+            out[mine] = src.labels[items[mine, 1]]
+        return torch.from_numpy(out)
+
+
+class RowIndex:
+    """Key, location and view boxes of a store's rows for DataLoader workers, held in numpy arrays only.
+
+    Keys are `PackedKeys`, the rest numpy arrays: nothing a worker reads is copied into it. `whole`:
+    all rows at once (a store in RAM, visited in any order); else the chunks of the rows asked
+    for, `cached` of them at a time (a streamed store, visited a window of chunks at a time).
+    """
+
+    def __init__(self, store: Store, whole: bool, cached: int):
+        self.store, self.cached = store, cached
+        self._chunks: OrderedDict[int, tuple] = OrderedDict()  # chunk -> (first row, keys, locs, params)
+        self._whole = self._load(slice(None)) if whole else None
+
+    def _load(self, rows: slice) -> tuple:
+        s = self.store
+        return rows.start or 0, PackedKeys(s.keys(rows)), s.locs(rows), s.view_params(rows)
+
+    def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
+        """(key, loc (4,), view params (V, 5)) of a store row."""
+        block = self._whole or self._chunk(row // self.store.chunk_rows)
+        first, keys, locs, params = block
+        return keys[row - first], locs[row - first], params[row - first]
+
+    def _chunk(self, c: int) -> tuple:
+        block = self._chunks.pop(c, None) or self._load(self.store.chunk_slice(c))
+        self._chunks[c] = block  # most recently used last
+        while len(self._chunks) > self.cached:
+            self._chunks.popitem(last=False)
+        return block
 
 
 class StudentInputs(Dataset):
     """(store, row, view) -> (item, uint8 student input (3, R, R) | None, error): a stored teacher
-    view (`ViewDataset.view`) resized to the student's resolution.
+    view, rebuilt from the store's recorded source and view box and resized to the student's resolution.
 
     uint8, normalised by the trainer on its device: a quarter of the bytes through the workers'
     shared memory and the pinned host-to-GPU copy.
@@ -216,16 +271,15 @@ class StudentInputs(Dataset):
     """
 
     def __init__(self, targets: TrainTargets, student_pre: Preprocess):
-        # the index first: a damaged key chunk fails with its one line before anything else is read
-        index = [(s.sources, s.keys(), s.locs(), s.view_params()) for s in (src.store for src in targets.sources)]
+        self.readers = [RowReader(src.store.sources) for src in targets.sources]
+        self.index = [RowIndex(src.store, src.in_ram, 2 * targets.shuffle_chunks + 2) for src in targets.sources]
         self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
-        self.stores = [ViewDataset(descs, keys, locs, self.teacher_pre, params=params)
-                       for descs, keys, locs, params in index]
         self.student_pre = student_pre
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
         """The uint8 pixels (3, S, S) the teacher saw for this view."""
-        return self.stores[i].view(row, view)
+        key, loc, params = self.index[i].row(row)
+        return render_view(self.readers[i].image(key, loc), view, params[view], self.teacher_pre)
 
     def student_pixels(self, item) -> torch.Tensor:
         """The uint8 student input (3, R, R) of a (store, row, view) item; BadImage if unreadable."""
@@ -265,18 +319,20 @@ class BatchPlan:
         self.steps_per_epoch = targets.rows_per_epoch // batch_size
 
     def __iter__(self):
-        micro = self.batch_size // self.accum
+        micro, size = self.batch_size // self.accum, self.batch_size
         step = self.start
         while step < self.total:
             epoch, k = divmod(step, self.steps_per_epoch)
-            order = self.targets.epoch_order(self.seed, epoch)
-            for g in range(k, self.steps_per_epoch):
-                if step >= self.total:
-                    return
-                batch = order[g * self.batch_size:(g + 1) * self.batch_size]
-                for a in range(self.accum):
-                    yield [tuple(x) for x in batch[a * micro:(a + 1) * micro][self.rank::self.world]]
-                step += 1
+            pending = np.zeros((0, 3), np.int64)  # samples drawn, not yet batched: less than a window + a batch
+            for part in self.targets.epoch_samples(self.seed, epoch, start=k * size):
+                pending = np.concatenate([pending, part])
+                while len(pending) >= size and step < self.total and k < self.steps_per_epoch:
+                    batch, pending = pending[:size], pending[size:]
+                    for a in range(self.accum):
+                        yield [tuple(x) for x in batch[a * micro:(a + 1) * micro][self.rank::self.world]]
+                    step, k = step + 1, k + 1
+                if step >= self.total or k == self.steps_per_epoch:
+                    break
 
     def __len__(self):
         return (self.total - self.start) * self.accum

@@ -14,6 +14,9 @@
                                  evaluation transform (its box is recorded for reference)
       error   (N,)      str      why a row failed ("" otherwise)
       status  (N,)      uint8    0 pending, 1 written, 2 failed: the commit mark
+      shard-index.npz            webdataset sources: each shard's member offsets with its size and
+                                 mtime (zsd.sources.ShardIndex), so a resume reads no tar header
+                                 again; a cache, rebuilt for any shard that changed
 
 Every array is chunked by the same `chunk_rows` rows, and rows are written one whole chunk
 at a time (a partial-chunk write rewrites the chunk): emb, view and error first, status last.
@@ -47,6 +50,7 @@ import fcntl
 import os
 import shutil
 import uuid
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,6 +67,7 @@ CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk wr
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
 NORM_TOLERANCE = 1e-2
 LOCK = "zsd.lock"  # the writers' lock file inside the store (see "Several writers")
+SHARD_INDEX = "shard-index.npz"  # webdataset member offsets of the store's shards (zsd.sources.ShardIndex)
 
 
 def cache_dir() -> Path:
@@ -114,6 +119,7 @@ class Store:
             fixed = arr.dtype.kind in "biuf"
             self._layout[name] = (arr.metadata.chunk_key_encoding, arr.ndim,
                                   int(np.prod(arr.chunks)) * arr.dtype.itemsize if fixed else None)
+        self._maps: OrderedDict[int, np.memmap] = OrderedDict()  # emb chunk -> its file, mapped (read_rows)
 
     # --- metadata
     @property
@@ -238,17 +244,17 @@ class Store:
             out.extend(block[rows[rows // self.chunk_rows == c] - c * self.chunk_rows])
         return out
 
-    def keys(self) -> np.ndarray:
-        return np.asarray(self._read("key"), dtype=object)
+    def keys(self, rows: slice = slice(None)) -> np.ndarray:
+        return np.asarray(self._read("key", rows), dtype=object)
 
     def labels(self) -> np.ndarray:
         return self._read("label")
 
-    def locs(self) -> np.ndarray:
-        return self._read("loc")
+    def locs(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._read("loc", rows)
 
-    def view_params(self) -> np.ndarray:
-        return self._read("view")
+    def view_params(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._read("view", rows)
 
     def errors(self) -> np.ndarray:
         return np.asarray(self._read("error"), dtype=object)
@@ -272,6 +278,31 @@ class Store:
     def embeddings(self, view: int | None = None, rows: slice = slice(None)) -> np.ndarray:
         """Embeddings of `rows` (default all) in RAM, fp16: (n, V, D), or (n, D) for one view."""
         return self._read("emb", rows) if view is None else self._read("emb", rows, view, slice(None))
+
+    def read_rows(self, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+        """Embeddings (n, D) fp16 of written (row, view) pairs, read from the memory-mapped chunk files
+        (raw little-endian fp16: chunks are not compressed). Only these rows' pages are touched, and
+        they live in the page cache, shared: every DDP rank and process of a node reads its own rows
+        from one copy, where a load per process held the whole array once per rank."""
+        out = np.empty((len(rows), self.dim), np.float16)
+        chunk = rows // self.chunk_rows
+        for c in np.unique(chunk):
+            mine = chunk == c
+            out[mine] = self._mapped(int(c))[rows[mine] - c * self.chunk_rows, views[mine]]
+        return out
+
+    def _mapped(self, c: int) -> np.memmap:
+        m = self._maps.pop(c, None)
+        if m is None:
+            problem = self.chunk_problem("emb", c, np.array([WRITTEN]))  # the caller asks for written rows only
+            if problem:
+                raise self.damaged_error("emb", c, problem)
+            while len(self._maps) >= 256:  # each mapping is one of the process's (~65,000) memory maps
+                self._maps.popitem(last=False)
+            m = np.memmap(self.chunk_file("emb", c), dtype="<f2", mode="r",
+                          shape=(self.chunk_rows, self.views, self.dim))
+        self._maps[c] = m  # most recently used last
+        return m
 
     def iter_blocks(self, view: int | None = 0, block_rows: int | None = None):
         """Stream (start, fp16 block of shape (n, D), or (n, V, D) for view None) in chunk-aligned

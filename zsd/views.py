@@ -22,7 +22,7 @@ from torchvision.transforms import InterpolationMode
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as F
 
-from zsd.sources import BadImage, RowReader
+from zsd.sources import BadImage, PackedKeys, RowReader
 
 # One stored view = (top, left, height, width, flip) in the decoded image's pixel coordinates.
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
@@ -148,18 +148,17 @@ def resize_pixels(pixels: torch.Tensor, size: int, interpolation: str = "bicubic
 
 
 class ViewDataset(Dataset):
-    """The views of a store's rows, decoded from the store's recorded sources with preprocessing `pre`.
-
-    Indexed by row, it is the teacher pass's dataset: row -> (row, uint8 views (V, 3, S, S) | None,
-    view params, error, decode seconds), the views drawn by `sample_views` from (view_seed, row).
-    With the stored `params`, `view(row, v)` rebuilds one view exactly: the trainer's student inputs.
-    Each DataLoader worker gets its own copy, with its own open shard handles.
+    """The teacher pass's dataset: a store's rows decoded from its recorded sources with preprocessing
+    `pre`; row -> (row, uint8 views (V, 3, S, S) | None, view params, error, decode seconds), the
+    views drawn by `sample_views` from (view_seed, row). Keys are `PackedKeys` and locations a numpy
+    array, so forked DataLoader workers share them instead of copying; each worker opens its own
+    shard handles.
     """
 
     def __init__(self, descs, keys, locs, pre: Preprocess, views: int = 1, view_seed: int = 0,
-                 crop_scale=(1.0, 1.0), params: np.ndarray | None = None):
+                 crop_scale=(1.0, 1.0)):
         self.reader = RowReader(descs)
-        self.keys, self.locs, self.params = keys, locs, params
+        self.keys, self.locs = PackedKeys(keys), np.asarray(locs, dtype=np.int64)
         self.pre, self.views, self.view_seed, self.crop_scale = pre, views, view_seed, tuple(crop_scale)
 
     def __len__(self):
@@ -168,10 +167,6 @@ class ViewDataset(Dataset):
     def image(self, row: int) -> Image.Image:
         """The decoded RGB image of a row; BadImage if it can no longer be read."""
         return self.reader.image(self.keys[row], self.locs[row])
-
-    def view(self, row: int, view: int) -> torch.Tensor:
-        """The uint8 pixels (3, S, S) of a stored view, as the teacher saw them."""
-        return render_view(self.image(row), view, self.params[row, view], self.pre)
 
     def __getitem__(self, row):
         t0 = time.perf_counter()
