@@ -84,9 +84,11 @@ def sample_views(width: int, height: int, n_views: int, seed: int, row: int,
     crop with clamped aspect ratio), but draws from a numpy generator keyed by (seed, row) so
     that a resumed or sharded run draws the same views for the same row.
     """
-    rng = np.random.Generator(np.random.PCG64([seed, row]))
     out = np.zeros((n_views, 5), dtype=np.int32)
     out[0, :4] = eval_box(width, height, pre)
+    if n_views == 1:  # seeding a generator costs 0.14 ms, 5 % of rendering a photo's view 0
+        return out
+    rng = np.random.Generator(np.random.PCG64([seed, row]))
     area = width * height
     log_ratio = (math.log(3 / 4), math.log(4 / 3))
     for v in range(1, n_views):
