@@ -166,8 +166,9 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     `batch_size` counts views per teacher forward (images per batch = batch_size // views); by
     default 256 on a GPU and 32 on a CPU, where larger batches only add memory traffic (docs: the
     CPU section of the README). `workers`: decode processes beside the forward; 0 decodes in
-    this process, in turns with the forward, with torch's thread count (the default on a CPU). `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is
-    part of the teacher's fingerprint, so one store never mixes precisions.
+    this process, in turns with the forward, with torch's thread count (the default on a CPU).
+    `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is part of the teacher's
+    fingerprint, so one store never mixes precisions.
     Returns a summary dict (rows, written, failed, seconds per phase, images/s).
     """
     for flag, value in (("--views", views), ("--batch-size", batch_size), ("--chunk-rows", chunk_rows),
@@ -278,7 +279,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             timing["waiting for images"] += time.perf_counter() - t_wait
             c = rows[0] // store.chunk_rows
             buf = buffer(c)
-            timing["decoding (workers, overlapped)" if workers else "decoding (in turn)"] += decode_s
+            timing["decoding (workers, overlapped)" if workers else "decoding (threads, summed)"] += decode_s
             ok = [i for i, e in enumerate(errors) if not e]
             bad = [(row, error) for row, error in zip(rows, errors) if error]
             if ok:
