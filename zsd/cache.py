@@ -1,4 +1,4 @@
-"""The teacher pass: image source -> decoded views (DataLoader workers) -> teacher -> store.
+"""The teacher pass: image source -> decoded views -> teacher -> store.
 
 Rows are processed chunk by chunk in store order; every teacher batch lies inside one chunk
 and starts at the same row whatever happened before, so a resumed, sharded or uninterrupted
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -40,6 +41,25 @@ def _collate(items):
     ok = [it[1] for it in items if it[1] is not None]
     return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
         [it[3] for it in items], sum(it[4] for it in items)
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode processes for a pass: on a GPU up to 4 beside the forward; on a CPU none, the
+    views are decoded in this process between forwards (`_decode_between_forwards`)."""
+    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
+def _decode_between_forwards(dataset: ViewDataset, batches: list[list[int]], threads: int):
+    """Collated batches, each decoded on demand by `threads` threads of this process.
+
+    The loop asks for the next batch only after the encoder returned, so decoding and the
+    forward take turns on the cores instead of competing for them: on a CPU with no core to
+    spare beyond torch's threads, a DataLoader worker process preempts one of torch's OpenMP
+    threads and its partner waits at the next barrier (README, Performance). PIL decodes and
+    resizes without the GIL, so the threads share the work."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="zsd-decode") as pool:
+        for rows in batches:
+            yield _collate(list(pool.map(dataset.__getitem__, rows)))
 
 
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
@@ -100,8 +120,10 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
 
     `batch_size` counts views per teacher forward (images per batch = batch_size // views); by
     default 256 on a GPU and 32 on a CPU, where larger batches only add memory traffic (docs: the
-    CPU section of the README). `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is
-    part of the teacher's fingerprint, so one store never mixes precisions.
+    CPU section of the README). `workers`: decode processes beside the forward; 0 decodes in
+    this process, in turns with the forward, with torch's thread count (the default on a CPU).
+    `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is part of the teacher's
+    fingerprint, so one store never mixes precisions.
     Returns a summary dict (rows, written, failed, seconds per phase, images/s).
     """
     for flag, value in (("--views", views), ("--batch-size", batch_size), ("--chunk-rows", chunk_rows),
@@ -135,7 +157,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         store.uncommit(damaged)
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
-        workers = min(4, max(1, (os.cpu_count() or 2) - 1))
+        workers = default_workers(model.device)
     dataset = ViewDataset(store.sources, store.keys(), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
@@ -176,8 +198,11 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
         live[c] = len(rows)
         batches += [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
     todo = sum(live.values())
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
-                        pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers and todo else None)
+    if workers:
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
+                            pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if todo else None)
+    else:
+        loader = _decode_between_forwards(dataset, batches, torch.get_num_threads())
     timing, reasons = Counter(), Counter()
     done = failed = 0
     buffers: dict[int, dict] = {}
@@ -211,7 +236,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             timing["waiting for images"] += time.perf_counter() - t_wait
             c = rows[0] // store.chunk_rows
             buf = buffer(c)
-            timing["decoding (workers, overlapped)"] += decode_s
+            timing["decoding (workers, overlapped)" if workers else "decoding (threads, summed)"] += decode_s
             ok = [i for i, e in enumerate(errors) if not e]
             bad = [(row, error) for row, error in zip(rows, errors) if error]
             if ok:

@@ -28,9 +28,11 @@ import os
 import re
 import stat
 import tarfile
+import threading
 import warnings
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -59,8 +61,7 @@ def load_rgb(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _bombs_are_errors():
             img = Image.open(io.BytesIO(data))
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -80,6 +81,35 @@ def load_rgb(data: bytes) -> Image.Image:
     if rgb.width < 2 or rgb.height < 2:
         raise BadImage(f"image too small ({rgb.width}x{rgb.height})")
     return rgb
+
+
+_bomb_lock = threading.Lock()
+_bomb_filter: warnings.catch_warnings | None = None  # in force while any thread decodes
+_bomb_users = 0
+
+
+@contextmanager
+def _bombs_are_errors():
+    """DecompressionBombWarning raised as an error, for every thread decoding at once.
+
+    catch_warnings swaps the process-wide filter list on entry and puts the saved one back on
+    exit, so threads using it at the same time (the CPU teacher pass decodes in a thread pool)
+    would drop each other's filter or leave one behind: the first thread in installs it, the
+    last one out restores the filters."""
+    global _bomb_filter, _bomb_users
+    with _bomb_lock:
+        if _bomb_users == 0:
+            _bomb_filter = warnings.catch_warnings()
+            _bomb_filter.__enter__()
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        _bomb_users += 1
+    try:
+        yield
+    finally:
+        with _bomb_lock:
+            _bomb_users -= 1
+            if _bomb_users == 0:
+                _bomb_filter.__exit__(None, None, None)
 
 
 def _grey_to_8bit(img: Image.Image) -> np.ndarray:
