@@ -287,7 +287,7 @@ def test_packed_keys_and_the_row_index_give_the_stores_rows(tmp_path):
     row index holds at most `cached` chunks and answers like the whole one and like the store."""
     from conftest import random_store, unit
 
-    from zsd.data import RowIndex
+    from zsd.loader import RowIndex
     from zsd.sources import PackedKeys, encode_key
 
     keys = ["a", "", "café.jpg", encode_key("caf\udce9.jpg"), "日本/猫.png"]

@@ -552,7 +552,7 @@ def test_lazy_epoch_samples_give_the_eager_order_from_any_start(tmp_path, in_ram
     start are the rows of the order computed all at once, and batches follow them."""
     from conftest import random_store, unit
 
-    from zsd.data import BatchPlan
+    from zsd.loader import BatchPlan
 
     rng = np.random.default_rng(0)
     paths = []

@@ -138,7 +138,7 @@ def test_each_rank_reads_only_its_own_target_rows(tmp_path, in_ram, monkeypatch)
     they hold the stored values."""
     from conftest import random_store, unit
 
-    from zsd.data import BatchPlan
+    from zsd.loader import BatchPlan
     from zsd.store import Store
 
     emb = unit(np.random.default_rng(0).standard_normal((40, 2, 8))).astype(np.float16)

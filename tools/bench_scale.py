@@ -149,7 +149,7 @@ def main():
             raise SystemExit(f"not enough disk at {at}")
         return
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="zsd_bench_scale_"))
-    from zsd.data import TrainTargets
+    from zsd.loader import TrainTargets
     from zsd.sources import ShardIndex, scan_sources
     from zsd.store import open_store
 
