@@ -147,7 +147,7 @@ def main(argv=None):
     ap.add_argument("--data-seed", type=int, default=0, help="seeds the subset and the spurious features")
     ap.add_argument("--views", type=int, default=4, help="cached teacher views per train image")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated student seeds")
-    # A quarter of the fidelity recipe's 6,000 steps: 2 losses x 3 seeds fit 25 minutes on 2 cores.
+    # A quarter of the fidelity recipe's 6,000 steps: 2 losses x 3 seeds train in ~20 min on 2 idle cores (33 min measured on shared ones).
     ap.add_argument("--steps", type=int, default=1500, help="training steps per run")
     ap.add_argument("--curve-points", type=int, default=2, help="clean-val evaluations per run")
     args = ap.parse_args(argv)
