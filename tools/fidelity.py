@@ -133,7 +133,8 @@ def subset_store(full, per_class: int, seed: int = 0):
 
 def val_metrics(student_store, val_store, protos: np.ndarray, labels: np.ndarray | None = None) -> dict:
     """Per-image arrays on val: teacher/student correctness, agreement, cosine. `labels` index the
-    rows of `protos` (default: the store's own labels); rows labelled -1 are left out."""
+    rows of `protos` (default: the store's own labels); rows labelled -1 are left out. "row": the
+    val store rows measured, in the order of the arrays."""
     labels = val_store.labels() if labels is None else labels
     ok = val_store.written() & student_store.written() & (labels >= 0)
     t = val_store.embeddings(view=0)[ok].astype(np.float64)
@@ -143,7 +144,7 @@ def val_metrics(student_store, val_store, protos: np.ndarray, labels: np.ndarray
     tp, sp = (t @ protos.T).argmax(1), (s @ protos.T).argmax(1)
     y = labels[ok]
     return {"teacher_correct": (tp == y).astype(float), "student_correct": (sp == y).astype(float),
-            "agree": (tp == sp).astype(float), "cosine": (s * t).sum(1)}
+            "agree": (tp == sp).astype(float), "cosine": (s * t).sum(1), "row": np.flatnonzero(ok)}
 
 
 def summarise(m: dict) -> dict:

@@ -110,9 +110,10 @@ def cache_all(views: int, log) -> dict:
     return stores
 
 
-def pets_measure(test_store):
-    """Per-image arrays on the pets test set, zero-shot by ImageNet class name (the teacher's classifier rows)."""
-    clf = build_classifier(test_store, classnames=str(PETS_IMAGENET), templates="pets", pretrained=WEIGHTS,
+def pets_measure(test_store, classnames: Path = PETS_IMAGENET):
+    """Per-image arrays on the pets test set, zero-shot by ImageNet class name (the teacher's classifier rows;
+    `classnames` maps the breed folders to ImageNet classes)."""
+    clf = build_classifier(test_store, classnames=str(classnames), templates="pets", pretrained=WEIGHTS,
                            device="cpu")
     to_row = {c: i for i, c in enumerate(clf.keep)}
     labels = np.array([to_row.get(int(c), -1) for c in test_store.labels()])

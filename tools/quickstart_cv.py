@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import bootstrap_ci, val_metrics  # noqa: E402
-from zsd.evaluate import build_classifier, student_embeddings  # noqa: E402
-from zsd.quickstart import DATA, PROXY_WEIGHTS, quickstart  # noqa: E402
+from fidelity import bootstrap_ci  # noqa: E402
+from proxy_experiment import pets_measure  # noqa: E402
+from zsd.evaluate import student_embeddings  # noqa: E402
+from zsd.quickstart import DATA, quickstart  # noqa: E402
 from zsd.store import open_store  # noqa: E402
 
 RECIPES = {"two_stage": {}, "scratch": {"student_res": 128}}
@@ -60,19 +61,13 @@ def make_fold(k: int, folds: int, dst: Path) -> None:
 
 def fold_predictions(test_store, students: dict[str, Path], data: Path) -> dict:
     """Per test photo (of the 25 ImageNet breeds): its name and each model's correctness."""
-    clf = build_classifier(test_store, classnames=str(data / "imagenet_classes.json"), templates="pets",
-                           pretrained=PROXY_WEIGHTS, device="cpu")
-    to_row = {c: i for i, c in enumerate(clf.keep)}
-    labels = np.array([to_row.get(int(c), -1) for c in test_store.labels()])
-    weights = clf.weights.astype(np.float64)
-    keys = test_store.keys()[test_store.written() & (labels >= 0)]
-    out = {"photo": [Path(str(k)).name for k in keys]}
+    measure = pets_measure(test_store, data / "imagenet_classes.json")
+    out = {}
     for name, run in students.items():
-        m = val_metrics(student_embeddings(str(run), test_store, device="cpu", progress=False), test_store, weights,
-                        labels)
-        assert len(m["student_correct"]) == len(keys)
+        m = measure(student_embeddings(str(run), test_store, device="cpu", progress=False))
         out[name] = m["student_correct"]
-        out["teacher"] = m["teacher_correct"]
+    keys = test_store.keys()
+    out.update(teacher=m["teacher_correct"], photo=[Path(str(keys[r])).name for r in m["row"]])
     return out
 
 
