@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -43,8 +44,9 @@ PHOTOS_PER_BREED, TEST_PER_FOLD = 10, 4
 
 def make_fold(k: int, folds: int, dst: Path) -> None:
     """Fold k of the shipped photos as a quickstart data folder of symlinks (train/, test/, class map)."""
-    if (dst / "imagenet_classes.json").exists():
+    if (dst / "imagenet_classes.json").exists():  # linked last: the fold is complete
         return
+    shutil.rmtree(dst, ignore_errors=True)  # a fold cut short by a kill is made again
     step = PHOTOS_PER_BREED // folds
     for breed in sorted(p.name for p in (DATA / "train").iterdir()):
         photos = sorted((DATA / "train" / breed).iterdir()) + sorted((DATA / "test" / breed).iterdir())
@@ -91,7 +93,12 @@ def main(argv=None):
     ap.add_argument("--work", default="cache/quickstart_cv", help="Fold folders, their stores and runs.")
     ap.add_argument("--out", default="results/quickstart_cv", help="results.json and results.md go here.")
     args = ap.parse_args(argv)
-    recipes = {r: RECIPES[r] for r in args.recipes.split(",")}
+    names = args.recipes.split(",")
+    if not set(names) <= set(RECIPES):
+        ap.error(f"--recipes {args.recipes}: pick from {', '.join(RECIPES)}")
+    if args.only is not None and not 1 <= args.only <= args.folds:
+        ap.error(f"--only {args.only}: between 1 and --folds ({args.folds})")
+    recipes = {r: RECIPES[r] for r in names}
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0, preds, seconds = time.time(), [], {r: [] for r in recipes}
