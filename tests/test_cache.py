@@ -128,6 +128,27 @@ def test_a_cpu_pass_decodes_in_its_own_threads_between_forwards(image_folder, tm
     assert cache.default_workers(torch.device("cpu")) == 0 and cache.default_workers(torch.device("cuda")) >= 1
 
 
+def test_the_summary_separates_the_first_batch_from_the_steady_rate(image_folder, tmp_path, tiny_teacher_name,
+                                                                   monkeypatch):
+    """A CPU's first forward builds its kernels; the steady rate a long pass converges to leaves it out."""
+    from zsd.teachers import Teacher
+
+    encode, calls = Teacher.encode_images, []
+
+    def slow_first(self, x):
+        calls.append(len(x))
+        if len(calls) == 1:
+            time.sleep(0.6)
+        return encode(self, x)
+
+    monkeypatch.setattr(Teacher, "encode_images", slow_first)
+    s = run_cache([image_folder], tmp_path / "s.zarr", tiny_teacher_name)  # 12 photos, 2 views, chunks of 4
+    assert calls == [6, 2] * 3 and s["processed"] == 12  # batches of 3 + 1 photos
+    assert s["first_batch_s"] >= 0.6 and s["loop_seconds"] - s["first_batch_s"] < 0.6
+    assert s["steady_images_per_s"] == pytest.approx(9 / (s["loop_seconds"] - s["first_batch_s"]), rel=0.05)
+    assert s["steady_images_per_s"] > s["images_per_s"] == pytest.approx(12 / s["loop_seconds"], rel=0.01)
+
+
 def test_sixteen_bit_images_are_scaled_not_clipped():
     buf = io.BytesIO()
     Image.fromarray(np.full((8, 8), 40000, np.uint16)).save(buf, format="PNG")

@@ -172,6 +172,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         "pending": int((status == PENDING).sum()), "complete": bool((status != PENDING).all()),
         "repaired": repaired, "seconds": round(elapsed, 2),
         "images_per_s": round(run["done"] / max(run["seconds"], 1e-9), 2), "loop_seconds": run["seconds"],
+        "first_batch_s": run["first_batch_s"], "steady_images_per_s": run["steady_images_per_s"],
         "phases_s": run["phases_s"], "failure_reasons": run["failure_reasons"],
         "shard": [shard_index, num_shards], "problems": scan.problems,
     }
@@ -231,6 +232,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             flush(c)
     bar = tqdm(total=todo, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
     t_loop = t_wait = time.perf_counter()
+    first = None
     try:  # the bar ends its line before an error (a full disk) is printed
         for rows, pixels, params, errors, decode_s in loader:
             timing["waiting for images"] += time.perf_counter() - t_wait
@@ -258,13 +260,19 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             if buf["left"] == 0:
                 flush(c)
             done += len(rows)
+            if first is None:  # the first forward builds the CPU kernels (oneDNN JIT): a one-off cost
+                first = (done, time.perf_counter() - t_loop)
             bar.update(len(rows))
             if failed:
                 bar.set_postfix(failed=failed)
             t_wait = time.perf_counter()
     finally:
         bar.close()
-    return {"done": done, "failed": failed, "seconds": round(time.perf_counter() - t_loop, 2),
+    seconds = time.perf_counter() - t_loop
+    steady = (done - first[0]) / max(seconds - first[1], 1e-9) if first and done > first[0] else None
+    return {"done": done, "failed": failed, "seconds": round(seconds, 2),
+            "first_batch_s": round(first[1], 2) if first else None,
+            "steady_images_per_s": round(steady, 2) if steady else None,
             "phases_s": {k: round(v, 2) for k, v in timing.items()}, "failure_reasons": dict(reasons)}
 
 
@@ -275,6 +283,9 @@ def _summary_text(s: dict) -> str:
              + (f"; {s['repaired']} rows of damaged chunks repaired" if s["repaired"] else "")]
     if s["phases_s"]:
         lines.append("  time: " + ", ".join(f"{k} {v} s" for k, v in s["phases_s"].items()))
+    if s["steady_images_per_s"]:
+        lines.append(f"  after the first batch ({s['first_batch_s']} s, kernels built on first use): "
+                     f"{s['steady_images_per_s']} img/s")
     if s["failure_reasons"]:
         lines.append("  skipped: " + ", ".join(f"{n} {r}" for r, n in s["failure_reasons"].items())
                      + " (zsd info STORE lists them)")
