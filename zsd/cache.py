@@ -8,6 +8,8 @@ run feeds the teacher identical batches and writes identical bytes.
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -45,21 +47,45 @@ def _collate(items):
 
 def default_workers(device: torch.device) -> int:
     """Decode processes for a pass: on a GPU up to 4 beside the forward; on a CPU none, the
-    views are decoded in this process between forwards (`_decode_between_forwards`)."""
+    views are decoded by low-priority threads of this process (`_decode_ahead`)."""
     return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
 
 
-def _decode_between_forwards(dataset: ViewDataset, batches: list[list[int]], threads: int):
-    """Collated batches, each decoded on demand by `threads` threads of this process.
+def _lower_this_threads_priority():
+    if sys.platform.startswith("linux"):  # per thread on Linux only; elsewhere it would slow the whole process
+        os.setpriority(os.PRIO_PROCESS, 0, 19)
 
-    The loop asks for the next batch only after the encoder returned, so decoding and the
-    forward take turns on the cores instead of competing for them: on a CPU with no core to
-    spare beyond torch's threads, a DataLoader worker process preempts one of torch's OpenMP
-    threads and its partner waits at the next barrier (README, Performance). PIL decodes and
-    resizes without the GIL, so the threads share the work."""
-    with ThreadPoolExecutor(threads, thread_name_prefix="zsd-decode") as pool:
-        for rows in batches:
-            yield _collate(list(pool.map(dataset.__getitem__, rows)))
+
+def _decode_ahead(dataset: ViewDataset, batches: list[list[int]], threads: int):
+    """Collated batches, each decoded while the teacher runs on the one before.
+
+    The `threads` decode threads run at the lowest priority (nice 19): on a CPU with no core to
+    spare beyond torch's threads they use the moments the teacher's threads leave a core idle and
+    yield it as soon as the teacher wants it back, instead of preempting an OpenMP thread whose
+    partner then waits at the next barrier (README, Performance). When the loop asks for a batch
+    that is not ready, this thread decodes what the others have not started, at normal priority.
+    PIL decodes and resizes without the GIL."""
+    def start(rows):
+        todo, items, lock = list(range(len(rows)))[::-1], [None] * len(rows), threading.Lock()
+
+        def work():
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    i = todo.pop()
+                items[i] = dataset[rows[i]]
+        return work, items, [pool.submit(work) for _ in range(threads)]
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="zsd-decode", initializer=_lower_this_threads_priority) as pool:
+        ahead = start(batches[0]) if batches else None
+        for k in range(len(batches)):
+            work, items, futures = ahead
+            work()
+            for f in futures:
+                f.result()
+            ahead = start(batches[k + 1]) if k + 1 < len(batches) else None
+            yield _collate(items)
 
 
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
@@ -203,7 +229,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
                             pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if todo else None)
     else:
-        loader = _decode_between_forwards(dataset, batches, torch.get_num_threads())
+        loader = _decode_ahead(dataset, batches, torch.get_num_threads())
     timing, reasons = Counter(), Counter()
     done = failed = 0
     buffers: dict[int, dict] = {}

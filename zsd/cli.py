@@ -150,7 +150,7 @@ def _weights_spec(value: str | None) -> str | None:
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
 @click.option("--views", type=click.IntRange(1), default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes beside the forward; 0 decodes in this process between forwards [default: 0 on a CPU, min(4, cores-1) on a GPU].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes beside the forward; 0 decodes in low-priority threads of this process [default: 0 on a CPU, min(4, cores-1) on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
