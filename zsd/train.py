@@ -110,8 +110,8 @@ class TrainConfig:
     workers: int | None = None  # DataLoader decode workers [default: min(4, cores - 1)]
     pixel_cache: str = "auto"  # render every sample's student input once into a file read from RAM:
     #                            "auto" (if they fit in a sixth of RAM), "yes", "no"
-    fast_decode: bool = False  # JPEGs decoded at 1/2, 1/4, 1/8 scale where the view's crop allows: faster,
-    #                            pixels close to the teacher's, not equal (views.render_view_fast)
+    fast_decode: bool = False  # JPEGs decoded at 1/2 or 1/4 scale where the crop allows, torch's uint8 resize:
+    #                            faster, pixels close to the teacher's, not equal (views.render_view_fast)
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
     save_every: int = 500  # checkpoint every N steps
@@ -160,9 +160,9 @@ EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "co
 
 def run_definition(config: dict, total_steps: int, world_size: int) -> dict:
     """What a run computes: its config (as a dict) without EXECUTION, plus what the config resolves to."""
-    # fast_decode only when set, so that runs saved before the flag existed resume
-    return {**{k: v for k, v in config.items() if k not in EXECUTION and (k != "fast_decode" or v)},
-            "total_steps": total_steps, "world_size": world_size}
+    config = {"fast_decode": False, **config}  # a run saved before the flag existed decoded exactly
+    return {**{k: v for k, v in config.items() if k not in EXECUTION}, "total_steps": total_steps,
+            "world_size": world_size}
 
 
 def resume_conflicts(saved: dict, now: dict) -> str:

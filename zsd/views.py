@@ -153,15 +153,16 @@ def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess
     """`render_view` of encoded image bytes, faster and close to it rather than equal (the trainer's
     --fast-decode; tools/bench_decode.py measures both, tests/test_views.py bounds the difference).
 
-    A JPEG whose view crop is at least twice `pre.size` on each side is decoded at 1/2, 1/4 or 1/8
-    scale in the DCT domain (the largest that keeps the crop >= `pre.size`) and the crop's region of
-    it resized in one step (PIL's resize with a fractional box). Otherwise the image is decoded whole
+    A JPEG whose view crop is at least twice `pre.size` on each side is decoded at 1/2 or 1/4 scale
+    in the DCT domain (the larger that keeps the crop >= `pre.size`; not 1/8, which keeps only each
+    8x8 block's mean and measured 2-3x the difference) and the crop's region of it resized in one
+    step (PIL's resize with a fractional box). Otherwise the image is decoded whole
     and a bilinear or bicubic view resized by torch's uint8 antialiased kernel on channels-last
     pixels (the crop, or view 0's resize + centre crop, as `render_view`), which differs from PIL's
     by rounding alone; other interpolations, and crops that pad, go through `render_view` itself.
     """
     h, w = int(params[2]), int(params[3])  # view 0's row holds its eval box: close enough to choose
-    reduce = max((s for s in (2, 4, 8) if min(h, w) >= s * pre.size), default=1) if pre.resize >= pre.size else 1
+    reduce = max((s for s in (2, 4) if min(h, w) >= s * pre.size), default=1) if pre.resize >= pre.size else 1
     img, scale, (width, height) = load_rgb_reduced(data, reduce)
     geometry = eval_geometry(width, height, pre)
     if scale > 1:
