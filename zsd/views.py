@@ -156,10 +156,10 @@ def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess
     A JPEG whose view crop is at least twice `pre.size` on each side is decoded at 1/2 or 1/4 scale
     in the DCT domain (the larger that keeps the crop >= `pre.size`; not 1/8, which keeps only each
     8x8 block's mean and measured 2-3x the difference) and the crop's region of it resized in one
-    step (PIL's resize with a fractional box). Otherwise the image is decoded whole
-    and a bilinear or bicubic view resized by torch's uint8 antialiased kernel on channels-last
-    pixels (the crop, or view 0's resize + centre crop, as `render_view`), which differs from PIL's
-    by rounding alone; other interpolations, and crops that pad, go through `render_view` itself.
+    step (PIL's resize with a fractional box). Otherwise the image is decoded whole and a bilinear or
+    bicubic view resized by torch's uint8 antialiased kernel on channels-last pixels (the crop, or
+    view 0's resize + centre crop, as `render_view`), which differs from PIL's by rounding alone;
+    other interpolations, a view 0 that is only cropped or that pads go through `render_view` itself.
     """
     h, w = int(params[2]), int(params[3])  # view 0's row holds its eval box: close enough to choose
     reduce = max((s for s in (2, 4) if min(h, w) >= s * pre.size), default=1) if pre.resize >= pre.size else 1
@@ -178,8 +178,9 @@ def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess
         if view and params[4]:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return F.pil_to_tensor(out)
-    if pre.interpolation not in ("bilinear", "bicubic") or (view == 0 and geometry is None):
-        return render_view(img, view, params, pre)
+    if pre.interpolation not in ("bilinear", "bicubic") or (view == 0 and (geometry is None or
+                                                                         geometry[:2] == (width, height))):
+        return render_view(img, view, params, pre)  # view 0 resized to its own size is a crop: exact and cheap
     x = F.pil_to_tensor(img)[None]  # a view of HWC pixels: channels-last, the layout torch's uint8 kernel wants
     if view:
         top, left, flip = int(params[0]), int(params[1]), int(params[4])
@@ -187,8 +188,7 @@ def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess
                                             mode=pre.interpolation, antialias=True)
         return (x.flip(-1) if flip else x)[0]
     rw, rh, top, left = geometry
-    if (rh, rw) != (height, width):  # PIL copies an image resized to its own size: so do we
-        x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=pre.interpolation, antialias=True)
+    x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=pre.interpolation, antialias=True)
     return x[0, :, top:top + pre.size, left:left + pre.size]
 
 
