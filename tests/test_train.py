@@ -15,7 +15,7 @@ from torchvision.transforms import functional as TF
 from conftest import make_image
 from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
-from zsd.loader import StudentInputs, TrainTargets, parse_target
+from zsd.loader import PixelCache, StudentInputs, TrainTargets, parse_target
 from zsd.errors import ZsdError
 from zsd.evaluate import student_embeddings
 from zsd.store import PENDING, open_store
@@ -611,3 +611,10 @@ def test_fast_decode_is_opt_in_and_reaches_the_loader(tmp_path, tiny_teacher_nam
     with pytest.raises(SystemExit):
         cli_main(run + ["--out", str(tmp_path / "fast"), "--steps", "3", "--resume"])
     assert "fast_decode True -> False" in capsys.readouterr().err.strip().splitlines()[-1]
+    # the pixel cache renders each way into its own file, the same pixels as the loader's
+    for inputs in (exact, fast):
+        cache = PixelCache(targets, inputs, progress=False, log=lambda m: None)
+        items = np.array([(0, r, v) for r in range(s.rows) for v in range(2)])
+        assert torch.equal(torch.from_numpy(cache.pixels[cache.slots(items)]),
+                           torch.stack([inputs.student_pixels(i) for i in items]))
+    assert len(list((Path(os.environ["ZSD_CACHE"]) / "pixels").glob("*.npy"))) == 2
