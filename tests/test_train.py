@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
+from torchvision.transforms import functional as TF
 
+from conftest import make_image
 from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
-from zsd.loader import StudentInputs, TrainTargets, parse_target
+from zsd.loader import PixelCache, StudentInputs, TrainTargets, parse_target
 from zsd.errors import ZsdError
 from zsd.evaluate import student_embeddings
 from zsd.store import PENDING, open_store
@@ -572,3 +575,46 @@ def test_lazy_epoch_samples_give_the_eager_order_from_any_start(tmp_path, in_ram
     plan = BatchPlan(targets, 7, 256, 2, 1, 0, start=per_epoch + 37, total=per_epoch + 50)
     got = np.array([x for batch in plan for x in batch])
     np.testing.assert_array_equal(got, ref[37 * 256:(37 + len(plan) // 2) * 256])
+
+
+def test_fast_decode_is_opt_in_and_reaches_the_loader(tmp_path, tiny_teacher_name, capsys):
+    """By default the trainer rebuilds the teacher's pixels bit for bit (checked against torchvision's
+    transforms on PIL's own decode); --fast-decode reaches the loader (its pixels and its run differ,
+    and --resume names the flag)."""
+    for i in range(4):  # crops of >= 2 x 32 px: --fast-decode decodes them at 1/2 or 1/4
+        make_image(tmp_path / "imgs" / "a" / f"{i}.jpg", seed=i, size=(150 + 10 * i, 120))
+    store = make_store(tmp_path / "imgs", tmp_path / "big.zarr", tiny_teacher_name, views=2)
+    s, targets = open_store(store), TrainTargets([store], log=lambda m: None)
+    pre = Preprocess.from_dict(s.teacher["preprocess"])
+    exact = StudentInputs(targets, student_preprocess(STUDENT, 32))
+    fast = StudentInputs(targets, student_preprocess(STUDENT, 32), fast_decode=True)
+    bicubic = TF.InterpolationMode.BICUBIC
+    for r, key in enumerate(s.keys()):
+        img = Image.open(tmp_path / "imgs" / key).convert("RGB")
+        for v, (top, left, h, w, flip) in enumerate(s.view_params()[r]):
+            if v == 0:
+                want = TF.center_crop(TF.resize(img, pre.resize, bicubic), pre.size)
+            else:
+                want = TF.resized_crop(img, int(top), int(left), int(h), int(w), [pre.size] * 2, bicubic)
+                want = TF.hflip(want) if flip else want
+            want = TF.pil_to_tensor(want)
+            assert torch.equal(exact.teacher_pixels(0, r, v), want)
+            d = (fast.teacher_pixels(0, r, v).int() - want.int()).abs()
+            assert 0 < d.float().mean() < 10  # random pixels: the worst case for a reduced decode
+    run = ["train", "--targets", store, "--student", STUDENT, "--student-res", "32", "--steps", "2", "--batch-size",
+           "4", "--workers", "0", "--device", "cpu", "--precision", "fp32", "--pixel-cache", "no"]
+    cli_main(run + ["--out", str(tmp_path / "exact")])
+    cli_main(run + ["--out", str(tmp_path / "fast"), "--fast-decode"])
+    assert load_student(tmp_path / "fast")[1]["train_config"]["fast_decode"] is True
+    a, b = weights(tmp_path / "exact"), weights(tmp_path / "fast")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit):
+        cli_main(run + ["--out", str(tmp_path / "fast"), "--steps", "3", "--resume"])
+    assert "fast_decode True -> False" in capsys.readouterr().err.strip().splitlines()[-1]
+    # the pixel cache renders each way into its own file, the same pixels as the loader's
+    for inputs in (exact, fast):
+        cache = PixelCache(targets, inputs, progress=False, log=lambda m: None)
+        items = np.array([(0, r, v) for r in range(s.rows) for v in range(2)])
+        assert torch.equal(torch.from_numpy(cache.pixels[cache.slots(items)]),
+                           torch.stack([inputs.student_pixels(i) for i in items]))
+    assert len(list((Path(os.environ["ZSD_CACHE"]) / "pixels").glob("*.npy"))) == 2

@@ -449,11 +449,15 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
               help="Render every sample's student input once into a file in the cache dir and train from it "
                    "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
+@click.option("--fast-decode", is_flag=True,
+              help="Decode JPEGs at 1/2 or 1/4 scale where a view's crop is at least twice the teacher's "
+                   "resolution, and resize with torch's uint8 kernel: faster, pixels close to (not equal to) "
+                   "the teacher's; see README.")
 @click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
 def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
               ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
               no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, class_embeddings_from,
-              pretrained, in_ram, shuffle_chunks, pixel_cache, json_out):
+              pretrained, in_ram, shuffle_chunks, pixel_cache, fast_decode, json_out):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -469,7 +473,8 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
                          batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
                          ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
-                         shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, run_dir=out, device=device, workers=workers,
+                         shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, fast_decode=fast_decode, run_dir=out,
+                         device=device, workers=workers,
                          channels_last=not no_channels_last, compile=compile_, save_every=save_every,
                          pretrained=pretrained)
     summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))

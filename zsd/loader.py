@@ -38,7 +38,7 @@ from tqdm import tqdm
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, PackedKeys, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
-from zsd.views import Preprocess, render_view, resize_pixels
+from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
 
 
 def parse_target(spec: str) -> tuple[str, float | None]:
@@ -267,18 +267,22 @@ class StudentInputs(Dataset):
     shared memory and the pinned host-to-GPU copy.
 
     Runs in DataLoader workers; an image that can no longer be read comes back as None with
-    its reason, and the batch goes on without it.
+    its reason, and the batch goes on without it. `fast_decode`: JPEGs decoded at a reduced scale
+    where the view's crop allows (`render_view_fast`): faster, and close to the teacher's pixels
+    rather than equal to them.
     """
 
-    def __init__(self, targets: TrainTargets, student_pre: Preprocess):
+    def __init__(self, targets: TrainTargets, student_pre: Preprocess, fast_decode: bool = False):
         self.readers = [RowReader(src.store.sources) for src in targets.sources]
         self.index = [RowIndex(src.store, src.in_ram, 2 * targets.shuffle_chunks + 2) for src in targets.sources]
         self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
-        self.student_pre = student_pre
+        self.student_pre, self.fast_decode = student_pre, fast_decode
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
-        """The uint8 pixels (3, S, S) the teacher saw for this view."""
+        """The uint8 pixels (3, S, S) the teacher saw for this view (with `fast_decode`, close to them)."""
         key, loc, params = self.index[i].row(row)
+        if self.fast_decode:
+            return render_view_fast(self.readers[i].data(key, loc), view, params[view], self.teacher_pre)
         return render_view(self.readers[i].image(key, loc), view, params[view], self.teacher_pre)
 
     def student_pixels(self, item) -> torch.Tensor:
@@ -366,7 +370,8 @@ class PixelCache:
             pos[src.rows] = np.arange(len(src.rows))
             self.position.append(pos)
         key = json.dumps([[str(src.store.path.resolve()), src.store.teacher_id, src.rows.tolist()]
-                          for src in targets.sources] + [self.pre.to_dict()])
+                          for src in targets.sources] + [self.pre.to_dict()]
+                         + (["fast_decode"] if dataset.fast_decode else []))  # the default's key as before
         path = cache_dir() / "pixels" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
         errors_path = path.with_suffix(".errors.json")
         shape = (int(sum(counts)), 3, self.pre.size, self.pre.size)

@@ -58,11 +58,27 @@ def load_rgb(data: bytes) -> Image.Image:
     16-bit ones (>> 8), refused above 65535 or below 0; float (F) must lie in 0..1 and is
     scaled by 255 (rounded), anything else (NaN included) is refused.
     """
+    return load_rgb_reduced(data, 1)[0]
+
+
+def load_rgb_reduced(data: bytes, reduce: int) -> tuple[Image.Image, int, tuple[int, int]]:
+    """`load_rgb`, a JPEG decoded at 1/s of its size in the DCT domain (libjpeg's scaled IDCT, which
+    costs about 1/s² of a full decode), s the largest of 1, 2, 4 that is <= `reduce`; other formats
+    at full size. -> (image, s, the full (width, height)). The pixels are not those of a
+    full decode followed by a resize: see `render_view_fast`.
+    """
     if not data:
         raise BadImage("empty file")
     try:
         with _bombs_are_errors():
             img = Image.open(io.BytesIO(data))
+            full, scale = img.size, max(s for s in (1, 2, 4) if s <= reduce)
+            if scale > 1 and img.format == "JPEG" and min(full) >= scale:
+                # draft picks the largest scale that keeps at least the size asked for: exactly `scale`
+                got = img.draft("RGB", (full[0] // scale, full[1] // scale))
+                scale = round(full[0] / got[1][2]) if got else 1
+            else:
+                scale = 1
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadImage(f"decompression bomb ({e})") from None
@@ -78,9 +94,9 @@ def load_rgb(data: bytes) -> Image.Image:
         raise
     except Exception as e:  # PIL raises a zoo of types for odd modes
         raise BadImage(f"cannot convert mode {img.mode} to RGB ({e})") from None
-    if rgb.width < 2 or rgb.height < 2:
-        raise BadImage(f"image too small ({rgb.width}x{rgb.height})")
-    return rgb
+    if full[0] < 2 or full[1] < 2:
+        raise BadImage(f"image too small ({full[0]}x{full[1]})")
+    return rgb, scale, full
 
 
 _bomb_lock = threading.Lock()
@@ -512,13 +528,16 @@ class RowReader:
         self._files[path] = f  # most recently used last
         return f
 
-    def image(self, key: str, loc) -> Image.Image:
-        """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
+    def data(self, key: str, loc) -> bytes:
+        """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read."""
         try:
-            data = self.read(key, loc)
+            return self.read(key, loc)
         except OSError as e:
             raise BadImage(f"unreadable ({e.strerror or e})") from None
-        return load_rgb(data)
+
+    def image(self, key: str, loc) -> Image.Image:
+        """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
+        return load_rgb(self.data(key, loc))
 
     def close(self) -> None:
         while self._files:

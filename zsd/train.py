@@ -110,6 +110,8 @@ class TrainConfig:
     workers: int | None = None  # DataLoader decode workers [default: min(4, cores - 1)]
     pixel_cache: str = "auto"  # render every sample's student input once into a file read from RAM:
     #                            "auto" (if they fit in a sixth of RAM), "yes", "no"
+    fast_decode: bool = False  # JPEGs decoded at 1/2 or 1/4 scale where the crop allows, torch's uint8 resize:
+    #                            faster, pixels close to the teacher's, not equal (views.render_view_fast)
     channels_last: bool = True
     compile: bool = False  # torch.compile the student
     save_every: int = 500  # checkpoint every N steps
@@ -158,6 +160,7 @@ EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "co
 
 def run_definition(config: dict, total_steps: int, world_size: int) -> dict:
     """What a run computes: its config (as a dict) without EXECUTION, plus what the config resolves to."""
+    config = {"fast_decode": False, **config}  # a run saved before the flag existed decoded exactly
     return {**{k: v for k, v in config.items() if k not in EXECUTION}, "total_steps": total_steps,
             "world_size": world_size}
 
@@ -420,7 +423,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
     plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
-    views = StudentInputs(data, student_pre)
+    views = StudentInputs(data, student_pre, config.fast_decode)
     if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
                                        PixelCache.nbytes(data, student_pre.size) <= ram_budget() // 2):
         if not main_proc:  # rank 0 renders, the others read its file

@@ -23,7 +23,7 @@ from torchvision.transforms import InterpolationMode
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as F
 
-from zsd.sources import BadImage, PackedKeys, RowReader
+from zsd.sources import BadImage, PackedKeys, RowReader, load_rgb_reduced
 
 # One stored view = (top, left, height, width, flip) in the decoded image's pixel coordinates.
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
@@ -133,6 +133,63 @@ def render_view(img: Image.Image, view: int, params: np.ndarray, pre: Preprocess
         if flip:
             out = F.hflip(out)
     return F.pil_to_tensor(out)
+
+
+def eval_geometry(width: int, height: int, pre: Preprocess) -> tuple[int, int, int, int] | None:
+    """(resized width, height, crop top, left) of view 0's resize + centre crop in torchvision's
+    arithmetic; None when the centre crop pads (a resize below `pre.size`)."""
+    if pre.resize_mode == "squash":
+        rw = rh = pre.resize
+    elif width <= height:
+        rw, rh = pre.resize, int(pre.resize * height / width)
+    else:
+        rw, rh = int(pre.resize * width / height), pre.resize
+    if min(rw, rh) < pre.size:
+        return None
+    return rw, rh, int(round((rh - pre.size) / 2.0)), int(round((rw - pre.size) / 2.0))
+
+
+def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess) -> torch.Tensor:
+    """`render_view` of encoded image bytes, faster and close to it rather than equal (the trainer's
+    --fast-decode; tools/bench_decode.py measures both, tests/test_views.py bounds the difference).
+
+    A JPEG whose view crop is at least twice `pre.size` on each side is decoded at 1/2 or 1/4 scale
+    in the DCT domain (the larger that keeps the crop >= `pre.size`; not 1/8, which keeps only each
+    8x8 block's mean and measured 2-3x the difference) and the crop's region of it resized in one
+    step (PIL's resize with a fractional box). Otherwise the image is decoded whole and a bilinear or
+    bicubic view resized by torch's uint8 antialiased kernel on channels-last pixels (the crop, or
+    view 0's resize + centre crop, as `render_view`), which differs from PIL's by rounding alone;
+    other interpolations, a view 0 that is only cropped or that pads go through `render_view` itself.
+    """
+    h, w = int(params[2]), int(params[3])  # view 0's row holds its eval box: close enough to choose
+    reduce = max((s for s in (2, 4) if min(h, w) >= s * pre.size), default=1) if pre.resize >= pre.size else 1
+    img, scale, (width, height) = load_rgb_reduced(data, reduce)
+    geometry = eval_geometry(width, height, pre)
+    if scale > 1:
+        if view:
+            top, left = int(params[0]), int(params[1])
+            box = (left, top, left + w, top + h)
+        else:  # view 0's region of the full image, from its resize + crop
+            rw, rh, top, left = geometry
+            box = (left * width / rw, top * height / rh, (left + pre.size) * width / rw, (top + pre.size) * height / rh)
+        # pixel i of a 1/s decode covers pixels [i*s, (i+1)*s) of the full one (8x8 DCT blocks -> 8/s)
+        out = img.resize((pre.size, pre.size), F.pil_modes_mapping[pre.interpolation_mode],
+                         box=tuple(c / scale for c in box))
+        if view and params[4]:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return F.pil_to_tensor(out)
+    if pre.interpolation not in ("bilinear", "bicubic") or (view == 0 and (geometry is None or
+                                                                         geometry[:2] == (width, height))):
+        return render_view(img, view, params, pre)  # view 0 resized to its own size is a crop: exact and cheap
+    x = F.pil_to_tensor(img)[None]  # a view of HWC pixels: channels-last, the layout torch's uint8 kernel wants
+    if view:
+        top, left, flip = int(params[0]), int(params[1]), int(params[4])
+        x = torch.nn.functional.interpolate(x[..., top:top + h, left:left + w], size=(pre.size, pre.size),
+                                            mode=pre.interpolation, antialias=True)
+        return (x.flip(-1) if flip else x)[0]
+    rw, rh, top, left = geometry
+    x = torch.nn.functional.interpolate(x, size=(rh, rw), mode=pre.interpolation, antialias=True)
+    return x[0, :, top:top + pre.size, left:left + pre.size]
 
 
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
