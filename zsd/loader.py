@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, PackedKeys, RowReader, merge_classnames
+from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, resize_pixels
 
@@ -243,7 +243,7 @@ class RowIndex:
 
     def _load(self, rows: slice) -> tuple:
         s = self.store
-        return rows.start or 0, PackedKeys(s.keys(rows)), s.locs(rows), s.view_params(rows)
+        return rows.start or 0, s.packed_keys(rows), s.locs(rows), s.view_params(rows)
 
     def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
         """(key, loc (4,), view params (V, 5)) of a store row."""
