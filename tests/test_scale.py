@@ -265,7 +265,7 @@ def test_a_resume_reads_the_stores_keys_a_block_at_a_time_and_refuses_changed_im
 
     from zsd.errors import ZsdError
     from zsd.sources import PackedKeys
-    from zsd.store import Store
+    from zsd.store import Store, open_store
 
     store = tmp_path / "s.zarr"
     assert cache([str(image_folder)], store, tiny_teacher_name)["written"] == 12
@@ -275,6 +275,8 @@ def test_a_resume_reads_the_stores_keys_a_block_at_a_time_and_refuses_changed_im
         spans.append(len(range(*rows.indices(self.rows)))) if name == "key" else None, read(self, name, rows, *index))[1])
     assert cache([str(image_folder)], store, tiny_teacher_name)["processed"] == 0
     assert spans == [5, 5, 2] * 2  # the check, then the pass's dataset
+    packed, keys = open_store(store).packed_keys(), list(open_store(store).keys())  # 3 blocks, then 1 read
+    assert [packed[i] for i in range(len(packed))] == keys and len(keys) == 12
     (image_folder / "fish_tank" / "fish_tank_3.jpg").rename(image_folder / "fish_tank" / "fish_tank_9.jpg")  # row 11
     with pytest.raises(ZsdError, match="changed since"):
         cache([str(image_folder)], store, tiny_teacher_name)
