@@ -13,7 +13,7 @@ from conftest import random_store, unit
 from test_cache import direct_embeddings, run_cache
 from zsd.cli import main
 from zsd.loader import TrainTargets
-from zsd.store import FAILED, WRITTEN, open_store
+from zsd.store import FAILED, WRITTEN, Store, open_store
 from zsd.teachers import create_teacher
 from zsd.verify import verify
 
@@ -94,13 +94,15 @@ def test_status_claiming_rows_whose_embeddings_were_never_written(store30, capsy
     assert [(a, c) for a, c, _ in s.damage()] == [("emb", 2), ("view", 2)]
 
 
-def test_nonfinite_rows_are_counted_by_info_dropped_by_the_trainer_and_failed_by_verify(tmp_path, capsys):
+def test_nonfinite_rows_are_counted_by_info_and_failed_by_verify_and_not_read_at_the_trainers_start(
+        tmp_path, capsys, monkeypatch):
     rng = np.random.default_rng(1)
     emb = unit(rng.normal(size=(30, 2, 16))).astype(np.float32)
     emb[5, 1, 3] = np.nan
     emb[17, 0] = np.inf
     bad = random_store(tmp_path / "bad.zarr", emb, chunk_rows=8)
-    good = random_store(tmp_path / "good.zarr", unit(rng.normal(size=(20, 2, 16))).astype(np.float32), chunk_rows=8)
+    good_emb = unit(rng.normal(size=(20, 2, 16))).astype(np.float32)
+    good = random_store(tmp_path / "good.zarr", good_emb, chunk_rows=8)
 
     code, out, _ = run_cli(capsys, "info", bad.path, "--json", "-", "--full")
     info = json.loads(out)
@@ -109,20 +111,66 @@ def test_nonfinite_rows_are_counted_by_info_dropped_by_the_trainer_and_failed_by
     code, out, _ = run_cli(capsys, "info", bad.path, "--full")
     assert "2 written rows have non-finite embeddings (first: img00005)" in out
 
+    # the trainer's start reads no embedding (a pass over every store: minutes at DataComp scale); its
+    # batches check their own targets (test_the_trainer_skips_and_names_nonfinite_targets_as_batches_read_them)
     for in_ram in ("yes", "no"):
         messages = []
-        targets = TrainTargets([str(bad.path), str(good.path)], in_ram=in_ram, log=messages.append)
-        assert messages == [f"warning: {bad.path}: dropping 2 written rows whose embeddings are not finite (NaN or "
-                            f"inf; first: img00005); `zsd verify {bad.path}` lists them"]
-        assert targets.rows_per_epoch == 28 + 20 and targets.skipped_rows == 2
-        order = targets.epoch_order(0, 0)
-        assert torch.isfinite(targets.targets(order)).all()
-        assert not set(order[order[:, 0] == 0, 1].tolist()) & {5, 17}
+        with monkeypatch.context() as m:
+            m.setattr(Store, "iter_blocks", lambda *a, **k: pytest.fail("streamed the embeddings"))
+            m.setattr(Store, "read_rows", lambda *a, **k: pytest.fail("read embeddings"))
+            targets = TrainTargets([str(bad.path), str(good.path)], in_ram=in_ram, log=messages.append)
+        assert messages == [] and targets.rows_per_epoch == 30 + 20 and targets.skipped_rows == 0
+        order = np.concatenate([targets.epoch_order(0, e) for e in range(4)])
+        t, finite = targets.finite_targets(order, log=messages.append)
+        bad_samples = [(0, 5, 1), (0, 17, 0)]  # (store, row, view): the other views are finite
+        expect = np.array([tuple(x) not in bad_samples for x in order.tolist()])
+        np.testing.assert_array_equal(finite, expect)
+        keep = torch.from_numpy(finite)
+        assert torch.isfinite(t[keep]).all() and not torch.isfinite(t[~keep]).all(dim=1).any()
+        np.testing.assert_array_equal(t[keep].numpy(), np.concatenate([emb, good_emb])[order[:, 1] + 30 * order[:, 0],
+                                                                                       order[:, 2]][finite].astype(np.float16))
+        first = {}  # row -> view of its first non-finite sample: each row is named once
+        for _, r, v in order[~finite].tolist():
+            first.setdefault(r, v)
+        assert sorted(first) == [5, 17] and (~finite).sum() > 2  # this seed draws both, and one again
+        assert messages == [f"warning: {bad.path}: row {r} (img{r:05d}) view {v} has a non-finite embedding (NaN or "
+                            f"inf): its samples are skipped; `zsd verify {bad.path}` lists such rows"
+                            for r, v in first.items()]
 
     code, _, err = run_cli(capsys, "verify", bad.path)
     assert code == 1 and err.count("\n") == 1 and "2 written rows have non-finite embeddings (first: img00005)" in err
     code, out, err = run_cli(capsys, "verify", good.path)
     assert code == 0 and err == "" and out.rstrip().endswith("OK")
+
+
+def test_the_trainer_skips_and_names_nonfinite_targets_as_batches_read_them(image_folder, tmp_path, tiny_teacher_name):
+    """A sample whose cached target is NaN leaves its micro-batch like an unreadable image: every step
+    trains on the others (counted against the epoch order, computed here), the row is named once,
+    and the loss and weights stay finite."""
+    from safetensors.torch import load_file
+
+    from zsd.train import TrainConfig, train
+
+    store = tmp_path / "s.zarr"
+    run_cache([image_folder], store, tiny_teacher_name)  # 12 rows, 2 views
+    open_store(store, mode="r+").group["emb"][5, 1] = np.nan
+    targets = TrainTargets([str(store)], log=lambda m: None)
+    per_step = lambda seed: [int(((o[:, 1] == 5) & (o[:, 2] == 1)).sum())  # noqa: E731
+                             for e in range(3) for o in np.split(targets.epoch_order(seed, e), 2)]
+    seed = next(seed for seed in range(100) if 1 < sum(per_step(seed)) < 3)  # in 2 of the 3 epochs
+    messages = []
+    summary = train(TrainConfig([str(store)], run_dir=str(tmp_path / "run"), student="test_efficientnet_gn",
+                                student_res=32, steps=6, batch_size=6, workers=0, device="cpu", precision="fp32",
+                                pixel_cache="no", seed=seed), progress=False, log=messages.append)
+    steps = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "loss" in r]
+    assert [r["images"] for r in steps] == [6 - n for n in per_step(seed)]
+    assert summary["skipped_images"] == steps[-1]["skipped_images"] == 2 and summary["images"] == 34
+    assert [m for m in messages if "non-finite embedding" in m] == [
+        f"warning: {store}: row 5 ({open_store(store).keys()[5]}) view 1 has a non-finite embedding (NaN or inf): its samples are "
+        f"skipped; `zsd verify {store}` lists such rows"]
+    assert all(np.isfinite(r["loss"]) for r in steps)
+    assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "run" / "student.safetensors")).values())
 
 
 def test_a_teacher_that_returns_nan_fails_the_row_with_a_reason(image_folder, tmp_path, tiny_teacher_name, monkeypatch):

@@ -256,6 +256,32 @@ def test_a_resumed_pass_reads_the_shard_index_not_the_tar_headers(tmp_path, tiny
     assert (open_store(store).status() == WRITTEN).all()
 
 
+def test_a_resume_reads_the_stores_keys_a_block_at_a_time_and_refuses_changed_images(image_folder, tmp_path,
+                                                                                       tiny_teacher_name, monkeypatch):
+    """A resumed pass compares the store's keys with the sources' as packed buffers, read PackedKeys.BLOCK
+    rows at a time (the whole key array as Python strings is GBs at DataComp scale), and the pass's
+    dataset packs them the same way; a key that changed in the last block is still refused."""
+    import pytest
+
+    from zsd.errors import ZsdError
+    from zsd.sources import PackedKeys
+    from zsd.store import Store, open_store
+
+    store = tmp_path / "s.zarr"
+    assert cache([str(image_folder)], store, tiny_teacher_name)["written"] == 12
+    monkeypatch.setattr(PackedKeys, "BLOCK", 5)  # = chunk_rows: one chunk per read
+    spans, read = [], Store._read
+    monkeypatch.setattr(Store, "_read", lambda self, name, rows=slice(None), *index: (
+        spans.append(len(range(*rows.indices(self.rows)))) if name == "key" else None, read(self, name, rows, *index))[1])
+    assert cache([str(image_folder)], store, tiny_teacher_name)["processed"] == 0
+    assert spans == [5, 5, 2] * 2  # the check, then the pass's dataset
+    packed, keys = open_store(store).packed_keys(), list(open_store(store).keys())  # 3 blocks, then 1 read
+    assert [packed[i] for i in range(len(packed))] == keys and len(keys) == 12
+    (image_folder / "fish_tank" / "fish_tank_3.jpg").rename(image_folder / "fish_tank" / "fish_tank_9.jpg")  # row 11
+    with pytest.raises(ZsdError, match="changed since"):
+        cache([str(image_folder)], store, tiny_teacher_name)
+
+
 def test_a_damaged_shard_index_is_rebuilt(tmp_path):
     from zsd.sources import ShardIndex, scan_sources
 

@@ -346,7 +346,7 @@ def test_pending_rows_and_unreadable_images_are_skipped(store, image_folder, tmp
     assert summary["skipped_rows"] == 4
     assert any("skipping 4 of 12 rows not written (4 pending, 0 failed)" in m for m in messages)
     assert summary["skipped_images"] == 5 and summary["images"] == 3  # 8 written rows: 5 unreadable, 3 trained
-    assert "unreadable images skipped" in messages[-1]
+    assert "5 samples skipped (unreadable images, non-finite targets)" in messages[-1]
 
 
 def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name, monkeypatch):

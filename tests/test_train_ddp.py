@@ -35,6 +35,7 @@ def torchrun(args, nproc=2):
            "-m", "zsd", "train", *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
 
 
 def log_steps(run):
@@ -64,6 +65,29 @@ def test_two_gloo_processes_train_one_student(image_folder, tmp_path, tiny_teach
         assert all(torch.isfinite(v).all() for v in w.values())
     assert json.loads((run / "student.json").read_text())["world_size"] == 2
     assert not list(run.glob("*.tmp"))
+
+
+def test_a_nonfinite_target_on_one_rank_makes_both_skip_its_micro_batch(image_folder, tmp_path, tiny_teacher_name):
+    """A NaN target leaves its rank one sample of 2: both ranks skip that micro-batch (BatchNorm needs 2),
+    the rank holding it names the row, and the other steps train on all 4 images."""
+    store = make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
+    open_store(store, mode="r+").group["emb"][7] = np.nan  # both views
+    targets = TrainTargets([str(store)], log=lambda m: None)
+
+    def batches(seed):  # 6 steps of 4 samples: 2 epochs of 12 rows; sample i of a batch goes to rank i % 2
+        return np.concatenate([targets.epoch_order(seed, e) for e in range(2)])[:, 1].reshape(6, 4)
+
+    seed = next(seed for seed in range(100) if len({tuple(np.flatnonzero(b == 7) % 2) for b in batches(seed)}) == 3)
+    run = tmp_path / "run"
+    res = torchrun(["--targets", str(store), "--student", "test_resnet", "--student-res", "32", "--out", str(run),
+                    "--steps", "6", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+                    "--seed", str(seed), "--lr", "1e-3"])
+    steps = log_steps(run)
+    assert [r["images"] for r in steps] == [0 if 7 in b else 4 for b in batches(seed)]
+    assert steps[-1]["skipped_images"] == 2  # once an epoch
+    # this seed puts row 7 on rank 0 in one epoch and on rank 1 in the other: each names it once
+    assert res.stderr.count(f"row 7 ({open_store(store).keys()[7]})") == 2 and "non-finite embedding" in res.stderr
+    assert all(torch.isfinite(v).all() for v in load_file(str(run / "student.safetensors")).values())
 
 
 def test_two_processes_compute_what_one_process_computes(image_folder, tmp_path, tiny_teacher_name):

@@ -7,6 +7,9 @@ i % shards, so the trainer really decodes images). Then, in one run, it reports:
             the start-up of a first teacher pass vs a resume (target second/first <= 0.1), best of 3;
             shards of one tiny sample in the page cache are the worst case (a DataComp shard has
             ~10,000 members in ~1 GB: its first scan costs far more, the resume the same)
+  keys      a resume's check that the store's keys are the sources': the store's key array read and
+            compared a block of chunks at a time (zsd now) vs as one list of Python strings (before),
+            time and tracemalloc peak
   train     peak memory of `zsd train --workers 4 --in-ram no` on the store (a few steps of a tiny
             student at 32 px), summed over the trainer and its workers: RSS (shared pages counted
             in every process) and PSS (shared pages split); target <= 2 GB whatever --rows
@@ -31,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +154,7 @@ def main():
         return
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="zsd_bench_scale_"))
     from zsd.loader import TrainTargets
+    from zsd.cache import same_keys
     from zsd.sources import ShardIndex, scan_sources
     from zsd.store import open_store
 
@@ -178,6 +183,18 @@ def main():
         t_store = time.perf_counter() - t0
         print(f"wrote {args.shards} shards in {t_shards:.1f} s, the store in {t_store:.1f} s "
               f"({store.bytes_on_disk() / 2**30:.2f} GiB)")
+
+        # a resume's key check: the scan's keys against the store's, a block at a time vs the former
+        # list of every stored key (time and traced peak memory; the scan's own list is not counted)
+        keys = [f"u{i}" for i in range(args.rows)]
+        check = {}
+        for name, same in (("blocks", lambda s: same_keys(s, keys, s.rows)), ("list", lambda s: list(s.keys()) == keys)):
+            s = open_store(root / "s.zarr")
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            assert same(s)
+            check[name] = (time.perf_counter() - t0, tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
 
         # target loader vs raw zarr chunk reads, the same number of rows (page cache warm for both)
         n = min(args.target_rows, args.rows)
@@ -217,6 +234,9 @@ def main():
     print(f"\n{'rows':>12} {args.rows:,}   load {os.getloadavg()[0]:.2f} (1-min), {os.cpu_count()} cores")
     print(f"index     first scan {t_first:7.2f} s   resume scan {t_second:7.3f} s   "
           f"ratio {t_second / t_first:.3f}  (target <= 0.1)")
+    print(f"keys      resume check of {args.rows:,} keys: by blocks {check['blocks'][0]:.2f} s, "
+          f"{check['blocks'][1] / 2**20:.0f} MiB peak   list of all keys {check['list'][0]:.2f} s, "
+          f"{check['list'][1] / 2**20:.0f} MiB peak")
     print(f"train     peak RSS {mem['peak_rss'] / 2**30:.2f} GiB   peak PSS {mem['peak_pss'] / 2**30:.2f} GiB "
           f"(trainer + 4 workers, {args.steps} steps in {mem['seconds']:.0f} s; target <= 2 GB)")
     print(f"targets   loader {loader:,.0f} rows/s   raw zarr chunks {rawr:,.0f} rows/s   "

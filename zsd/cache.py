@@ -126,10 +126,15 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
         log(f"warning: {path}: rewriting the keys, labels and locations of rows {sl.start}..{sl.stop - 1} from the sources")
         store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
     # rows after n_old, if any, are those of a killed append: append_rows replaces them
-    if list(store.keys()[:n_old]) != scan.keys[:n_old] or store.rows < n_old:
+    if store.rows < n_old or not same_keys(store, scan.keys, n_old):
         raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
     return n_old
+
+
+def same_keys(store: Store, keys: list[str], n: int) -> bool:
+    """Whether the store's first `n` keys are keys[:n], compared a block at a time (memory: one block)."""
+    return all(list(block) == keys[a:a + len(block)] for a, block in store.key_blocks(slice(0, n)))
 
 
 def _describe(desc: dict) -> str:
@@ -184,7 +189,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = default_workers(model.device)
-    dataset = ViewDataset(store.sources, store.keys(), store.locs(), model.preprocess, views,
+    dataset = ViewDataset(store.sources, store.packed_keys(), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
                      workers=workers, device=model.device,

@@ -26,7 +26,7 @@ import numpy as np
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least
-from zsd.sources import class_key
+from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_files, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
@@ -236,7 +236,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     # Rows the teacher could not embed are recorded as failed here too, without being read.
     status, errors = store.status(), store.errors()
     skip = {int(r): str(errors[r]) or "not embedded by the teacher" for r in np.flatnonzero(status != WRITTEN)}
-    dataset = ViewDataset(store.sources, list(keys), store.locs(), Preprocess.from_dict(config["preprocess"]))
+    dataset = ViewDataset(store.sources, PackedKeys(keys), store.locs(), Preprocess.from_dict(config["preprocess"]))
     model = model.to(device).eval()
     tune_allocator(device)
     embed_rows(emb_store, dataset, model.encode_images, emb_store.pending_chunks(),

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, PackedKeys, RowReader, merge_classnames
+from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
 
@@ -109,20 +109,18 @@ class TrainTargets:
                 log(f"warning: {s.path}: skipping {s.rows - len(rows)} of {s.rows} rows not written "
                     f"({int((status == PENDING).sum())} pending, {int((status == FAILED).sum())} failed)")
                 self.skipped_rows += s.rows - len(rows)
-            nonfinite = s.embedding_health()["nonfinite"]
-            if len(nonfinite):  # a NaN target would stop the run at its first batch without naming the row
-                log(f"warning: {s.path}: dropping {len(nonfinite)} written rows whose embeddings are not finite "
-                    f"(NaN or inf; first: {s.keys()[nonfinite[0]]}); `zsd verify {s.path}` lists them")
-                rows = np.setdiff1d(rows, nonfinite)
-                self.skipped_rows += len(nonfinite)
             if not len(rows):
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
+            damaged = s.damage(arrays=("emb",))  # stat calls, no reads: a damaged chunk stops the run before step 1
+            if damaged:
+                raise s.damaged_error(*damaged[0])
             remap = np.array(store_remap + [-1], dtype=np.int32)
             labels = remap[s.labels()]  # label -1 picks the trailing -1
             fits = s.rows * s.views * s.dim * 2 <= budget
             ram = {"auto": fits, "yes": True, "no": False}[in_ram]
             self.sources.append(Source(s, w, rows, labels, ram, 1 if ram else s.chunk_rows))
         self.rows_per_epoch = sum(len(src.rows) for src in self.sources)
+        self._named: set[tuple[int, int]] = set()  # (store, row) of the non-finite targets named so far
 
     # --- order
     def epoch_order(self, seed: int, epoch: int) -> np.ndarray:
@@ -220,6 +218,23 @@ class TrainTargets:
                 out[mine] = src.store.read_rows(items[mine, 1], items[mine, 2])
         return torch.from_numpy(out)
 
+    def finite_targets(self, items: np.ndarray, log=print) -> tuple[torch.Tensor, np.ndarray]:
+        """`targets(items)` and the mask of the finite ones; each row with a non-finite target is named once.
+
+        The targets are checked as a batch reads them, not all before training: that would stream
+        every embedding of every store (minutes at DataComp scale). The teacher pass fails a row
+        whose embedding is not finite, but a store written otherwise or damaged in place may hold one,
+        and a NaN target would make the loss NaN."""
+        t = self.targets(items)
+        finite = torch.isfinite(t).all(dim=1).numpy()
+        for i, row, view in items[~finite].tolist():
+            if (i, row) not in self._named:
+                self._named.add((i, row))
+                s = self.sources[i].store
+                log(f"warning: {s.path}: row {row} ({s.keys(slice(row, row + 1))[0]}) view {view} has a non-finite "
+                    f"embedding (NaN or inf): its samples are skipped; `zsd verify {s.path}` lists such rows")
+        return t, finite
+
     def labels(self, items: np.ndarray) -> torch.Tensor:
         out = np.empty(len(items), np.int64)
         for i, src in enumerate(self.sources):
@@ -243,7 +258,7 @@ class RowIndex:
 
     def _load(self, rows: slice) -> tuple:
         s = self.store
-        return rows.start or 0, PackedKeys(s.keys(rows)), s.locs(rows), s.view_params(rows)
+        return rows.start or 0, s.packed_keys(rows), s.locs(rows), s.view_params(rows)
 
     def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
         """(key, loc (4,), view params (V, 5)) of a store row."""

@@ -485,11 +485,26 @@ class PackedKeys:
     share their pages, where a list of str is copied into every worker page by page as reading its
     items touches their refcounts (a DataComp source: millions of keys, once per worker)."""
 
+    BLOCK = 1 << 16  # keys encoded at a time: the only Python objects built per key
+
     def __init__(self, keys):
-        data = [k.encode() for k in keys]
-        self.offsets = np.zeros(len(data) + 1, np.int64)
-        self.offsets[1:] = np.cumsum(np.fromiter(map(len, data), np.int64, len(data)))
-        self.buf = np.frombuffer(b"".join(data), np.uint8)
+        self._pack(keys[i:i + self.BLOCK] for i in range(0, len(keys), self.BLOCK))
+
+    @classmethod
+    def from_blocks(cls, blocks) -> "PackedKeys":
+        """The keys of an iterable of key sequences (a store's key array read a block at a time)."""
+        packed = cls.__new__(cls)
+        packed._pack(blocks)
+        return packed
+
+    def _pack(self, blocks):
+        sizes, bufs = [np.zeros(1, np.int64)], []
+        for block in blocks:
+            data = [k.encode() for k in block]
+            sizes.append(np.fromiter(map(len, data), np.int64, len(data)))
+            bufs.append(np.frombuffer(b"".join(data), np.uint8))
+        self.offsets = np.cumsum(np.concatenate(sizes))
+        self.buf = np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
 
     def __len__(self):
         return len(self.offsets) - 1

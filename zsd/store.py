@@ -59,6 +59,7 @@ import zarr
 
 from zsd import DEFAULT_CHUNK_ROWS, __version__
 from zsd.errors import ZsdError
+from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
@@ -246,6 +247,17 @@ class Store:
 
     def keys(self, rows: slice = slice(None)) -> np.ndarray:
         return np.asarray(self._read("key", rows), dtype=object)
+
+    def key_blocks(self, rows: slice = slice(None)):
+        """(first row, keys) of `rows`, whole chunks of about PackedKeys.BLOCK rows at a time: at
+        DataComp scale the whole key array as Python strings is GBs."""
+        start, stop, _ = rows.indices(self.rows)
+        step = max(1, PackedKeys.BLOCK // self.chunk_rows) * self.chunk_rows
+        for a in range(start, stop, step):
+            yield a, self._read("key", slice(a, min(a + step, stop)))
+
+    def packed_keys(self, rows: slice = slice(None)) -> PackedKeys:
+        return PackedKeys.from_blocks(keys for _, keys in self.key_blocks(rows))
 
     def labels(self) -> np.ndarray:
         return self._read("label")

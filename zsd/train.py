@@ -461,9 +461,14 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             loss_sum, term_sums, dists, n_images = 0.0, {}, [], 0
             for _ in range(accum):
                 items, pixels, errors = next(batches)
+                t, finite = data.finite_targets(items, log)  # every rank names its own samples' rows
+                if not finite.all():  # skipped like an unreadable image
+                    errors = errors + ["non-finite target"] * int((~finite).sum())
+                    keep = torch.from_numpy(finite)
+                    items, pixels, t = items[finite], pixels[keep], t[keep]
                 skipped_images += len(errors)
-                # Unreadable images leave holes; BatchNorm needs two samples. Under DDP every rank
-                # skips together, or the others would wait for this one's gradients forever.
+                # Unreadable images and non-finite targets leave holes; BatchNorm needs two samples.
+                # Under DDP every rank skips together, or the others would wait for this one's gradients forever.
                 usable = pixels is not None and len(pixels) >= 2
                 if distributed:
                     usable = all_ranks([usable], dist.ReduceOp.MIN, dev)[0]
@@ -473,7 +478,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                 x = normalize(pixels.to(dev, non_blocking=True), student_pre.mean, student_pre.std)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                t = data.targets(items).to(dev)
+                t = t.to(dev)
                 labels = data.labels(items).to(dev)
                 # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
                 # micro-batch cannot leave the earlier ones unsynchronised.
@@ -555,6 +560,6 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                "images_per_s": round(seen / max(elapsed, 1e-9), 2), "teacher_id": data.teacher_id}
     if main_proc:
         say(f"{run_dir}: {step}/{total} steps, {seen} images in {elapsed:.1f} s ({summary['images_per_s']} img/s)"
-            + (f", {skipped_total} unreadable images skipped" if skipped_total else "")
+            + (f", {skipped_total} samples skipped (unreadable images, non-finite targets)" if skipped_total else "")
             + ("" if summary["finished"] else "; continue with --resume"))
     return summary

@@ -216,9 +216,9 @@ class ViewDataset(Dataset):
     not interleave with another thread's).
     """
 
-    def __init__(self, descs, keys, locs, pre: Preprocess, views: int = 1, view_seed: int = 0,
+    def __init__(self, descs, keys: PackedKeys, locs, pre: Preprocess, views: int = 1, view_seed: int = 0,
                  crop_scale=(1.0, 1.0)):
-        self.descs, self.keys, self.locs = descs, PackedKeys(keys), np.asarray(locs, dtype=np.int64)
+        self.descs, self.keys, self.locs = descs, keys, np.asarray(locs, dtype=np.int64)
         self.pre, self.views, self.view_seed, self.crop_scale = pre, views, view_seed, tuple(crop_scale)
         self._local = threading.local()
 
