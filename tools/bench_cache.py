@@ -5,10 +5,10 @@
 For each teacher, in one run:
 (a) `zsd.cache.cache_teacher` with its default flags (batch size, workers, precision, allocator)
     on real photos: decoding + teacher + Zarr writes, images/s of the pass after its first batch
-    (the rate a long pass converges to; the first forward on a CPU builds oneDNN's kernels, a
-    one-off cost of seconds that is printed beside it, with the whole pass's rate); beside it the same pass
-    with a DataLoader decode worker (`--workers 1`, the default before the CPU decoded in turns with
-    the forward) and with `--batch-size 16`, to show what the defaults chose between;
+    (the rate a long pass converges to; the first forward on a CPU builds oneDNN's kernels and
+    faults the heap in, a one-off cost printed beside it, with the whole pass's rate); beside it the
+    same pass with a DataLoader decode process (`--workers 1`) and with `--batch-size 16`, to show
+    what the defaults chose between;
 (b) the raw reference: the same teacher's `encode_images` on pre-made tensors after 2 warm-up
     batches, for every batch
     size x allocator setting of a small sweep, the best of which is the machine's real limit.

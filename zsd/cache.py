@@ -152,10 +152,11 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     `batch_size` counts views per teacher forward (images per batch = batch_size // views); by
     default 256 on a GPU and 32 on a CPU, where larger batches only add memory traffic (docs: the
     CPU section of the README). `workers`: decode processes beside the forward; 0 decodes in
-    this process, in turns with the forward, with torch's thread count (the default on a CPU).
+    low-priority threads of this process, a batch ahead (`_decode_ahead`; the default on a CPU).
     `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is part of the teacher's
     fingerprint, so one store never mixes precisions.
-    Returns a summary dict (rows, written, failed, seconds per phase, images/s).
+    Returns a summary dict (rows, written, failed, seconds per phase, images/s overall and
+    after the first batch).
     """
     for flag, value in (("--views", views), ("--batch-size", batch_size), ("--chunk-rows", chunk_rows),
                         ("--num-shards", num_shards)):
