@@ -329,3 +329,38 @@ def test_packed_keys_and_the_row_index_give_the_stores_rows(tmp_path):
             got = index.row(int(row))
             assert got[0] == k[row] and np.array_equal(got[1], loc[row]) and np.array_equal(got[2], params[row])
         assert len(streamed._chunks) <= 2
+
+
+def test_a_streamed_store_holds_no_per_row_array_in_the_trainer(tmp_path, monkeypatch):
+    """131,072 rows (some failed, labelled) read in blocks of 16,384 (1 M rows in a real run):
+    building the trainer's targets of a streamed store holds < 1 byte per row afterwards and peaks at
+    < 4 (the former per-row arrays held 12 bytes a row and peaked at ~18). The rows and labels it
+    finds per chunk are the store's, checked against a whole read."""
+    import tracemalloc
+
+    from conftest import random_store
+
+    from zsd.loader import TrainTargets
+    from zsd.store import WRITTEN, open_store
+
+    monkeypatch.setattr("zsd.store.BLOCK_ROWS", 16384)
+    n, rng = 131072, np.random.default_rng(0)
+    labels = rng.integers(0, 3, n)
+    random_store(tmp_path / "s.zarr", rng.standard_normal((n, 4)).astype(np.float16), labels=labels,
+                 classnames=["a", "b", "c"], chunk_rows=512, failed=range(3, n, 1000))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        targets = TrainTargets([str(tmp_path / "s.zarr")], in_ram="no", log=lambda m: None)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (held - before) / n < 1 and (peak - before) / n < 4, ((held - before) / n, (peak - before) / n)
+
+    status = open_store(tmp_path / "s.zarr").status()
+    src = targets.sources[0]
+    assert src.rows is None and src.labels is None and targets.rows_per_epoch == (status == WRITTEN).sum()
+    np.testing.assert_array_equal(src.written_rows(), np.flatnonzero(status == WRITTEN))
+    sample = np.sort(rng.choice(n, 2000, replace=False))
+    np.testing.assert_array_equal(src.labels_of(sample), labels[sample])
+    assert src.unlabelled_rows() == 0

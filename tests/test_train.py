@@ -18,7 +18,7 @@ from zsd.cli import main as cli_main
 from zsd.loader import PixelCache, StudentInputs, TrainTargets, parse_target
 from zsd.errors import ZsdError
 from zsd.evaluate import student_embeddings
-from zsd.store import PENDING, open_store
+from zsd.store import PENDING, WRITTEN, open_store
 from zsd.sources import RowReader, load_rgb
 from zsd.student import Student, load_pretrained_backbone, load_student, student_preprocess
 from zsd.teachers import create_teacher
@@ -509,13 +509,14 @@ def eager_order(targets, seed, epoch):
     rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
     rows, bounds = [], []
     for src in targets.sources:
+        written = np.flatnonzero(src.store.status() == WRITTEN)  # read here, not taken from the trainer
         if src.in_ram:
-            rows.append(rng.permutation(src.rows))
-            bounds.append(np.arange(len(src.rows) + 1))
+            rows.append(rng.permutation(written))
+            bounds.append(np.arange(len(written) + 1))
         else:
-            edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
+            edges = np.searchsorted(written, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
             chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
-            rows.append(np.concatenate([src.rows[edges[c]:edges[c + 1]] for c in chunks]))
+            rows.append(np.concatenate([written[edges[c]:edges[c + 1]] for c in chunks]))
             bounds.append(np.concatenate([[0], np.cumsum(edges[chunks + 1] - edges[chunks])]))
     n_blocks = np.array([len(b) - 1 for b in bounds])
     if targets.sources[0].weight is None:

@@ -23,7 +23,7 @@ from zsd.cpu import tune_allocator
 from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import ShardIndex, scan_sources
-from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, PENDING, SHARD_INDEX, WRITTEN, Store, create_store,
+from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import ViewDataset, normalize
@@ -197,11 +197,10 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
                      desc=f"cache-teacher -> {store.path.name}", progress=progress)
 
     elapsed = time.perf_counter() - t_start
-    status = store.status()  # counts only: info()'s norm statistics would read every embedding
+    pending, written, failed = store.status_per_chunk().sum(0).tolist()  # not info(): it reads failed keys
     summary = {
         "store": str(store.path), "rows": store.rows, "processed": run["done"], "failed_now": run["failed"],
-        "written": int((status == WRITTEN).sum()), "failed": int((status == FAILED).sum()),
-        "pending": int((status == PENDING).sum()), "complete": bool((status != PENDING).all()),
+        "written": written, "failed": failed, "pending": pending, "complete": pending == 0,
         "repaired": repaired, "seconds": round(elapsed, 2),
         "images_per_s": round(run["done"] / max(run["seconds"], 1e-9), 2), "loop_seconds": run["seconds"],
         "first_batch_s": run["first_batch_s"], "steady_images_per_s": run["steady_images_per_s"],

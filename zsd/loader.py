@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader, merge_classnames
-from zsd.store import FAILED, PENDING, WRITTEN, Store, cache_dir, open_store
+from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
 
 
@@ -65,14 +65,66 @@ def ram_budget() -> int:
 
 @dataclass
 class Source:
-    """One target store as the trainer uses it."""
+    """One target store as the trainer uses it.
+
+    Per-row arrays are held only for a store in RAM, whose rows are permuted freely and whose size
+    the RAM budget bounds. A streamed store keeps a count per chunk and reads a chunk's status and
+    labels when a window or batch needs them, so the trainer's memory does not grow with its rows
+    (DataComp medium: 128 M).
+    """
 
     store: Store
     weight: float | None
-    rows: np.ndarray  # written rows, ascending
-    labels: np.ndarray  # per store row, remapped into the merged class list (-1 unlabelled)
     in_ram: bool
-    block_rows: int  # 1 in RAM, chunk_rows when streaming
+    written: np.ndarray  # per chunk: the number of its rows written
+    remap: np.ndarray  # store class -> merged class; the trailing -1 maps unlabelled (-1) rows
+    rows: np.ndarray | None = None  # in RAM: the written rows, ascending
+    labels: np.ndarray | None = None  # in RAM: per store row, remapped
+    _label_chunks: OrderedDict = field(default_factory=OrderedDict)  # streamed: chunk -> remapped labels
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per block of the data order: 1 in RAM, a chunk when streaming."""
+        return 1 if self.in_ram else self.store.chunk_rows
+
+    @property
+    def n_written(self) -> int:
+        return int(self.written.sum())
+
+    def chunk_written_rows(self, c: int) -> np.ndarray:
+        """The written rows of chunk `c`, ascending; a full chunk needs no read."""
+        sl = self.store.chunk_slice(c)
+        if self.written[c] == sl.stop - sl.start:
+            return np.arange(sl.start, sl.stop, dtype=np.int64)
+        return sl.start + np.flatnonzero(self.store.status(sl) == WRITTEN)
+
+    def written_rows(self) -> np.ndarray:
+        """Every written row (a per-row array: for users bounded by RAM anyway, like the pixel cache)."""
+        if self.rows is not None:
+            return self.rows
+        return np.concatenate([a + np.flatnonzero(st == WRITTEN) for a, st in self.store.blocks("status")])
+
+    def labels_of(self, rows: np.ndarray) -> np.ndarray:
+        """Remapped labels of store rows; a streamed store reads the label chunks of `rows`, keeping
+        the last few (a batch draws its rows from one shuffle window of chunks)."""
+        if self.labels is not None:
+            return self.labels[rows]
+        cr, out = self.store.chunk_rows, np.empty(len(rows), np.int32)
+        for c in np.unique(rows // cr).tolist():
+            labels = self._label_chunks.pop(c, None)
+            if labels is None:
+                labels = self.remap[self.store.labels(self.store.chunk_slice(c))]
+            self._label_chunks[c] = labels  # most recently used last
+            mine = rows // cr == c
+            out[mine] = labels[rows[mine] - c * cr]
+        while len(self._label_chunks) > 64:
+            self._label_chunks.popitem(last=False)
+        return out
+
+    def unlabelled_rows(self) -> int:
+        """Written rows without a class, read block by block."""
+        return sum(int(((st == WRITTEN) & (self.remap[lab] < 0)).sum())
+                   for (_, st), (_, lab) in zip(self.store.blocks("status"), self.store.blocks("label")))
 
 
 class TrainTargets:
@@ -103,23 +155,25 @@ class TrainTargets:
         self.sources: list[Source] = []
         self.skipped_rows = 0
         for s, w, store_remap in zip(stores, weights, remaps):
-            status = s.status()
-            rows = np.flatnonzero(status == WRITTEN)
-            if len(rows) < s.rows:
-                log(f"warning: {s.path}: skipping {s.rows - len(rows)} of {s.rows} rows not written "
-                    f"({int((status == PENDING).sum())} pending, {int((status == FAILED).sum())} failed)")
-                self.skipped_rows += s.rows - len(rows)
-            if not len(rows):
+            counts = s.status_per_chunk()  # block by block: no per-row array for a streamed store
+            pending, written, failed = counts.sum(0).tolist()
+            if written < s.rows:
+                log(f"warning: {s.path}: skipping {s.rows - written} of {s.rows} rows not written "
+                    f"({pending} pending, {failed} failed)")
+                self.skipped_rows += s.rows - written
+            if not written:
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
             damaged = s.damage(arrays=("emb",))  # stat calls, no reads: a damaged chunk stops the run before step 1
             if damaged:
                 raise s.damaged_error(*damaged[0])
             remap = np.array(store_remap + [-1], dtype=np.int32)
-            labels = remap[s.labels()]  # label -1 picks the trailing -1
             fits = s.rows * s.views * s.dim * 2 <= budget
-            ram = {"auto": fits, "yes": True, "no": False}[in_ram]
-            self.sources.append(Source(s, w, rows, labels, ram, 1 if ram else s.chunk_rows))
-        self.rows_per_epoch = sum(len(src.rows) for src in self.sources)
+            src = Source(s, w, {"auto": fits, "yes": True, "no": False}[in_ram], counts[:, 1], remap)
+            if src.in_ram:
+                src.rows = np.flatnonzero(s.status() == WRITTEN)
+                src.labels = remap[s.labels()]  # label -1 picks the trailing -1
+            self.sources.append(src)
+        self.rows_per_epoch = sum(src.n_written for src in self.sources)
         self._named: set[tuple[int, int]] = set()  # (store, row) of the non-finite targets named so far
 
     # --- order
@@ -136,19 +190,22 @@ class TrainTargets:
         so the windows before `start` are skipped by advancing the stream, not by drawing them.
         """
         rng = np.random.Generator(np.random.PCG64([seed, epoch, 0x5eed]))
-        # Per store: an array of its rows and its blocks as (start, length) in it, blocks in a random order.
-        base, block_start, block_len = [], [], []
+        # Per store: its blocks as (start, length) among its written rows, in a random order; a store
+        # in RAM permutes its rows (`base`), a streamed one its chunks (their rows are found per window).
+        base, edges, block_start, block_len = [], [], [], []
         for src in self.sources:
             if src.in_ram:
                 base.append(rng.permutation(src.rows))
+                edges.append(None)
                 block_start.append(np.arange(len(src.rows)))
                 block_len.append(np.ones(len(src.rows), np.int64))
             else:
-                edges = np.searchsorted(src.rows, np.arange(src.store.n_chunks + 1) * src.store.chunk_rows)
-                chunks = rng.permutation(np.flatnonzero(np.diff(edges)))
-                base.append(src.rows)
-                block_start.append(edges[chunks])
-                block_len.append(edges[chunks + 1] - edges[chunks])
+                e = np.concatenate([[0], np.cumsum(src.written)])
+                chunks = rng.permutation(np.flatnonzero(src.written))
+                base.append(None)
+                edges.append(e)
+                block_start.append(e[chunks])
+                block_len.append(src.written[chunks])
         n_blocks = np.array([len(b) for b in block_start])
 
         # The sequence of blocks of this epoch, as (store, block) pairs.
@@ -157,13 +214,8 @@ class TrainTargets:
             ids = rng.permutation(first_block[-1])
             store = np.searchsorted(first_block, ids, side="right") - 1
             block = ids - first_block[store]
-        else:  # each block >= 1 row, so rows_per_epoch draws always fill the epoch
-            p = np.array([src.weight / src.block_rows for src in self.sources])
-            store = rng.choice(len(self.sources), size=self.rows_per_epoch, p=p / p.sum())
-            block = np.empty_like(store)
-            for i, n in enumerate(n_blocks):
-                mine = store == i
-                block[mine] = np.arange(mine.sum()) % n  # cycle through the store's own permutation
+        else:
+            store, block = self._weighted_blocks(rng, n_blocks, block_len)
         starts, lengths = np.empty(len(store), np.int64), np.empty(len(store), np.int64)
         for i in range(len(self.sources)):
             mine = store == i
@@ -198,7 +250,15 @@ class TrainTargets:
             sample_row = np.empty(n, np.int64)
             for i in np.unique(sample_store):
                 mine = sample_store == i
-                sample_row[mine] = base[i][position[mine]]
+                if base[i] is not None:
+                    sample_row[mine] = base[i][position[mine]]
+                else:  # position among the written rows -> (chunk, offset) -> row
+                    chunk = np.searchsorted(edges[i], position[mine], side="right") - 1
+                    rows = np.empty(len(chunk), np.int64)
+                    for c in np.unique(chunk).tolist():
+                        at = chunk == c
+                        rows[at] = self.sources[i].chunk_written_rows(c)[position[mine][at] - edges[i][c]]
+                    sample_row[mine] = rows
             window = np.repeat(np.arange(k2 - k), window_len[k:k2])
             shuffled = np.lexsort((keys.random(n), window))[:self.rows_per_epoch - done]
             sample_store, sample_row = sample_store[shuffled], sample_row[shuffled]
@@ -207,6 +267,34 @@ class TrainTargets:
             yield out[max(0, start - done):]
             done += len(shuffled)
             k = k2
+
+    def _weighted_blocks(self, rng, n_blocks, block_len, piece: int = 1 << 16):
+        """(store, block) of the blocks of a weighted epoch: stores drawn with probability proportional
+        to weight per row, each cycling through its own block permutation.
+
+        Draws as `rng.choice(len(sources), rows_per_epoch, p)` would (one uniform each, looked up in
+        the weights' cdf; each block >= 1 row, so rows_per_epoch draws always fill the epoch), but
+        piece by piece, stopping once the blocks drawn fill the epoch and skipping the rest of the
+        draws by advancing the stream: a streamed store needs one draw per chunk, not per row."""
+        p = np.array([src.weight / src.block_rows for src in self.sources])
+        cdf = np.cumsum(p / p.sum())
+        cdf /= cdf[-1]
+        stores, blocks, taken = [], [], np.zeros(len(self.sources), np.int64)
+        drawn = filled = 0
+        while filled < self.rows_per_epoch:
+            n = min(piece, self.rows_per_epoch - drawn)
+            store = cdf.searchsorted(rng.random(n), side="right")
+            block = np.empty_like(store)
+            for i, nb in enumerate(n_blocks):
+                mine = store == i
+                block[mine] = (taken[i] + np.arange(mine.sum())) % nb  # cycle through the store's own permutation
+                taken[i] += mine.sum()
+                filled += int(block_len[i][block[mine]].sum())
+            stores.append(store)
+            blocks.append(block)
+            drawn += n
+        rng.bit_generator.advance(self.rows_per_epoch - drawn)
+        return np.concatenate(stores), np.concatenate(blocks)
 
     # --- targets
     def targets(self, items: np.ndarray) -> torch.Tensor:
@@ -239,7 +327,7 @@ class TrainTargets:
         out = np.empty(len(items), np.int64)
         for i, src in enumerate(self.sources):
             mine = items[:, 0] == i
-            out[mine] = src.labels[items[mine, 1]]
+            out[mine] = src.labels_of(items[mine, 1])
         return torch.from_numpy(out)
 
 
@@ -376,16 +464,17 @@ class PixelCache:
                  log=print):
         self.pre = dataset.student_pre
         views = [src.store.views for src in targets.sources]
-        counts = [len(src.rows) * v for src, v in zip(targets.sources, views)]
+        rows = [src.written_rows() for src in targets.sources]
+        counts = [len(r) * v for r, v in zip(rows, views)]
         self.base = np.concatenate([[0], np.cumsum(counts)])[:-1]
         self.views = np.array(views)
         self.position = []  # per source: store row -> index among its written rows
-        for src in targets.sources:
+        for src, r in zip(targets.sources, rows):
             pos = np.full(src.store.rows, -1, np.int64)
-            pos[src.rows] = np.arange(len(src.rows))
+            pos[r] = np.arange(len(r))
             self.position.append(pos)
-        key = json.dumps([[str(src.store.path.resolve()), src.store.teacher_id, src.rows.tolist()]
-                          for src in targets.sources] + [self.pre.to_dict()]
+        key = json.dumps([[str(src.store.path.resolve()), src.store.teacher_id, r.tolist()]
+                          for src, r in zip(targets.sources, rows)] + [self.pre.to_dict()]
                          + (["fast_decode"] if dataset.fast_decode else []))  # the default's key as before
         path = cache_dir() / "pixels" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
         errors_path = path.with_suffix(".errors.json")
@@ -395,9 +484,8 @@ class PixelCache:
             if path.exists():
                 log(f"warning: {path} is damaged or incomplete: rendering the student inputs again")
             path.parent.mkdir(parents=True, exist_ok=True)
-            items = np.concatenate([np.stack([np.full(len(src.rows) * v, i), np.repeat(src.rows, v),
-                                              np.tile(np.arange(v), len(src.rows))], 1)
-                                    for i, (src, v) in enumerate(zip(targets.sources, views))])
+            items = np.concatenate([np.stack([np.full(len(r) * v, i), np.repeat(r, v), np.tile(np.arange(v), len(r))], 1)
+                                    for i, (r, v) in enumerate(zip(rows, views))])
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             errors = {}
@@ -422,7 +510,7 @@ class PixelCache:
 
     @staticmethod
     def nbytes(targets: TrainTargets, size: int) -> int:
-        return sum(len(src.rows) * src.store.views for src in targets.sources) * 3 * size * size
+        return sum(src.n_written * src.store.views for src in targets.sources) * 3 * size * size
 
     def slots(self, items: np.ndarray) -> np.ndarray:
         i, row, view = items[:, 0], items[:, 1], items[:, 2]

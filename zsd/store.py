@@ -63,6 +63,7 @@ from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
+BLOCK_ROWS = 1 << 20  # rows of a per-row array read at once where a store is read whole (1-10 MB)
 ARRAYS = ("emb", "key", "label", "loc", "view", "error", "status")
 CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk write; the rest at creation
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
@@ -196,17 +197,23 @@ class Store:
     def damage(self, chunks=None, arrays=ARRAYS) -> list[tuple[str, int, str]]:
         """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls, no reads."""
         chunks = range(self.n_chunks) if chunks is None else chunks
-        try:
-            status = self._read("status")  # at once: a read per chunk costs minutes at DataComp scale
-        except ZsdError:
-            status = None
+        cr = self.chunk_rows
+        step = max(1, BLOCK_ROWS // cr)  # chunks of status read at once: a read per chunk costs minutes
+        block, status = None, None  # at DataComp scale, and all rows at once a GB
         found = []
         for c in chunks:
+            if c // step != block:
+                block = c // step
+                try:
+                    status = self._read("status", slice(block * step * cr, (block + 1) * step * cr))
+                except ZsdError:
+                    status = None
             status_problem = self.chunk_problem("status", c)
             if status_problem and "status" in arrays:
                 found.append(("status", c, status_problem))
-            sl = slice(c * self.chunk_rows, (c + 1) * self.chunk_rows)  # not chunk_slice: `rows` reads metadata
-            st = None if status_problem else status[sl] if status is not None else self._read("status", sl)
+            first = c * cr - block * step * cr  # in the block; not chunk_slice: `rows` reads metadata
+            st = None if status_problem else status[first:first + cr] if status is not None \
+                else self._read("status", slice(c * cr, (c + 1) * cr))
             found += [(name, c, p) for name in arrays if name != "status"
                       for p in [self.chunk_problem(name, c, st)] if p]
         return found
@@ -259,8 +266,8 @@ class Store:
     def packed_keys(self, rows: slice = slice(None)) -> PackedKeys:
         return PackedKeys.from_blocks(keys for _, keys in self.key_blocks(rows))
 
-    def labels(self) -> np.ndarray:
-        return self._read("label")
+    def labels(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._read("label", rows)
 
     def locs(self, rows: slice = slice(None)) -> np.ndarray:
         return self._read("loc", rows)
@@ -271,20 +278,35 @@ class Store:
     def errors(self) -> np.ndarray:
         return np.asarray(self._read("error"), dtype=object)
 
-    def status(self) -> np.ndarray:
-        return self._read("status")
+    def status(self, rows: slice = slice(None)) -> np.ndarray:
+        return self._read("status", rows)
+
+    def blocks(self, name: str):
+        """(first row, array[rows]) of every row, whole chunks of about BLOCK_ROWS rows at a time:
+        per-row arrays of a DataComp-scale store are read without holding them whole."""
+        step = max(1, BLOCK_ROWS // self.chunk_rows) * self.chunk_rows
+        for a in range(0, self.rows, step):
+            yield a, self._read(name, slice(a, min(a + step, self.rows)))
+
+    def status_per_chunk(self) -> np.ndarray:
+        """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, read block by block."""
+        counts = np.zeros((self.n_chunks, 3), np.int64)
+        cr = self.chunk_rows
+        for a, st in self.blocks("status"):  # blocks of whole chunks
+            starts = np.arange(0, len(st), cr)
+            for j, value in enumerate((PENDING, WRITTEN, FAILED)):
+                counts[a // cr:a // cr + len(starts), j] = np.add.reduceat(st == value, starts, dtype=np.int64)
+        return counts
 
     def written(self) -> np.ndarray:
         """Boolean mask of rows whose embeddings are written (not pending, not failed)."""
         return self.status() == WRITTEN
 
     def complete(self) -> bool:
-        return bool((self.status() != PENDING).all())
+        return not self.status_per_chunk()[:, 0].any()
 
     def pending_chunks(self) -> list[int]:
-        st = self.status()
-        return np.flatnonzero(np.bincount(np.flatnonzero(st == PENDING) // self.chunk_rows,
-                                          minlength=self.n_chunks)).tolist()
+        return np.flatnonzero(self.status_per_chunk()[:, 0]).tolist()
 
     # --- embeddings
     def embeddings(self, view: int | None = None, rows: slice = slice(None)) -> np.ndarray:
@@ -412,26 +434,29 @@ class Store:
     def info(self, full: bool = False) -> dict:
         """Counts and attributes from the per-row status, labels and the failed rows' keys; the
         embeddings (view-0 norm statistics) are read only with `full` (a DataComp store: ~130 GB)."""
-        st = self.status()
-        written = st == WRITTEN
+        pending, written, failed = self.status_per_chunk().sum(0).tolist()
+        shown = []  # the first 100 failed rows
+        for a, st in self.blocks("status"):
+            shown.extend((a + np.flatnonzero(st == FAILED)[:100 - len(shown)]).tolist())
+            if len(shown) == 100:
+                break
+        shown = np.array(shown, np.int64)
         health = self.embedding_health() if full else None
-        failed = np.flatnonzero(st == FAILED)
-        shown = failed[:100]
         keys, errors = self._scattered("key", shown), self._scattered("error", shown)
         return {
             "path": str(self.path),
             "format_version": self.attrs["format_version"],
             "rows": self.rows,
-            "written": int(written.sum()),
-            "failed": int(len(failed)),
-            "pending": int((st == PENDING).sum()),
-            "complete": bool((st != PENDING).all()),
+            "written": written,
+            "failed": failed,
+            "pending": pending,
+            "complete": pending == 0,
             "views": self.views,
             "dim": self.dim,
             "teacher": self.teacher,
             "teacher_id": self.teacher_id,
             "classnames": self.classnames,
-            "labelled": int((self.labels() >= 0).sum()),
+            "labelled": sum(int((lab >= 0).sum()) for _, lab in self.blocks("label")),
             "sources": self.sources,
             "bytes": self.bytes_on_disk(),
             "norm_view0": health["norm_view0"] if health else None,

@@ -375,7 +375,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         load_pretrained_backbone(model, config.student_pretrained, student_pre.size)
     text = None
     if any(n in NEEDS_TEXT for n in config.losses):
-        if any((src.labels[src.rows] < 0).any() for src in data.sources):
+        if any(src.unlabelled_rows() for src in data.sources):
             raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
         if config.class_embeddings_from:
             text = class_prototype_embeddings(data, config.class_embeddings_from)
@@ -479,7 +479,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 t = t.to(dev)
-                labels = data.labels(items).to(dev)
+                labels = data.labels(items).to(dev) if text is not None else None  # read only for clip/mp
                 # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
                 # micro-batch cannot leave the earlier ones unsynchronised.
                 with autocast:
