@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zsd.cpu import tune_allocator
+from zsd.cpu import decode_workers, tune_allocator
 from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import ShardIndex, scan_sources
@@ -48,7 +48,7 @@ def _collate(items):
 def default_workers(device: torch.device) -> int:
     """Decode processes for a pass: on a GPU up to 4 beside the forward; on a CPU none, the
     views are decoded by low-priority threads of this process (`_decode_ahead`)."""
-    return 0 if device.type == "cpu" else min(4, max(1, (os.cpu_count() or 2) - 1))
+    return 0 if device.type == "cpu" else decode_workers()
 
 
 def _lower_this_threads_priority():

@@ -36,6 +36,12 @@ TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps: fewer brk calls while the f
 _applied: bool | None = None
 
 
+def decode_workers() -> int:
+    """DataLoader decode processes beside a model: every core but the main process's, at most 4
+    (the trainer's default everywhere; the teacher pass's on a GPU)."""
+    return min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
 def user_allocator_setting() -> str | None:
     """The user's own allocator choice, if any (then zsd leaves the allocator alone)."""
     for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX"):

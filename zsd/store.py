@@ -434,12 +434,11 @@ class Store:
     def info(self, full: bool = False) -> dict:
         """Counts and attributes from the per-row status, labels and the failed rows' keys; the
         embeddings (view-0 norm statistics) are read only with `full` (a DataComp store: ~130 GB)."""
-        pending, written, failed = self.status_per_chunk().sum(0).tolist()
-        shown = []  # the first 100 failed rows
+        counts, shown = np.zeros(3, np.int64), []  # pending, written, failed; the first 100 failed rows
         for a, st in self.blocks("status"):
+            counts += np.bincount(st, minlength=3)[:3]
             shown.extend((a + np.flatnonzero(st == FAILED)[:100 - len(shown)]).tolist())
-            if len(shown) == 100:
-                break
+        pending, written, failed = counts.tolist()
         shown = np.array(shown, np.int64)
         health = self.embedding_health() if full else None
         keys, errors = self._scattered("key", shown), self._scattered("error", shown)

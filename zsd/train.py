@@ -37,7 +37,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zsd.cpu import tune_allocator
+from zsd.cpu import decode_workers, tune_allocator
 from zsd.dist import torchrun_env
 from zsd.loader import BatchPlan, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.errors import ZsdError, check_at_least, check_writable
@@ -420,7 +420,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             "train_config": asdict(config), "total_steps": total, "world_size": world}
 
     # Data: one loader for the whole run; its batches are fixed by (seed, step), not by loader state.
-    workers = config.workers if config.workers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+    workers = config.workers if config.workers is not None else decode_workers()
     plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
     views = StudentInputs(data, student_pre, config.fast_decode)
