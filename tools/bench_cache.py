@@ -120,21 +120,21 @@ def child_e2e(teacher: str, pretrained: str | None, folder: str, out: str, flags
 
 def stage_cpu_ms(teacher: str, pretrained: str | None, folder: Path, batch: int = CPU_BATCH) -> dict:
     """CPU milliseconds per photo of each step of a view-0 render, one thread, in this process: the
-    work of a CPU pass's decode threads (`zsd.cache._decode_ahead`), normalising into the batch included."""
+    work of a CPU pass's decode threads (`zsd.cache._decode_ahead`), then the main thread's collate and
+    normalisation of each batch."""
     import torch
     from torchvision.transforms import functional as F
 
     from zsd.sources import load_rgb
     from zsd.teachers import create_teacher
-    from zsd.views import normalize_into, sample_views
+    from zsd.views import normalize, sample_views
 
     torch.set_num_threads(1)
     pre = create_teacher(teacher, pretrained, "cpu").preprocess
     files = sorted(folder.iterdir())
-    steps = ("read", "decode", "view params", "resize", "centre crop", "to uint8 tensor", "normalise into the batch")
-    ms, clock = dict.fromkeys(steps, 0.0), time.thread_time
-    x = torch.empty(batch, 1, 3, pre.size, pre.size)
-    for i, f in enumerate(files):
+    steps = ("read", "decode", "view params", "resize", "centre crop", "to uint8 tensor")
+    ms, tensors, clock = dict.fromkeys(steps + ("collate", "normalise"), 0.0), [], time.thread_time
+    for f in files:
         t0 = clock()
         data = f.read_bytes()
         t1 = clock()
@@ -146,11 +146,16 @@ def stage_cpu_ms(teacher: str, pretrained: str | None, folder: Path, batch: int 
         t4 = clock()
         img = F.center_crop(img, pre.size)
         t5 = clock()
-        pixels = torch.stack([F.pil_to_tensor(img)])
-        t6 = clock()
-        normalize_into(pixels, x[i % batch], pre.mean, pre.std)
-        for k, t in zip(steps, np.diff([t0, t1, t2, t3, t4, t5, t6, clock()])):
+        tensors.append(F.pil_to_tensor(img))
+        for k, t in zip(steps, np.diff([t0, t1, t2, t3, t4, t5, clock()])):
             ms[k] += t
+    for s in range(0, len(tensors), batch):
+        t0 = clock()
+        x = torch.stack(tensors[s:s + batch])
+        t1 = clock()
+        normalize(x, pre.mean, pre.std)
+        ms["collate"] += t1 - t0
+        ms["normalise"] += clock() - t1
     return {k: 1000 * v / len(files) for k, v in ms.items()}
 
 
