@@ -10,6 +10,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from zsd.sources import RowReader, scan_sources
@@ -364,3 +365,54 @@ def test_a_streamed_store_holds_no_per_row_array_in_the_trainer(tmp_path, monkey
     sample = np.sort(rng.choice(n, 2000, replace=False))
     np.testing.assert_array_equal(src.labels_of(sample), labels[sample])
     assert src.unlabelled_rows() == 0
+
+
+def test_status_read_block_by_block_gives_the_whole_reads_answers(tmp_path, monkeypatch):
+    """info(), status_per_chunk() and damage() over blocks of 2 chunks (1,203 rows, chunks of 8)
+    equal a whole read's answers: counts and the first 100 failed rows against numpy on the whole
+    status, damage against one block of every row, with a truncated status chunk (its block's read
+    fails) and a deleted emb chunk."""
+    from conftest import random_store, unit
+
+    from zsd.store import ARRAYS, FAILED, PENDING, WRITTEN, open_store
+
+    rng = np.random.default_rng(1)
+    n = 1203
+    emb = unit(rng.standard_normal((n, 1, 4))).astype(np.float16)
+    failed = np.flatnonzero(rng.random(n) < 0.2)
+    store = random_store(tmp_path / "s.zarr", emb, chunk_rows=8, failed=failed)
+    store.uncommit([7, 40])  # two chunks pending again
+    (tmp_path / "s.zarr" / "status" / "c" / "30").write_bytes(b"xx")
+    (tmp_path / "s.zarr" / "emb" / "c" / "90" / "0" / "0").unlink()
+
+    answers = []
+    for block_rows in (1 << 20, 16):
+        monkeypatch.setattr("zsd.store.BLOCK_ROWS", block_rows)
+        s = open_store(tmp_path / "s.zarr")
+        answers.append(s.damage(arrays=ARRAYS))
+        (tmp_path / "s.zarr" / "status" / "c" / "30").rename(tmp_path / "bad30")  # a missing chunk reads as pending
+        info, per_chunk, status = s.info(), s.status_per_chunk(), s.group["status"][:]
+        (tmp_path / "bad30").rename(tmp_path / "s.zarr" / "status" / "c" / "30")
+        assert [info["pending"], info["written"], info["failed"]] == [int((status == v).sum())
+                                                                      for v in (PENDING, WRITTEN, FAILED)]
+        assert info["complete"] is False and info["pending"] == 3 * 8
+        padded = np.concatenate([status, np.full(-n % 8, 255, np.uint8)]).reshape(-1, 8)  # rows per chunk
+        np.testing.assert_array_equal(per_chunk, np.stack([(padded == v).sum(1) for v in (PENDING, WRITTEN, FAILED)], 1))
+        assert [f["key"] for f in info["failures"]] == [f"img{r:05d}" for r in np.flatnonzero(status == FAILED)[:100]]
+    assert answers[0] == answers[1] and {(a, c) for a, c, _ in answers[0]} >= {("status", 30), ("emb", 90)}
+
+
+def test_a_store_changed_under_a_streaming_trainer_is_one_clear_error(tmp_path):
+    from conftest import random_store, unit
+
+    from zsd.errors import ZsdError
+    from zsd.loader import TrainTargets
+    from zsd.store import FAILED, open_store
+
+    emb = unit(np.random.default_rng(0).standard_normal((64, 4))).astype(np.float16)
+    random_store(tmp_path / "s.zarr", emb, chunk_rows=8, failed=[3, 12])
+    targets = TrainTargets([str(tmp_path / "s.zarr")], in_ram="no", log=lambda m: None)
+    assert len(targets.epoch_order(0, 0)) == 62
+    open_store(tmp_path / "s.zarr", mode="r+").group["status"][13] = FAILED  # another process, mid-run
+    with pytest.raises(ZsdError, match=r"s.zarr changed while training \(rows 8..15 now have 6 written, not 7\)"):
+        targets.epoch_order(0, 1)

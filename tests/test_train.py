@@ -359,6 +359,9 @@ def test_mixing_weights(store, image_folder, tmp_path, tiny_teacher_name, monkey
     assert 0.85 < counts[1] / counts.sum() < 0.95
     with pytest.raises(ZsdError, match="every"):
         TrainTargets([f"{store}=1", second])
+    for bad in ("0", "-1", "inf", "nan"):  # an infinite weight would give every draw to the first store
+        with pytest.raises(ZsdError, match="must be a positive number"):
+            parse_target(f"a.zarr={bad}")
 
 
 def test_clip_and_mp_use_cached_class_prompt_embeddings(store, tmp_path, tiny_teacher_name):
@@ -550,21 +553,31 @@ def eager_order(targets, seed, epoch):
     return np.stack([sample_store, sample_row, sample_view], 1).astype(np.int64)
 
 
-@pytest.mark.parametrize("in_ram,weights,shuffle", [("yes", None, 16), ("no", (0.3, 0.7), 3), ("yes", (1.0, 2.0), 16)])
-def test_lazy_epoch_samples_give_the_eager_order_from_any_start(tmp_path, in_ram, weights, shuffle):
-    """Stores of 20,011 and 517 rows (some failed), chunks of 512: the window-by-window samples from any
-    start are the rows of the order computed all at once, and batches follow them."""
+@pytest.mark.parametrize("in_ram,weights,shuffle", [("yes", None, 16), ("no", (0.3, 0.7), 3), ("yes", (1.0, 2.0), 16),
+                                                   ("no", None, 3), ("mixed", (0.3, 0.7), 5), ("mixed", None, 16)])
+def test_lazy_epoch_samples_give_the_eager_order_from_any_start(tmp_path, monkeypatch, in_ram, weights, shuffle):
+    """Stores of 20,011 and 517 rows (some failed; in store a, chunk 2 all failed and chunk 3 full),
+    chunks of 512, both streamed, both in RAM, or b in RAM and a streamed ("mixed"); weighted epochs
+    drawn 1,000 stores at a time: the window-by-window samples from any start are the rows of the
+    order computed all at once, and batches follow them."""
     from conftest import random_store, unit
 
     from zsd.loader import BatchPlan
 
+    monkeypatch.setattr(TrainTargets, "WEIGHTED_PIECE", 1000)
+    if in_ram == "mixed":
+        monkeypatch.setattr("zsd.loader.ram_budget", lambda: 100_000)  # b's 12 KB of embeddings fit, a's 320 KB not
     rng = np.random.default_rng(0)
     paths = []
     for name, n, views in (("a", 20011, 2), ("b", 517, 3)):
         emb = unit(rng.standard_normal((n, views, 4))).astype(np.float16)
-        paths.append(str(random_store(tmp_path / f"{name}.zarr", emb, chunk_rows=512, failed=range(5, n, 97)).path))
+        failed = set(range(5, n, 97)) - set(range(1536, 2048)) | (set(range(1024, 1536)) if name == "a" else set())
+        paths.append(str(random_store(tmp_path / f"{name}.zarr", emb, chunk_rows=512, failed=sorted(failed)).path))
     specs = paths if weights is None else [f"{p}={w}" for p, w in zip(paths, weights)]
-    targets = TrainTargets(specs, in_ram=in_ram, shuffle_chunks=shuffle, log=lambda m: None)
+    targets = TrainTargets(specs, in_ram="auto" if in_ram == "mixed" else in_ram, shuffle_chunks=shuffle,
+                           log=lambda m: None)
+    assert [src.in_ram for src in targets.sources] == {"yes": [True] * 2, "no": [False] * 2,
+                                                       "mixed": [False, True]}[in_ram]
     for epoch in (0, 1):
         ref = eager_order(targets, 7, epoch)
         assert ref.shape == (targets.rows_per_epoch, 3)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsd.cpu import decode_workers, tune_allocator
 from zsd.dist import local_cuda, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import ShardIndex, scan_sources
+from zsd.sources import PackedKeys, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
@@ -134,7 +134,8 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
 
 def same_keys(store: Store, keys: list[str], n: int) -> bool:
     """Whether the store's first `n` keys are keys[:n], compared a block at a time (memory: one block)."""
-    return all(list(block) == keys[a:a + len(block)] for a, block in store.key_blocks(slice(0, n)))
+    return all(list(block) == keys[a:a + len(block)]
+               for a, block in store.blocks("key", slice(0, n), PackedKeys.BLOCK))
 
 
 def _describe(desc: dict) -> str:
@@ -181,7 +182,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
     damage = store.damage(mine, CHUNK_WRITES)  # before trusting a commit: a cut-short copy must not read as zeros
     damaged = sorted({c for _, c, _ in damage})
-    repaired = int(np.isin(np.arange(store.rows) // store.chunk_rows, damaged).sum())
+    repaired = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
     if damaged:
         name, c, why = damage[0]
         log(f"warning: {store.path}: recomputing {repaired} rows of {len(damaged)} damaged chunk(s); first: "

@@ -49,8 +49,8 @@ def parse_target(spec: str) -> tuple[str, float | None]:
             w = float(weight)
         except ValueError:
             return spec, None
-        if not w > 0:
-            raise ZsdError(f"mixing weight in --targets {spec} must be positive")
+        if not 0 < w < float("inf"):
+            raise ZsdError(f"mixing weight in --targets {spec} must be a positive number")
         return name, w
     return spec, None
 
@@ -76,11 +76,12 @@ class Source:
     store: Store
     weight: float | None
     in_ram: bool
-    written: np.ndarray  # per chunk: the number of its rows written
+    chunk_written: np.ndarray  # per chunk: the number of its rows written, counted at start-up
     remap: np.ndarray  # store class -> merged class; the trailing -1 maps unlabelled (-1) rows
+    label_chunks_cached: int  # streamed: label chunks kept (a batch spans at most two shuffle windows)
     rows: np.ndarray | None = None  # in RAM: the written rows, ascending
     labels: np.ndarray | None = None  # in RAM: per store row, remapped
-    _label_chunks: OrderedDict = field(default_factory=OrderedDict)  # streamed: chunk -> remapped labels
+    _label_chunks: OrderedDict = field(default_factory=OrderedDict, init=False, repr=False)
 
     @property
     def block_rows(self) -> int:
@@ -89,14 +90,20 @@ class Source:
 
     @property
     def n_written(self) -> int:
-        return int(self.written.sum())
+        return int(self.chunk_written.sum())
 
     def chunk_written_rows(self, c: int) -> np.ndarray:
-        """The written rows of chunk `c`, ascending; a full chunk needs no read."""
+        """The written rows of chunk `c`, ascending; a full chunk needs no read. Read again every
+        epoch, so a chunk that another process changed since start-up is an error, not other rows."""
         sl = self.store.chunk_slice(c)
-        if self.written[c] == sl.stop - sl.start:
+        if self.chunk_written[c] == sl.stop - sl.start:
             return np.arange(sl.start, sl.stop, dtype=np.int64)
-        return sl.start + np.flatnonzero(self.store.status(sl) == WRITTEN)
+        rows = sl.start + np.flatnonzero(self.store.status(sl) == WRITTEN)
+        if len(rows) != self.chunk_written[c]:
+            raise ZsdError(f"{self.store.path} changed while training (rows {sl.start}..{sl.stop - 1} now have "
+                           f"{len(rows)} written, not {self.chunk_written[c]}): start the run again on the "
+                           "finished store")
+        return rows
 
     def written_rows(self) -> np.ndarray:
         """Every written row (a per-row array: for users bounded by RAM anyway, like the pixel cache)."""
@@ -110,25 +117,30 @@ class Source:
         if self.labels is not None:
             return self.labels[rows]
         cr, out = self.store.chunk_rows, np.empty(len(rows), np.int32)
-        for c in np.unique(rows // cr).tolist():
+        chunk = rows // cr
+        for c in np.unique(chunk).tolist():
             labels = self._label_chunks.pop(c, None)
             if labels is None:
                 labels = self.remap[self.store.labels(self.store.chunk_slice(c))]
             self._label_chunks[c] = labels  # most recently used last
-            mine = rows // cr == c
+            mine = chunk == c
             out[mine] = labels[rows[mine] - c * cr]
-        while len(self._label_chunks) > 64:
+        while len(self._label_chunks) > self.label_chunks_cached:
             self._label_chunks.popitem(last=False)
         return out
 
     def unlabelled_rows(self) -> int:
-        """Written rows without a class, read block by block."""
+        """Written rows without a class (a streamed store's read block by block)."""
+        if self.labels is not None:
+            return int((self.labels[self.rows] < 0).sum())
         return sum(int(((st == WRITTEN) & (self.remap[lab] < 0)).sum())
                    for (_, st), (_, lab) in zip(self.store.blocks("status"), self.store.blocks("label")))
 
 
 class TrainTargets:
     """The target stores of a run: checks, data order, and cached embeddings by (store, row, view)."""
+
+    WEIGHTED_PIECE = 1 << 16  # store draws at a time in a weighted epoch (`_weighted_blocks`)
 
     def __init__(self, specs: list[str], *, in_ram: str = "auto", shuffle_chunks: int = 16, log=print):
         if not specs:
@@ -168,7 +180,8 @@ class TrainTargets:
                 raise s.damaged_error(*damaged[0])
             remap = np.array(store_remap + [-1], dtype=np.int32)
             fits = s.rows * s.views * s.dim * 2 <= budget
-            src = Source(s, w, {"auto": fits, "yes": True, "no": False}[in_ram], counts[:, 1], remap)
+            src = Source(s, w, {"auto": fits, "yes": True, "no": False}[in_ram], counts[:, 1], remap,
+                         label_chunks_cached=2 * self.shuffle_chunks + 2)
             if src.in_ram:
                 src.rows = np.flatnonzero(s.status() == WRITTEN)
                 src.labels = remap[s.labels()]  # label -1 picks the trailing -1
@@ -200,12 +213,12 @@ class TrainTargets:
                 block_start.append(np.arange(len(src.rows)))
                 block_len.append(np.ones(len(src.rows), np.int64))
             else:
-                e = np.concatenate([[0], np.cumsum(src.written)])
-                chunks = rng.permutation(np.flatnonzero(src.written))
+                e = np.concatenate([[0], np.cumsum(src.chunk_written)])
+                chunks = rng.permutation(np.flatnonzero(src.chunk_written))
                 base.append(None)
                 edges.append(e)
                 block_start.append(e[chunks])
-                block_len.append(src.written[chunks])
+                block_len.append(src.chunk_written[chunks])
         n_blocks = np.array([len(b) for b in block_start])
 
         # The sequence of blocks of this epoch, as (store, block) pairs.
@@ -253,11 +266,12 @@ class TrainTargets:
                 if base[i] is not None:
                     sample_row[mine] = base[i][position[mine]]
                 else:  # position among the written rows -> (chunk, offset) -> row
-                    chunk = np.searchsorted(edges[i], position[mine], side="right") - 1
+                    pos = position[mine]
+                    chunk = np.searchsorted(edges[i], pos, side="right") - 1
                     rows = np.empty(len(chunk), np.int64)
                     for c in np.unique(chunk).tolist():
                         at = chunk == c
-                        rows[at] = self.sources[i].chunk_written_rows(c)[position[mine][at] - edges[i][c]]
+                        rows[at] = self.sources[i].chunk_written_rows(c)[pos[at] - edges[i][c]]
                     sample_row[mine] = rows
             window = np.repeat(np.arange(k2 - k), window_len[k:k2])
             shuffled = np.lexsort((keys.random(n), window))[:self.rows_per_epoch - done]
@@ -268,7 +282,7 @@ class TrainTargets:
             done += len(shuffled)
             k = k2
 
-    def _weighted_blocks(self, rng, n_blocks, block_len, piece: int = 1 << 16):
+    def _weighted_blocks(self, rng, n_blocks, block_len):
         """(store, block) of the blocks of a weighted epoch: stores drawn with probability proportional
         to weight per row, each cycling through its own block permutation.
 
@@ -282,7 +296,7 @@ class TrainTargets:
         stores, blocks, taken = [], [], np.zeros(len(self.sources), np.int64)
         drawn = filled = 0
         while filled < self.rows_per_epoch:
-            n = min(piece, self.rows_per_epoch - drawn)
+            n = min(self.WEIGHTED_PIECE, self.rows_per_epoch - drawn)
             store = cdf.searchsorted(rng.random(n), side="right")
             block = np.empty_like(store)
             for i, nb in enumerate(n_blocks):

@@ -195,11 +195,13 @@ class Store:
         return None
 
     def damage(self, chunks=None, arrays=ARRAYS) -> list[tuple[str, int, str]]:
-        """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls, no reads."""
+        """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls and
+        the status, no other reads. The status is read BLOCK_ROWS rows at a time: a read per chunk
+        costs minutes at DataComp scale, and all rows at once a GB."""
         chunks = range(self.n_chunks) if chunks is None else chunks
         cr = self.chunk_rows
-        step = max(1, BLOCK_ROWS // cr)  # chunks of status read at once: a read per chunk costs minutes
-        block, status = None, None  # at DataComp scale, and all rows at once a GB
+        step = max(1, BLOCK_ROWS // cr)  # chunks per status block
+        block, status = None, None
         found = []
         for c in chunks:
             if c // step != block:
@@ -211,9 +213,9 @@ class Store:
             status_problem = self.chunk_problem("status", c)
             if status_problem and "status" in arrays:
                 found.append(("status", c, status_problem))
-            first = c * cr - block * step * cr  # in the block; not chunk_slice: `rows` reads metadata
+            first = c * cr - block * step * cr  # the chunk's first row in the block
             st = None if status_problem else status[first:first + cr] if status is not None \
-                else self._read("status", slice(c * cr, (c + 1) * cr))
+                else self._read("status", slice(c * cr, (c + 1) * cr))  # not chunk_slice: `rows` reads metadata
             found += [(name, c, p) for name in arrays if name != "status"
                       for p in [self.chunk_problem(name, c, st)] if p]
         return found
@@ -255,16 +257,9 @@ class Store:
     def keys(self, rows: slice = slice(None)) -> np.ndarray:
         return np.asarray(self._read("key", rows), dtype=object)
 
-    def key_blocks(self, rows: slice = slice(None)):
-        """(first row, keys) of `rows`, whole chunks of about PackedKeys.BLOCK rows at a time: at
-        DataComp scale the whole key array as Python strings is GBs."""
-        start, stop, _ = rows.indices(self.rows)
-        step = max(1, PackedKeys.BLOCK // self.chunk_rows) * self.chunk_rows
-        for a in range(start, stop, step):
-            yield a, self._read("key", slice(a, min(a + step, stop)))
-
     def packed_keys(self, rows: slice = slice(None)) -> PackedKeys:
-        return PackedKeys.from_blocks(keys for _, keys in self.key_blocks(rows))
+        # at DataComp scale the whole key array as Python strings is GBs: a block of them at a time
+        return PackedKeys.from_blocks(keys for _, keys in self.blocks("key", rows, PackedKeys.BLOCK))
 
     def labels(self, rows: slice = slice(None)) -> np.ndarray:
         return self._read("label", rows)
@@ -281,12 +276,14 @@ class Store:
     def status(self, rows: slice = slice(None)) -> np.ndarray:
         return self._read("status", rows)
 
-    def blocks(self, name: str):
-        """(first row, array[rows]) of every row, whole chunks of about BLOCK_ROWS rows at a time:
-        per-row arrays of a DataComp-scale store are read without holding them whole."""
-        step = max(1, BLOCK_ROWS // self.chunk_rows) * self.chunk_rows
-        for a in range(0, self.rows, step):
-            yield a, self._read(name, slice(a, min(a + step, self.rows)))
+    def blocks(self, name: str, rows: slice = slice(None), block_rows: int | None = None):
+        """(first row, array[a:b]) over `rows` (default all), whole chunks of about `block_rows`
+        (default BLOCK_ROWS) at a time: per-row arrays of a DataComp-scale store are read without
+        holding them whole."""
+        start, stop, _ = rows.indices(self.rows)
+        step = max(1, (block_rows or BLOCK_ROWS) // self.chunk_rows) * self.chunk_rows
+        for a in range(start, stop, step):
+            yield a, self._read(name, slice(a, min(a + step, stop)))
 
     def status_per_chunk(self) -> np.ndarray:
         """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, read block by block."""
