@@ -167,7 +167,9 @@ class TrainTargets:
         self.sources: list[Source] = []
         self.skipped_rows = 0
         for s, w, store_remap in zip(stores, weights, remaps):
-            counts = s.status_per_chunk()  # block by block: no per-row array for a streamed store
+            ram = {"auto": s.rows * s.views * s.dim * 2 <= budget, "yes": True, "no": False}[in_ram]
+            status = s.status() if ram else None  # a streamed store's is counted block by block, never held
+            counts = s.status_per_chunk(status)
             pending, written, failed = counts.sum(0).tolist()
             if written < s.rows:
                 log(f"warning: {s.path}: skipping {s.rows - written} of {s.rows} rows not written "
@@ -179,11 +181,9 @@ class TrainTargets:
             if damaged:
                 raise s.damaged_error(*damaged[0])
             remap = np.array(store_remap + [-1], dtype=np.int32)
-            fits = s.rows * s.views * s.dim * 2 <= budget
-            src = Source(s, w, {"auto": fits, "yes": True, "no": False}[in_ram], counts[:, 1], remap,
-                         label_chunks_cached=2 * self.shuffle_chunks + 2)
-            if src.in_ram:
-                src.rows = np.flatnonzero(s.status() == WRITTEN)
+            src = Source(s, w, ram, counts[:, 1], remap, label_chunks_cached=2 * self.shuffle_chunks + 2)
+            if ram:
+                src.rows = np.flatnonzero(status == WRITTEN)
                 src.labels = remap[s.labels()]  # label -1 picks the trailing -1
             self.sources.append(src)
         self.rows_per_epoch = sum(src.n_written for src in self.sources)

@@ -285,11 +285,12 @@ class Store:
         for a in range(start, stop, step):
             yield a, self._read(name, slice(a, min(a + step, stop)))
 
-    def status_per_chunk(self) -> np.ndarray:
-        """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, read block by block."""
+    def status_per_chunk(self, status: np.ndarray | None = None) -> np.ndarray:
+        """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, from the status
+        read block by block (or from `status`, every row's, when the caller holds it already)."""
         counts = np.zeros((self.n_chunks, 3), np.int64)
         cr = self.chunk_rows
-        for a, st in self.blocks("status"):  # blocks of whole chunks
+        for a, st in self.blocks("status") if status is None else [(0, status)]:  # blocks of whole chunks
             starts = np.arange(0, len(st), cr)
             for j, value in enumerate((PENDING, WRITTEN, FAILED)):
                 counts[a // cr:a // cr + len(starts), j] = np.add.reduceat(st == value, starts, dtype=np.int64)
