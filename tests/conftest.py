@@ -48,7 +48,9 @@ def tiny_teacher_name(tiny_clip_dir):
     return f"local-dir:{tiny_clip_dir}"
 
 
-FAKE_TEACHER = {"backend": "test", "model": "random", "weights": "none", "preprocess": {}, "dim": 16}
+FAKE_TEACHER = {"backend": "test", "model": "random", "weights": "none", "dim": 16,
+                "preprocess": {"size": 32, "resize": 32, "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
+                               "std": [0.5, 0.5, 0.5], "resize_mode": "shortest"}}
 
 
 def unit(x):
@@ -86,6 +88,19 @@ def resnet_checkpoint(tmp_path):
     path = tmp_path / "resnet.pt"
     torch.save(timm.create_model("test_resnet").state_dict(), path)
     return path
+
+
+def cli(args, capsys):
+    """(exit code, stdout, stderr) of `zsd ARGS` run in this process."""
+    from zsd.cli import main
+
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def make_image(path, seed, size=(48, 40), mode="RGB"):

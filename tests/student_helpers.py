@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from zsd.sources import RowReader, load_rgb
 from zsd.store import open_store
 from zsd.student import Student, save_student, student_preprocess
-from zsd.views import normalize, render_view
+from zsd.views import Preprocess, normalize, render_view
 
 STUDENT = "test_efficientnet"
 
@@ -17,7 +17,7 @@ def make_student(run_dir, store_path, steps=0, seed=0):
     torch.manual_seed(seed)
     store = open_store(store_path)
     model = Student(STUDENT, store.dim, 32)
-    pre = student_preprocess(STUDENT, 32)
+    pre = student_preprocess(STUDENT, Preprocess.from_dict(store.teacher["preprocess"]), 32)
     if steps:
         reader = RowReader(store.sources)
         keys, locs, params = store.keys(), store.locs(), store.view_params()

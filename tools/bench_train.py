@@ -186,7 +186,7 @@ def main():
     teacher = open_clip.create_model("ViT-B-32").eval()
     teacher_pre = _preprocess_from_open_clip(teacher.visual.preprocess_cfg)
     dim = teacher.visual.output_dim
-    student_pre = student_preprocess(args.student, args.student_res)
+    student_pre = student_preprocess(args.student, teacher_pre, args.student_res)
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     os.environ["ZSD_CACHE"] = str(tmp / "cache")  # the pixel cache of (a) goes there, not into cache/
     if args.images:

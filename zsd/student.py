@@ -71,10 +71,29 @@ def check_student_name(name: str) -> None:
                                                               else " (python -c 'import timm; print(timm.list_models())')"))
 
 
-def student_preprocess(name: str, image_size: int | None = None) -> Preprocess:
-    """The student's own evaluation transform (timm's data config), at `image_size` if given."""
+def student_preprocess(name: str, teacher: Preprocess, image_size: int | None = None) -> Preprocess:
+    """What the student is shown at evaluation: the teacher's evaluation geometry (resize, crop,
+    interpolation) at the student's resolution (`image_size`, default timm's), normalised with the
+    student's own mean and std.
+
+    The student learns from the teacher's views rendered at its resolution, so this is its training
+    view 0 in one resize. timm's own eval transform would crop tighter (crop_pct 0.875-0.95) than an
+    open_clip teacher (crop 1.0): a field of view the student never trained on.
+    """
     check_student_name(name)
-    return timm_preprocess(timm.create_model(name, pretrained=False, num_classes=0), image_size)
+    own = timm_preprocess(timm.create_model(name, pretrained=False, num_classes=0), image_size)
+    return teacher.at(own.size, own.mean, own.std)
+
+
+def eval_preprocess(config: dict) -> Preprocess:
+    """A saved student's evaluation preprocessing. Runs saved before zsd evaluated students with the
+    teacher's geometry recorded timm's crop: they are evaluated with the teacher's geometry too, at
+    their recorded size, mean and std (the same as `student_preprocess` for a run saved now)."""
+    recorded = Preprocess.from_dict(config["preprocess"])
+    teacher = (config.get("teacher") or {}).get("preprocess")
+    if not teacher:  # a student without a recorded teacher transform keeps what it recorded
+        return recorded
+    return Preprocess.from_dict(teacher).at(recorded.size, recorded.mean, recorded.std)
 
 
 def load_pretrained_backbone(model: Student, spec: str, image_size: int | None = None) -> None:
@@ -146,7 +165,11 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
 
 def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
     """(config, weights) of a student spec; one line when the run folder holds none (checked before long work)."""
+    from zsd import open_clip_folder
+
     run_dir, prefix = student_location(spec)
+    if not prefix and open_clip_folder.is_open_clip_folder(run_dir):  # `zsd export --format open_clip` wrote it
+        return run_dir / open_clip_folder.CONFIG, run_dir / open_clip_folder.WEIGHTS
     cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
         hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
@@ -155,12 +178,19 @@ def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
     return cfg_path, w_path
 
 
-def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
-    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights."""
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights, and
+    an open_clip folder that `zsd export` wrote loads its vision tower as open_clip builds it."""
     from safetensors.torch import load_file
 
+    from zsd import open_clip_folder
+
     cfg_path, w_path = student_files(spec)
+    if cfg_path.name == open_clip_folder.CONFIG:
+        model, config = open_clip_folder.load_folder_student(cfg_path.parent)
+        return model.to(device).eval(), config
     config = json.loads(cfg_path.read_text())
+    config["preprocess"] = eval_preprocess(config).to_dict()
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
     model.load_state_dict(load_file(str(w_path)))
     return model.to(device).eval(), config
@@ -175,7 +205,6 @@ def student_fingerprint(spec: str | os.PathLike, config: dict) -> dict:
     """A student in the teacher-fingerprint shape, for stores of student embeddings."""
     from zsd.teachers import file_sha256
 
-    run_dir, prefix = student_location(spec)
     return {"backend": "zsd-student", "model": config["student"],
-            "weights": "sha256:" + file_sha256(run_dir / (prefix + WEIGHTS)), "preprocess": config["preprocess"],
+            "weights": "sha256:" + file_sha256(student_files(spec)[1]), "preprocess": config["preprocess"],
             "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}

@@ -47,7 +47,7 @@ from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, check_st
                          load_student, save_student, student_preprocess)
 from zsd.store import open_store
 from zsd.teachers import rebuild_teacher, resolve_device
-from zsd.views import normalize
+from zsd.views import Preprocess, normalize
 
 STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
 PROMPT = "a photo of a {c}, a type of {superclass}."
@@ -367,7 +367,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         raise ZsdError("pass --student TIMM_NAME (or --init an earlier run)")
 
     torch.manual_seed(config.seed)
-    student_pre = student_preprocess(student, student_res)
+    student_pre = student_preprocess(student, Preprocess.from_dict(data.teacher["preprocess"]), student_res)
     model = Student(student, data.dim, student_pre.size)
     if init_cfg is not None:
         model.load_state_dict(init_model.state_dict())

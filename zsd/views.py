@@ -53,6 +53,12 @@ class Preprocess:
     def interpolation_mode(self) -> InterpolationMode:
         return InterpolationMode(self.interpolation)
 
+    def at(self, size: int, mean, std) -> "Preprocess":
+        """This transform's geometry (field of view, resize mode, interpolation) at resolution `size`,
+        normalised with `mean` and `std`: how a student sees what this teacher sees."""
+        return Preprocess(size=size, resize=round(size * self.resize / self.size), interpolation=self.interpolation,
+                          mean=tuple(mean), std=tuple(std), resize_mode=self.resize_mode)
+
 
 def timm_preprocess(model, size: int | None = None) -> Preprocess:
     """A timm model's evaluation transform from its data config (at `size` if given): the one
