@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from conftest import cli
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
-from zsd.cli import main
 from zsd.evaluate import evaluate, prototype_classifier, zero_shot_classifier
 from zsd.predict import predict, preprocess
 from zsd.sources import load_rgb
@@ -48,17 +48,6 @@ def torch_embeddings(run, images):
     pre = Preprocess.from_dict(config["preprocess"])
     x = torch.stack([normalize(render_view(im, 0, None, pre), pre.mean, pre.std) for im in images])
     return student.encode_images(x).numpy().astype(np.float64)
-
-
-def cli(args, capsys):
-    """(exit code, stdout, stderr) of `zsd ARGS`."""
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def encoded(img, fmt):

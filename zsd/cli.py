@@ -484,11 +484,15 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 
 @cli.command("export")
 @click.argument("run")
-@click.option("--out", required=True, type=click.Path(dir_okay=False),
-              help="The model file (*.onnx); its metadata is repeated in the .json beside it.")
+@click.option("--out", required=True, type=click.Path(),
+              help="onnx: the model file (*.onnx), its metadata repeated in the .json beside it; open_clip: a new "
+                   "folder.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "open_clip"]), default="onnx", show_default=True,
+              help="onnx: one file for onnxruntime (`zsd predict`); open_clip: an open_clip / Hugging Face hub folder, "
+                   "the teacher's CLIP with the student as its image tower (open_clip teachers).")
 @click.option("--classes", default=None, type=click.Path(dir_okay=False),
               help="JSON list of class names: the teacher's zero-shot classifier (text tower + --templates) is "
-                   "frozen into the model.")
+                   "frozen into the model; open_clip: the class names of the parity check.")
 @click.option("--classes-from", default=None, metavar="STORE",
               help="Freeze class prototypes of this labelled store of the student's teacher into the model "
                    "(as `zsd eval --classes-from`); no teacher is loaded.")
@@ -507,21 +511,43 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 @click.option("--check-n", type=click.IntRange(1), default=64, show_default=True, help="Images in the parity check.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs embedding difference the check accepts [default: 1e-4, 1e-2 with --fp16].")
-def export_cmd(run, out, classes, classes_from, templates, pretrained, opset, dynamic_batch, fp16, check,
-               check_images, check_n, tolerance):
-    """Export the student of RUN (RUN_DIR:ema for its EMA) to a self-contained ONNX model.
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Also write what was exported and the parity figures as JSON here ('-' for stdout).")
+def export_cmd(run, out, fmt, classes, classes_from, templates, pretrained, opset, dynamic_batch, fp16, check,
+               check_images, check_n, tolerance, json_out):
+    """Export the student of RUN (RUN_DIR:ema for its EMA) to ONNX or to an open_clip model folder.
 
-    The model maps normalised pixels to unit embeddings and, with --classes or --classes-from, to
-    class logits; its metadata records the exact preprocessing, class names, teacher and versions.
+    onnx: one self-contained file that maps normalised pixels to unit embeddings and, with --classes
+    or --classes-from, to class logits; its metadata records the exact preprocessing, class names,
+    teacher and versions. open_clip: a folder that `open_clip.create_model_and_transforms(
+    "local-dir:OUT")` loads: the student as the image tower of its teacher's CLIP, whose text tower
+    classifies by any class names. Both are checked against zsd before they are written.
     """
-    from zsd.export import export
+    log = lambda m: click.echo(m, err=True)  # noqa: E731
+    if fmt == "open_clip":
+        from zsd.open_clip_folder import export_open_clip
 
-    meta = export(run, out, classes=classes, classes_from=classes_from, templates=templates, pretrained=pretrained,
-                  opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, check=check, check_images_from=check_images,
-                  check_n=check_n, tolerance=tolerance, log=lambda m: click.echo(m, err=True))
-    what = f"{len(meta['classnames'])} classes" if meta["classnames"] else "encoder only"
-    click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
-               f"metadata also in {Path(out).with_suffix('.json')}")
+        onnx_only = [flag for flag, given in (("--classes-from", classes_from), ("--templates", templates),
+                                              ("--opset", opset), ("--dynamic-batch", dynamic_batch),
+                                              ("--fp16", fp16)) if given]
+        if onnx_only:
+            raise ZsdError(f"{', '.join(onnx_only)}: only for --format onnx; an open_clip folder keeps the teacher's text "
+                           "tower, so classes are chosen when it is used")
+        meta = export_open_clip(run, out, classes=classes, pretrained=pretrained, check=check,
+                                check_images_from=check_images, check_n=check_n, tolerance=tolerance, log=log)
+        click.echo(f"{out}/: {meta['student']} as the image tower of {meta['teacher']['model']}; load it with "
+                   f"open_clip.create_model_and_transforms('local-dir:{out}')")
+    else:
+        from zsd.export import export
+
+        meta = export(run, out, classes=classes, classes_from=classes_from, templates=templates,
+                      pretrained=pretrained, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, check=check,
+                      check_images_from=check_images, check_n=check_n, tolerance=tolerance, log=log)
+        what = f"{len(meta['classnames'])} classes" if meta["classnames"] else "encoder only"
+        click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
+                   f"metadata also in {Path(out).with_suffix('.json')}")
+    if json_out:
+        _write_json(json_out, meta)
 
 
 @cli.command("predict")

@@ -1,0 +1,189 @@
+"""zsd export --format open_clip: the folder open_clip loads, checked against zsd, and its way back into zsd eval."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import cli, make_image
+from safetensors.torch import load_file
+
+from zsd.cache import cache_teacher
+from zsd.evaluate import evaluate, student_embeddings, zero_shot_classifier
+from zsd.sources import RowReader
+from zsd.store import open_store
+from zsd.student import load_student
+from zsd.teachers import create_teacher
+from zsd.templates import resolve_templates
+from zsd.train import TrainConfig, train
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_name):
+    root = tmp_path_factory.mktemp("oc")
+    for c, name in enumerate(["cat", "dog", "fish_tank"]):
+        for i in range(4):
+            make_image(root / "imgs" / name / f"{name}_{i}.jpg", seed=10 * c + i, size=(40 + 4 * i, 36 + 3 * c))
+    cache_teacher([str(root / "imgs")], str(root / "s.zarr"), teacher=tiny_teacher_name, views=2, chunk_rows=4,
+                  workers=0, progress=False, log=lambda m: None)
+    return open_store(root / "s.zarr")
+
+
+def fit(store, run_dir, student, res=None):
+    config = TrainConfig([str(store.path)], run_dir=str(run_dir), student=student, student_res=res, batch_size=4,
+                         steps=3, lr=3e-3, workers=0, device="cpu", precision="fp32", pixel_cache="no")
+    train(config, progress=False, log=lambda m: None)
+    return run_dir
+
+
+def open_clip_predictions(folder, store, templates):
+    """open_clip alone: its transform, image tower, tokenizer and text tower; CLIP_benchmark's classifier."""
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    model.eval()
+    reader = RowReader(store.sources)
+    with torch.no_grad():
+        images = torch.stack([transform(reader.image(k, loc)) for k, loc in zip(store.keys(), store.locs())])
+        z = model.encode_image(images, normalize=True)
+        rows = []
+        for name in store.classnames:
+            t = model.encode_text(tokenizer([tpl.format(c=name.replace("_", " ")) for tpl in templates]),
+                                  normalize=True)
+            rows.append(F.normalize(t.mean(0), dim=-1))
+        w = torch.stack(rows)
+    return z.numpy(), (z @ w.T).argmax(1).numpy()
+
+
+# A CNN with a plain head, MobileNetV3 (pre-logits 1024 wide, not num_features 288) and a token-pooled ViT at its
+# default resolution (open_clip builds timm models at their default resolution; test_vit's is 160 px).
+@pytest.mark.parametrize("student,res", [("resnet10t", 32), ("mobilenetv3_small_050", 48), ("test_vit", None)])
+def test_round_trip_open_clip_and_zsd_eval_agree(store, tmp_path, tiny_clip_dir, tiny_teacher_name, student, res,
+                                                  capsys):
+    run = fit(store, tmp_path / "run", student, res)
+    folder = tmp_path / "folder"
+    code, out, err = cli(["export", run, "--format", "open_clip", "--out", folder, "--json", tmp_path / "p.json"],
+                         capsys)
+    assert code == 0, err
+    assert "parity on 64 images" in err and "tokens equal" in err
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["parity"]["max_abs_embedding"] <= 1e-4 and record["parity"]["top1_agreement"] == 1.0
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "open_clip_config.json",
+                                                        "open_clip_model.safetensors"]
+
+    # the keys load strictly, the text tower and logit scale are the teacher's tensors, the tokenizer its tokenizer
+    weights = load_file(str(folder / "open_clip_model.safetensors"))
+    skeleton = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    assert set(weights) == set(skeleton.state_dict())
+    teacher_weights = load_file(str(tiny_clip_dir / "open_clip_model.safetensors"))
+    text = [k for k in teacher_weights if not k.startswith("visual.")]
+    assert text and all(torch.equal(weights[k], teacher_weights[k]) for k in text)
+    prompts = ["a photo of a dog.", "a fish tank"]
+    teacher = create_teacher(tiny_teacher_name, None, "cpu")
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{folder}")(prompts), teacher.tokenizer(prompts))
+
+    # open_clip's own transform is the student's eval transform, recorded in student.json
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    pre = load_student(run)[1]["preprocess"]
+    assert {k: config["preprocess_cfg"][k] for k in ("size", "mean", "std", "interpolation", "resize_mode")} == \
+           {k: pre[k] for k in ("size", "mean", "std", "interpolation", "resize_mode")} and pre["resize"] == pre["size"]
+
+    # round trip: open_clip zero-shot with the folder == zsd eval of the run, image by image
+    _, templates = resolve_templates(None, "s")
+    oc_emb, oc_pred = open_clip_predictions(folder, store, templates)
+    zsd_emb = student_embeddings(run, store, progress=False).embeddings(view=0).astype(np.float32)
+    assert np.abs(oc_emb - zsd_emb).max() <= 5e-4  # the store keeps fp16: 2^-11 relative
+    w = zero_shot_classifier(teacher, [n.replace("_", " ") for n in store.classnames], templates)
+    zsd_pred = (zsd_emb @ w.T).argmax(1)
+    assert np.array_equal(oc_pred, zsd_pred)
+    # and `zsd eval --student FOLDER` gives the run's figures
+    results = evaluate(str(store.path), [str(run), str(folder)], device="cpu", progress=False, log=lambda m: None)
+    assert results[1]["metrics"] == results[2]["metrics"]
+    assert results[1]["metrics"]["acc1"] == pytest.approx(np.mean(zsd_pred == store.labels()))
+
+
+def test_refused_in_one_line_and_nothing_left(store, tmp_path, image_folder, resnet_checkpoint, capsys):
+    def export(run, out, *extra):
+        code, _, err = cli(["export", run, "--format", "open_clip", "--out", out, *extra], capsys)
+        assert code != 0 and err.startswith("zsd: error:") and len(err.strip().splitlines()) == 1, err
+        assert not list(tmp_path.glob(f"**/.{Path(out).name}.*"))  # no temp folder left
+        return err
+
+    # a ViT at another resolution than timm's default: open_clip would build another model
+    vit = fit(store, tmp_path / "vit32", "test_vit", 32)
+    assert "trained at 32 px" in export(vit, tmp_path / "o1") and not (tmp_path / "o1").exists()
+    # a teacher without a text tower
+    cache_teacher([str(image_folder)], str(tmp_path / "t.zarr"), teacher="timm:test_resnet",
+                  pretrained=str(resnet_checkpoint), views=1, workers=0, progress=False, log=lambda m: None)
+    timm_run = fit(open_store(tmp_path / "t.zarr"), tmp_path / "timm_run", "test_efficientnet", 32)
+    assert "--format onnx" in export(timm_run, tmp_path / "o2") and not (tmp_path / "o2").exists()
+    # a half-written run (no student yet), an existing --out (left as it was), an --out below a file
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train_state.pt").write_bytes(b"")
+    assert "holds no trained student" in export(tmp_path / "half", tmp_path / "o3")
+    run = fit(store, tmp_path / "run", "resnet10t", 32)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("keep")
+    assert "already exists" in export(run, tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["mine.txt"]
+    (tmp_path / "file").write_text("")
+    assert "cannot write" in export(run, tmp_path / "file" / "folder")
+    assert "only for --format onnx" in export(run, tmp_path / "o4", "--fp16")
+
+
+def test_a_failing_parity_check_writes_nothing(store, tmp_path, monkeypatch, capsys):
+    """A folder whose image tower open_clip would build otherwise than zsd (simulated) is never written."""
+    from zsd import open_clip_folder
+
+    run = fit(store, tmp_path / "run", "resnet10t", 32)
+    real = open_clip_folder.visual_state
+
+    def off_by_a_bit(student, visual, size):
+        state = real(student, visual, size)
+        bias = next(k for k in state if k.endswith("fc.bias"))
+        state[bias] = state[bias] + 1e-2
+        return state
+
+    monkeypatch.setattr(open_clip_folder, "visual_state", off_by_a_bit)
+    code, _, err = cli(["export", run, "--format", "open_clip", "--out", tmp_path / "o"], capsys)
+    assert code != 0 and "parity check failed, nothing written" in err and "image embeddings" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_hugging_face_tokenizer_travels_with_the_folder(tmp_path, image_folder, capsys):
+    """A teacher whose tokenizer is a Hugging Face one (SigLIP-style `hf_tokenizer_name`): the folder carries the
+    tokenizer files, so it tokenizes as the teacher did after the teacher's folder is gone."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "a", "photo", "of", "dog", "cat", "fish", "tank", "."]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    teacher_dir = tmp_path / "teacher"
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(teacher_dir)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": len(words), "width": 16, "heads": 1, "layers": 1,
+                        "hf_tokenizer_name": "tiny-wordlevel", "pad_id": 0, "no_causal_mask": True,
+                        "pool_type": "last", "final_ln_after_pool": True}}
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in open_clip.CLIP(**cfg).state_dict().items()},
+              str(teacher_dir / "open_clip_model.safetensors"))
+    (teacher_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
+        "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "shortest"}}))
+    cache_teacher([str(image_folder)], str(tmp_path / "s.zarr"), teacher=f"local-dir:{teacher_dir}", views=1,
+                  workers=0, progress=False, log=lambda m: None)
+    run = fit(open_store(tmp_path / "s.zarr"), tmp_path / "run", "resnet10t", 32)
+    code, _, err = cli(["export", run, "--format", "open_clip", "--out", tmp_path / "folder"], capsys)
+    assert code == 0 and "tokens equal" in err, err
+    prompts = ["a photo of a dog .", "a fish tank"]
+    want = open_clip.get_tokenizer(f"local-dir:{teacher_dir}")(prompts)
+    assert (want[:, :6] > 1).any() and not (want == 1).all()  # real words, not unknowns: the check can fail
+    teacher_dir.rename(tmp_path / "gone")
+    assert (tmp_path / "folder" / "tokenizer.json").is_file()
+    assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'folder'}")(prompts), want)
