@@ -235,8 +235,9 @@ def main():
         stages = {label: stage_cpu_ms(teacher, None if pretrained == "-" else pretrained, tmp / "imgs")
                   for label, (teacher, pretrained) in teachers.items()}
 
+    from zsd.cpu import describe_machine
     print(f"{what}, {args.images} photos, 1 view; torch {torch.__version__}, {threads} threads; "
-          f"load average {os.getloadavg()[0]:.2f}; {args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds\n{describe_machine()}")
     for label in teachers:
         raw_runs = {k[2:]: v for k, v in runs.items() if k[0] == label and k[1] == "raw"}
         print(f"\n{label}: raw encode_images on tensors, img/s: best of {args.rounds} rounds / median [min-max]")

@@ -19,6 +19,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -98,7 +99,7 @@ def main():
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--block-rows", type=int, default=65536)
     p.add_argument("--leaks", type=int, default=100, help="test rows copied from train rows")
-    p.add_argument("--workdir", default="/tmp/zsd_bench")
+    p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "zsd_bench"))
     p.add_argument("--side", choices=["zsd", "raw"], help=argparse.SUPPRESS)
     p.add_argument("--train", help=argparse.SUPPRESS)
     p.add_argument("--test", help=argparse.SUPPRESS)

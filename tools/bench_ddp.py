@@ -88,23 +88,23 @@ def main():
 
         t0 = time.perf_counter()
         run("warmup", 1, 1)  # renders the pixel cache that every timed run then reads
+        from zsd.cpu import describe_machine
         print(f"{args.student} @ {args.student_res} px, {args.batch_size} images per process and step, "
               f"{args.precision}, 1 torch thread per process, {args.steps} steps per run ({args.skip} not timed); "
-              f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}", flush=True)
+              f"{describe_machine()}", flush=True)
         rounds = {1: [], 2: []}
         for r in range(args.rounds):
             for nproc in rounds:
                 rounds[nproc].append(run(f"r{r}p{nproc}", nproc, args.steps))
-            print(f"round {r + 1}: 1 process {rounds[1][-1]:.1f} img/s, 2 processes {rounds[2][-1]:.1f} img/s "
-                  f"(load {os.getloadavg()[0]:.2f})", flush=True)
+            print(f"round {r + 1}: 1 process {rounds[1][-1]:.1f} img/s, 2 processes {rounds[2][-1]:.1f} img/s",
+                  flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     one, two = max(rounds[1]), max(rounds[2])
     ratio = two / (2 * one)
     print(f"\nbest of {args.rounds}: 1 process {one:.1f} img/s, 2 gloo processes {two:.1f} img/s; "
           f"2-proc / (2 x 1-proc) = {ratio:.2f} (target >= 0.8 where 2 cores are free)")
-    print(f"{os.cpu_count()} cores, load average {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1/5/15 min); "
-          f"total {time.perf_counter() - t0:.0f} s")
+    print(f"total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def main() -> None:
     from zsd.student import load_student
     from zsd.teachers import create_teacher
 
-    t0, load_start = time.perf_counter(), os.getloadavg()[0]
+    t0 = time.perf_counter()
     tune_allocator(torch.device("cpu"))  # as zsd's own CPU passes do: torch eager without the page-fault storm
     teacher = create_teacher(*PROXY, device="cpu", precision="fp32")
     with tempfile.TemporaryDirectory() as tmp:
@@ -151,7 +151,8 @@ def main() -> None:
           f"{meta['parity']['max_abs_embedding']:.1e} max abs embedding difference")
     print(f"teacher {PROXY[0]} ({PROXY[1]}) at {t_size} px, {sum(p.numel() for p in teacher.model.parameters()) / 1e6:.2f}"
           f" M parameters; torch {torch.__version__}, onnxruntime {__import__('onnxruntime').__version__}")
-    print(f"{os.cpu_count()} cores, load average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; "
+    from zsd.cpu import describe_machine
+    print(f"{describe_machine()}; "
           f"best of {args.rounds} interleaved rounds of {args.seconds:g} s per cell and of threads "
           f"{args.threads}\n")
     print(f"{'model':<8} {'runtime':<12} {'batch':>5} {'threads':>7} {'ms/batch':>10} {'img/s':>9}")

@@ -57,7 +57,8 @@ def main():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tmp / "before")],
                            capture_output=True)
     best = {side: min(runs, key=lambda x: x["seconds"]) for side, runs in results.items()}
-    print(f"load average {os.getloadavg()[0]:.2f}; best of {args.rounds} round(s)")
+    from zsd.cpu import describe_machine
+    print(f"{describe_machine()}; best of {args.rounds} round(s)")
     print(f"quickstart at {args.before}: {best['before']['seconds']:.0f} s, student top-1 "
           f"{best['before']['top1'].get('student', float('nan')):.3f}")
     print(f"quickstart now:        {best['now']['seconds']:.0f} s, student top-1 "

@@ -83,8 +83,9 @@ def main():
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n_var = len(corruptions) * len(severities)
-    print(f"{args.images} images x {n_var} corrupted variants at {args.size} px, {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}")
+    from zsd.cpu import describe_machine
+    print(f"{args.images} images x {n_var} corrupted variants at {args.size} px; "
+          f"{describe_machine()}")
     print(f"(a) render once:                  {t_render:7.1f} s")
     print(f"(b) teacher alone on the cache:   {t_one:7.1f} s")
     print(f"(c) teacher + student on the cache: {t_two:5.1f} s")

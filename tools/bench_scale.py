@@ -147,7 +147,7 @@ def main():
     at = Path(args.dir or tempfile.gettempdir())
     free = shutil.disk_usage(at if at.exists() else at.parent).free
     print(f"{args.rows:,} rows x {DIM} fp16 (~{need / 2**30:.1f} GiB) in chunks of {args.chunk_rows}, "
-          f"{args.shards:,} shards; {free / 2**30:.0f} GiB free at {at}; load {os.getloadavg()[0]:.2f}")
+          f"{args.shards:,} shards; {free / 2**30:.0f} GiB free at {at}")
     if args.dry_run or need * 1.2 > free:
         if not args.dry_run:
             raise SystemExit(f"not enough disk at {at}")
@@ -231,7 +231,8 @@ def main():
             shutil.rmtree(root, ignore_errors=True)
 
     loader, rawr = got / t_loader, raw_rows / t_raw
-    print(f"\n{'rows':>12} {args.rows:,}   load {os.getloadavg()[0]:.2f} (1-min), {os.cpu_count()} cores")
+    from zsd.cpu import describe_machine
+    print(f"\n{'rows':>12} {args.rows:,}   {describe_machine()}")
     print(f"index     first scan {t_first:7.2f} s   resume scan {t_second:7.3f} s   "
           f"ratio {t_second / t_first:.3f}  (target <= 0.1)")
     print(f"keys      resume check of {args.rows:,} keys: by blocks {check['blocks'][0]:.2f} s, "

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import os
 import shutil
 import sys
 import time
@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zsd.cache import cache_teacher  # noqa: E402
+from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
 from zsd.evaluate import prototype_classifier, student_embeddings  # noqa: E402
 from zsd.store import WRITTEN, cache_dir, create_store, open_store  # noqa: E402
@@ -87,6 +88,15 @@ def seeds_interval(values: list[float]) -> dict:
 
 
 # ---------------------------------------------------------------- stores
+
+def shown(path) -> str:
+    """A path as reports write it: relative to the checkout when beside it (``../shared/data/...``),
+    else the data set's last two folders, never a machine's absolute path."""
+    path = Path(path).resolve()
+    if path.is_relative_to(ROOT.parent):
+        return os.path.relpath(path, ROOT)
+    return "/".join(path.parts[-2:])
+
 
 def require_folders(tool: str, train_dir: Path, val_dir: Path) -> None:
     for d in (train_dir, val_dir):
@@ -371,10 +381,10 @@ def main(argv=None):
                      "agreement": seeds_interval([r["student"]["agreement"] for r in runs])},
         "student_params": student_params, "teacher_params": teacher_params,
         "student_name": args.student, "teacher_name": TEACHER, "run": first["run"],
-        "train_store": str(train_store.path), "val_store": str(val_store.path),
-        "train_dir": str(train_dir), "val_dir": str(val_dir), "train_images": int(train_store.written().sum()),
+        "train_store": shown(train_store.path), "val_store": shown(val_store.path),
+        "train_dir": shown(train_dir), "val_dir": shown(val_dir), "train_images": int(train_store.written().sum()),
         "views": args.views, "n_val": first["n_val"], "recipe": recipe, "runs": runs, "scaling": scaling,
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} cores",
+        "machine": describe_machine(),
         "minutes": (time.time() - t_start) / 60,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

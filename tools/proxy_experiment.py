@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -39,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import RECIPE, bootstrap_ci, run_one, seeds_interval, val_metrics  # noqa: E402
+from fidelity import RECIPE, bootstrap_ci, run_one, seeds_interval, shown, val_metrics  # noqa: E402
 from zsd.cache import cache_teacher  # noqa: E402
 from zsd.coverage import coverage  # noqa: E402
+from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
 from zsd.evaluate import build_classifier  # noqa: E402
 from zsd.store import cache_dir, open_store  # noqa: E402
@@ -207,13 +207,13 @@ def main(argv=None):
                           "agreement": seeds_interval([r["student"]["agreement"] for r in rs]),
                           "mean_cosine": seeds_interval([r["student"]["mean_cosine"] for r in rs]),
                           "top1_pooled_ci95": bootstrap_ci(np.mean([r["per_image"]["student_correct"] for r in rs], 0)),
-                          "runs": [{k: v for k, v in r.items() if k != "per_image"} for r in rs]}
+                          "runs": [{**{k: v for k, v in r.items() if k != "per_image"}, "run": shown(r["run"])} for r in rs]}
                    for name, rs in runs.items()},
         "comparisons": comparisons,
         "coverage_teacher_space": {"eps_t": cov["eps_t"], "near_duplicates": cov["near_duplicates"],
                                    "cifar10_val_by_cifar10_train": {"eps_t": cifar_cov["eps_t"]},
                                    "stage1_cosine_by_eps_t": by_distance},
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         # Training as measured when each run was trained (a rerun reuses finished runs), and this invocation.
         "minutes": {"training and curves (sum over runs)": sum(r["train_minutes"] for rs in runs.values() for r in rs),
                     "this invocation": (time.time() - t_start) / 60},

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from fidelity import bootstrap_ci  # noqa: E402
 from proxy_experiment import pets_measure  # noqa: E402
+from zsd.cpu import describe_machine  # noqa: E402
 from zsd.evaluate import student_embeddings  # noqa: E402
 from zsd.quickstart import DATA, quickstart  # noqa: E402
 from zsd.store import open_store  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None):
               + f"  (+{time.time() - t0:.0f} s)", flush=True)
 
     report = {"folds": args.folds, "folds_run": len(preds), "test_predictions": int(sum(len(p["photo"]) for p in preds)), "models": {},
-              "machine": f"{platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
+              "machine": describe_machine(),
               "minutes": round((time.time() - t0) / 60, 1), "chance": 1 / 25}
     for model in ("teacher", *recipes):
         photos, v = per_photo(preds, model)

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -48,10 +47,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import (RECIPE, TEACHER, WEIGHTS, bootstrap_ci, require_folders, run_one, seeds_interval,  # noqa: E402
+from fidelity import (RECIPE, TEACHER, WEIGHTS, bootstrap_ci, require_folders, run_one, seeds_interval, shown,  # noqa: E402
                       val_metrics)
 from proxy_experiment import paired_difference  # noqa: E402
 from zsd.cache import cache_teacher  # noqa: E402
+from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
 from zsd.evaluate import prototype_classifier, student_embeddings  # noqa: E402
 from zsd.spurious import make_spurious  # noqa: E402
@@ -193,7 +193,7 @@ def main(argv=None):
             result = run_one(cfg, tests["clean"], lambda emb: val_metrics(emb, tests["clean"], protos),
                              args.curve_points, log)
             per_image = test_metrics(result["run"], tests, protos)
-            runs[loss].append({"seed": seed, "run": result["run"], "curve": result["curve"],
+            runs[loss].append({"seed": seed, "run": shown(result["run"]), "curve": result["curve"],
                                "train_minutes": result["train_minutes"], **summary(per_image, "student"),
                                "per_image": per_image})
 
@@ -215,12 +215,12 @@ def main(argv=None):
         "teacher": {"model": TEACHER, "weights": WEIGHTS, **summary(teacher, "teacher")},
         "groups": groups,
         "clip_drop_minus_l2_drop": diff, "verdict": verdict(diff),
-        "data": {"train": str(train_dir), "val": str(val_dir), "train_images": int(train_store.written().sum()),
+        "data": {"train": shown(train_dir), "val": shown(val_dir), "train_images": int(train_store.written().sum()),
                  "views": args.views, "n_test": len(keys[0]), "data_seed": args.data_seed,
                  "features": train_record["features"], "shuffled_map": train_record["shuffled_map"],
                  "classifier": f"prototypes of the clean train subset ({proto_store.path.name}, view 0)"},
         "recipe": {**recipe, "steps": args.steps}, "seeds": seeds,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "machine": describe_machine(),
         "minutes": {"training and curves (sum over runs)": sum(r["train_minutes"] for rs in runs.values() for r in rs),
                     "this invocation": (time.time() - t_start) / 60},
     }

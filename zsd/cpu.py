@@ -3,7 +3,7 @@
 A CPU forward (and backward) allocates and frees tens to hundreds of MiB of activations per
 batch. glibc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
 fresh mmap and returns it on free, so the next batch page-faults the same memory in again: on
-this project's 2-core reference machine the EfficientNet-Lite0 teacher pass spent more time in
+a 2-core CPU the EfficientNet-Lite0 teacher pass spent more time in
 the kernel than in the model (issue 15: 21.5 img/s at batch 256, 37 img/s at batch 32, against
 169 img/s with the thresholds raised). Raising the mmap and trim thresholds to their maximum
 keeps those blocks on the heap, so after the first batch a pass runs without page faults.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 
 import torch
 
@@ -40,6 +41,20 @@ def decode_workers() -> int:
     """DataLoader decode processes beside a model: every core but the main process's, at most 4
     (the trainer's default everywhere; the teacher pass's on a GPU)."""
     return min(4, max(1, (os.cpu_count() or 2) - 1))
+
+
+def describe_machine() -> str:
+    """The hardware line of every benchmark and experiment report: CPU model, cores, torch and its threads."""
+    model = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux
+        pass
+    model = model or platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def user_allocator_setting() -> str | None:
