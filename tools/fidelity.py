@@ -98,6 +98,17 @@ def shown(path) -> str:
     return "/".join(path.parts[-2:])
 
 
+def command_line() -> str:
+    """This invocation as a report states it: `python tools/NAME.py ARGS`, paths shown as `shown` shows them."""
+    args = [shown(a) if Path(a).is_absolute() else a for a in sys.argv[1:]]
+    return " ".join(["python", f"tools/{Path(sys.argv[0]).name}", *args])
+
+
+def report_header(report: dict) -> list[str]:
+    """The benchmark-report lines every experiment's results.md starts with: how to reproduce it, and on what."""
+    return [f"Command: `{report['command']}`", "", f"Hardware: {report['machine']}", ""]
+
+
 def require_folders(tool: str, train_dir: Path, val_dir: Path) -> None:
     for d in (train_dir, val_dir):
         if not d.is_dir():
@@ -284,6 +295,7 @@ def markdown(results: dict) -> str:
 
     lines = [f"# Fidelity: {results['student_name']} ({results['student_params'] / 1e6:.2f} M params) from "
              f"{results['teacher_name']} ({results['teacher_params'] / 1e6:.2f} M)", "",
+             *report_header(results),
              f"train {results['train_dir']} ({results['train_images']} images x {results['views']} views), "
              f"val {results['val_dir']} ({results['n_val']} images); classifier: prototypes of the train store; "
              f"recipe {json.dumps(results['recipe'])}; {results['machine']}", "",
@@ -384,7 +396,7 @@ def main(argv=None):
         "train_store": shown(train_store.path), "val_store": shown(val_store.path),
         "train_dir": shown(train_dir), "val_dir": shown(val_dir), "train_images": int(train_store.written().sum()),
         "views": args.views, "n_val": first["n_val"], "recipe": recipe, "runs": runs, "scaling": scaling,
-        "machine": describe_machine(),
+        "machine": describe_machine(), "command": command_line(),
         "minutes": (time.time() - t_start) / 60,
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")

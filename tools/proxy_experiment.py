@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import RECIPE, bootstrap_ci, run_one, seeds_interval, shown, val_metrics  # noqa: E402
+from fidelity import (RECIPE, bootstrap_ci, command_line, report_header, run_one, seeds_interval,  # noqa: E402
+                      shown, val_metrics)
 from zsd.cache import cache_teacher  # noqa: E402
 from zsd.coverage import coverage  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
@@ -213,7 +214,7 @@ def main(argv=None):
         "coverage_teacher_space": {"eps_t": cov["eps_t"], "near_duplicates": cov["near_duplicates"],
                                    "cifar10_val_by_cifar10_train": {"eps_t": cifar_cov["eps_t"]},
                                    "stage1_cosine_by_eps_t": by_distance},
-        "machine": describe_machine(),
+        "machine": describe_machine(), "command": command_line(),
         # Training as measured when each run was trained (a rerun reuses finished runs), and this invocation.
         "minutes": {"training and curves (sum over runs)": sum(r["train_minutes"] for rs in runs.values() for r in rs),
                     "this invocation": (time.time() - t_start) / 60},
@@ -268,6 +269,7 @@ def markdown(report: dict) -> str:
 
     t = report["teacher"]
     lines = [f"# Transfer to pets: students distilled from {t['model']} on domain-agnostic photos", "",
+             *report_header(report),
              f"Test: {report['test']} ({report['n_test']} images, chance {100 * report['chance']:.0f} %); teacher top-1 "
              f"{100 * t['top1']:.1f} % {ci(t['top1_ci95'])}. Train images: "
              + ", ".join(f"{k} {v}" for k, v in report["train_images"].items())

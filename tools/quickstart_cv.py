@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import bootstrap_ci  # noqa: E402
+from fidelity import bootstrap_ci, command_line, report_header  # noqa: E402
 from proxy_experiment import pets_measure  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
 from zsd.evaluate import student_embeddings  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv=None):
               + f"  (+{time.time() - t0:.0f} s)", flush=True)
 
     report = {"folds": args.folds, "folds_run": len(preds), "test_predictions": int(sum(len(p["photo"]) for p in preds)), "models": {},
-              "machine": describe_machine(),
+              "machine": describe_machine(), "command": command_line(),
               "minutes": round((time.time() - t0) / 60, 1), "chance": 1 / 25}
     for model in ("teacher", *recipes):
         photos, v = per_photo(preds, model)
@@ -138,7 +138,7 @@ def main(argv=None):
 
 
 def markdown(r: dict) -> str:
-    lines = [f"Quickstart on {r['folds_run']} of {r['folds']} rotated splits of the shipped pets photos ({r['test_predictions']} test "
+    lines = [*report_header(r), f"Quickstart on {r['folds_run']} of {r['folds']} rotated splits of the shipped pets photos ({r['test_predictions']} test "
              f"predictions; 95 % intervals resample photos; chance {r['chance']:.0%}; {r['machine']}, "
              f"{r['minutes']} min)", "", "| model | top-1 | 95 % CI | per fold |", "|---|---|---|---|"]
     for name, m in r["models"].items():

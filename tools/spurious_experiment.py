@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from fidelity import (RECIPE, TEACHER, WEIGHTS, bootstrap_ci, require_folders, run_one, seeds_interval, shown,  # noqa: E402
-                      val_metrics)
+from fidelity import (RECIPE, TEACHER, WEIGHTS, bootstrap_ci, command_line, report_header, require_folders,  # noqa: E402
+                      run_one, seeds_interval, shown, val_metrics)
 from proxy_experiment import paired_difference  # noqa: E402
 from zsd.cache import cache_teacher  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
@@ -220,7 +220,7 @@ def main(argv=None):
                  "features": train_record["features"], "shuffled_map": train_record["shuffled_map"],
                  "classifier": f"prototypes of the clean train subset ({proto_store.path.name}, view 0)"},
         "recipe": {**recipe, "steps": args.steps}, "seeds": seeds,
-        "machine": describe_machine(),
+        "machine": describe_machine(), "command": command_line(),
         "minutes": {"training and curves (sum over runs)": sum(r["train_minutes"] for rs in runs.values() for r in rs),
                     "this invocation": (time.time() - t_start) / 60},
     }
@@ -241,6 +241,7 @@ def markdown(report: dict) -> str:
 
     t, d = report["teacher"], report["data"]
     lines = [f"# Spurious shapes: L2 vs CLIP-loss students of {t['model']}", "",
+             *report_header(report),
              f"Train: {d['train_images']} CIFAR-10 train images x {d['views']} views, each with its class's "
              f"coloured shape (zsd spurious --mode shapes, seed {d['data_seed']}); test: {d['n_test']} val images "
              f"clean, aligned (own class's shape) and shuffled (another class's shape, a derangement). Classifier "
