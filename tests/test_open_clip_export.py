@@ -100,10 +100,12 @@ def test_round_trip_open_clip_and_zsd_eval_agree(store, tmp_path, tiny_clip_dir,
     w = zero_shot_classifier(teacher, [n.replace("_", " ") for n in store.classnames], templates)
     zsd_pred = (zsd_emb @ w.T).argmax(1)
     assert np.array_equal(oc_pred, zsd_pred)
-    # and `zsd eval --student FOLDER` gives the run's figures
+    # and `zsd eval --student FOLDER` gives the run's figures, adding nothing to the folder
+    files = sorted(folder.iterdir())
     results = evaluate(str(store.path), [str(run), str(folder)], device="cpu", progress=False, log=lambda m: None)
     assert results[1]["metrics"] == results[2]["metrics"]
     assert results[1]["metrics"]["acc1"] == pytest.approx(np.mean(zsd_pred == store.labels()))
+    assert sorted(folder.iterdir()) == files
 
 
 def test_refused_in_one_line_and_nothing_left(store, tmp_path, image_folder, resnet_checkpoint, capsys):
@@ -136,21 +138,17 @@ def test_refused_in_one_line_and_nothing_left(store, tmp_path, image_folder, res
 
 
 def test_a_failing_parity_check_writes_nothing(store, tmp_path, monkeypatch, capsys):
-    """A folder whose image tower open_clip would build otherwise than zsd (simulated) is never written."""
+    """A folder whose open_clip transform is not zsd's (simulated: another interpolation written into its
+    preprocess_cfg) fails the check on open_clip's own pixels, and nothing is written."""
     from zsd import open_clip_folder
 
     run = fit(store, tmp_path / "run", "resnet10t", 32)
-    real = open_clip_folder.visual_state
-
-    def off_by_a_bit(student, visual, size):
-        state = real(student, visual, size)
-        bias = next(k for k in state if k.endswith("fc.bias"))
-        state[bias] = state[bias] + 1e-2
-        return state
-
-    monkeypatch.setattr(open_clip_folder, "visual_state", off_by_a_bit)
+    real = open_clip_folder.preprocess_cfg
+    monkeypatch.setattr(open_clip_folder, "preprocess_cfg", lambda pre: {**real(pre), "interpolation": "bilinear"})
     code, _, err = cli(["export", run, "--format", "open_clip", "--out", tmp_path / "o"], capsys)
-    assert code != 0 and "parity check failed, nothing written" in err and "image embeddings" in err
+    error = err.strip().splitlines()[-1]
+    assert code != 0 and error.startswith("zsd: error: parity check failed, nothing written"), err
+    assert "(each its own transform)" in error and "(same pixels)" not in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -187,3 +185,54 @@ def test_a_hugging_face_tokenizer_travels_with_the_folder(tmp_path, image_folder
     teacher_dir.rename(tmp_path / "gone")
     assert (tmp_path / "folder" / "tokenizer.json").is_file()
     assert torch.equal(open_clip.get_tokenizer(f"local-dir:{tmp_path / 'folder'}")(prompts), want)
+
+
+def test_the_model_card_runs_as_written_and_a_folder_is_a_student(store, tmp_path, capsys):
+    """The card's snippet, run as printed, gives the student's embedding (in eval mode: BatchNorm students differ
+    in training mode); results of these weights under RUN/eval reach the card, other weights' do not; a folder
+    trains on (--init) and exports again, and --json - prints the JSON alone."""
+    from zsd.views import Preprocess, normalize, render_view
+
+    run = fit(store, tmp_path / "run", "mobilenetv3_small_050", 48)
+    evaluate(str(store.path), [str(run)], device="cpu", out_dir=str(run / "eval"), progress=False, log=lambda m: None)
+    stale = json.loads(next((run / "eval").glob("*__run.json")).read_text())
+    (run / "eval" / "stale.json").write_text(json.dumps({**stale, "pretrained": "sha256:other", "dataset": "old"}))
+    folder = tmp_path / "folder"
+    code, out, _ = cli(["export", run, "--format", "open_clip", "--out", folder, "--json", "-"], capsys)
+    assert code == 0 and json.loads(out)["format"] == "zsd-open_clip/1"  # stdout is the JSON alone
+    card = (folder / "README.md").read_text()
+    assert "| s | " in card and "| old |" not in card
+    snippet = card.split("```python\n")[1].split("```")[0].replace("THIS_FOLDER", str(folder))
+    image = RowReader(store.sources).image(store.keys()[0], store.locs()[0])
+    scope = {"pil_image": image}
+    exec(snippet, scope)
+    student, config = load_student(folder)
+    p = Preprocess.from_dict(config["preprocess"])
+    want = student.encode_images(normalize(render_view(image, 0, None, p), p.mean, p.std)[None])
+    with torch.no_grad():
+        got = scope["model"].encode_image(scope["image"], normalize=True)
+    assert torch.allclose(got, want, atol=1e-4) and scope["probs"].shape == (1, 2)
+    # the folder is a student: the same weights as the run, a start for stage 2, exportable again
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(),
+                                                 load_student(run)[0].state_dict().values()))
+    config2 = TrainConfig([str(store.path)], run_dir=str(tmp_path / "stage2"), init_from=str(folder), batch_size=4,
+                          steps=1, workers=0, device="cpu", precision="fp32", pixel_cache="no")
+    train(config2, progress=False, log=lambda m: None)
+    assert cli(["export", folder, "--format", "open_clip", "--out", tmp_path / "again"], capsys)[0] == 0
+
+
+def test_a_tower_open_clip_builds_otherwise_is_refused_without_the_check(store, tmp_path, monkeypatch, capsys):
+    """A student whose tensors fit open_clip's tower but whose tower computes otherwise (Swin at another
+    resolution: an assertion in its forward) is refused under --no-check too; parent folders made for --out go."""
+    from open_clip.timm_model import TimmModel
+
+    run = fit(store, tmp_path / "run", "resnet10t", 32)
+
+    def built_for_another_size(self, x):
+        raise AssertionError(f"Input height ({x.shape[-2]}) doesn't match model (224).")
+
+    monkeypatch.setattr(TimmModel, "forward", built_for_another_size)
+    code, _, err = cli(["export", run, "--format", "open_clip", "--no-check", "--out", tmp_path / "a" / "b" / "o"],
+                       capsys)
+    assert code == 1 and "cannot run at 32 px" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

@@ -49,6 +49,11 @@ def store(image_folder, tmp_path, tiny_teacher_name):
     return make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
 
 
+def student_pre(targets, res=32):
+    """The STUDENT's transform for targets of this teacher, as the trainer makes it."""
+    return student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), res)
+
+
 def weights(run_dir, prefix=""):
     return load_file(str(run_dir / f"{prefix}student.safetensors"))
 
@@ -56,7 +61,7 @@ def weights(run_dir, prefix=""):
 def test_rebuilt_views_reproduce_the_cached_embeddings(store, tiny_teacher_name):
     """The pixels the trainer rebuilds for a (row, view), fed to the teacher, give the cached embedding."""
     targets = TrainTargets([store], log=lambda m: None)
-    ds = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32))
+    ds = StudentInputs(targets, student_pre(targets))
     teacher = create_teacher(tiny_teacher_name, None, "cpu")
     s = open_store(store)
     emb = s.embeddings()
@@ -634,8 +639,8 @@ def test_fast_decode_is_opt_in_and_reaches_the_loader(tmp_path, tiny_teacher_nam
     store = make_store(tmp_path / "imgs", tmp_path / "big.zarr", tiny_teacher_name, views=2)
     s, targets = open_store(store), TrainTargets([store], log=lambda m: None)
     pre = Preprocess.from_dict(s.teacher["preprocess"])
-    exact = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32))
-    fast = StudentInputs(targets, student_preprocess(STUDENT, Preprocess.from_dict(targets.teacher["preprocess"]), 32), fast_decode=True)
+    exact = StudentInputs(targets, student_pre(targets))
+    fast = StudentInputs(targets, student_pre(targets), fast_decode=True)
     bicubic = TF.InterpolationMode.BICUBIC
     for r, key in enumerate(s.keys()):
         img = Image.open(tmp_path / "imgs" / key).convert("RGB")

@@ -61,9 +61,8 @@ def main():
         store = open_store(store_path)
         name = "mobilenetv3_small_050"
         student = Student(name, store.dim, 128)
-        save_student(tmp / "student", student, {"student": name, "embed_dim": store.dim,
-                                                "preprocess": student_preprocess(name, Preprocess.from_dict(store.teacher["preprocess"]),
-                                                                              128).to_dict(),
+        pre = student_preprocess(name, Preprocess.from_dict(store.teacher["preprocess"]), 128)
+        save_student(tmp / "student", student, {"student": name, "embed_dim": store.dim, "preprocess": pre.to_dict(),
                                                 "teacher": store.teacher, "teacher_id": store.teacher_id})
         corruptions, severities = parse_corruptions(args.corruptions), parse_severities(args.severities)
         kw = dict(corruptions=corruptions, severities=severities, size=args.size, device="cpu", workers=args.workers,

@@ -250,8 +250,8 @@ def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
 @cli.command("eval")
 @click.argument("test")
 @click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder, or RUN_DIR:ema for the EMA of its weights; repeat for several "
-                   "students.")
+              help="A `zsd train` run folder, RUN_DIR:ema for the EMA of its weights, or a folder of `zsd export "
+                   "--format open_clip`; repeat for several students.")
 @click.option("--templates", default=None, help="Prompt templates: a domain (pets, flowers, food, aircraft, cars, "
               "textures, imagenet, default) or a file (JSON list, JSON with \"templates\", or one per line) "
               "[default: guessed from the test set's name].")
@@ -298,7 +298,8 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
 
 @cli.command("robustness")
 @click.argument("test")
-@click.option("--student", "students", multiple=True, help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights); repeatable.")
+@click.option("--student", "students", multiple=True, help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights) "
+              "or an exported open_clip folder; repeatable.")
 @click.option("--corruptions", default=None, help="Comma-separated subset of the 15 ImageNet-C corruptions [default: all].")
 @click.option("--severities", default=None, help="Comma-separated subset of 1-5 [default: all].")
 @click.option("--size", default=224, show_default=True, help="Side of the square base crop that is corrupted (ImageNet-C: 224).")
@@ -357,8 +358,8 @@ def spurious_cmd(src, out, mode, masks, seed):
 @click.argument("more_train", nargs=-1)
 @click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
 @click.option("--student", default=None, type=click.Path(file_okay=False),
-              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights): adds witnesses, the bound B "
-                   "and the certificates.")
+              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights) or an exported open_clip folder: "
+                   "adds witnesses, the bound B and the certificates.")
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
 @click.option("--block-rows", type=click.IntRange(1), default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
 @click.option("--dup-threshold", type=click.FloatRange(0), default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
@@ -420,7 +421,8 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
 @click.option("--ema-warmup", is_flag=True, help="Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at "
               "--ema-decay (timm's warmup; for short runs).")
 @click.option("--student-res", type=click.IntRange(8), default=None, help="Student input resolution [default: the student's own].")
-@click.option("--init", default=None, help="Start from an earlier zsd run folder (two-stage distillation).")
+@click.option("--init", default=None, help="Start from an earlier zsd run folder or exported open_clip folder "
+              "(two-stage distillation).")
 @click.option("--student-pretrained", default=None, metavar="SPEC",
               help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
                    "weights), hf-hub:ORG/REPO, or a local .safetensors/.pth file of its timm weights.")
@@ -535,7 +537,7 @@ def export_cmd(run, out, fmt, classes, classes_from, templates, pretrained, opse
                            "tower, so classes are chosen when it is used")
         meta = export_open_clip(run, out, classes=classes, pretrained=pretrained, check=check,
                                 check_images_from=check_images, check_n=check_n, tolerance=tolerance, log=log)
-        click.echo(f"{out}/: {meta['student']} as the image tower of {meta['teacher']['model']}; load it with "
+        summary = (f"{out}/: {meta['student']} as the image tower of {meta['teacher']['model']}; load it with "
                    f"open_clip.create_model_and_transforms('local-dir:{out}')")
     else:
         from zsd.export import export
@@ -544,10 +546,12 @@ def export_cmd(run, out, fmt, classes, classes_from, templates, pretrained, opse
                       pretrained=pretrained, opset=opset, dynamic_batch=dynamic_batch, fp16=fp16, check=check,
                       check_images_from=check_images, check_n=check_n, tolerance=tolerance, log=log)
         what = f"{len(meta['classnames'])} classes" if meta["classnames"] else "encoder only"
-        click.echo(f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
+        summary = (f"{out}: {meta['student']['model']}, {what}, {meta['precision']}, opset {meta['opset']}; "
                    f"metadata also in {Path(out).with_suffix('.json')}")
     if json_out:
         _write_json(json_out, meta)
+    if json_out != "-":
+        click.echo(summary)
 
 
 @cli.command("predict")

@@ -26,6 +26,7 @@ import numpy as np
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least
+from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import load_student, student_files, student_fingerprint, student_location
@@ -200,7 +201,7 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred:
 def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
                        device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
     """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/
-    (`ema_<store>` for the student RUN_DIR:ema).
+    (`ema_<store>` for the student RUN_DIR:ema; in the cache directory for an exported open_clip folder).
 
     Reused when it exists, matches this student checkpoint and the source store, and is
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
@@ -215,6 +216,8 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
     folder, prefix = student_location(run_dir)
     out = folder / "embeddings" / (prefix + store.path.name)
+    if is_open_clip_folder(folder):  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
+        out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
     keys = store.keys()
     if out.exists():
         try:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError, check_writable
+from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess, normalize, render_view
 
@@ -107,15 +107,19 @@ def teacher_model_cfg(name: str) -> dict:
     """The open_clip model config the teacher `name` was built from (built-in name, local-dir: or hf-hub:)."""
     import open_clip
 
-    if name.startswith("local-dir:"):
-        cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG).read_text())["model_cfg"]
-    elif name.startswith("hf-hub:"):
-        from huggingface_hub import hf_hub_download
+    try:
+        if name.startswith("local-dir:"):
+            cfg = json.loads((Path(name[len("local-dir:"):]) / CONFIG).read_text())["model_cfg"]
+        elif name.startswith("hf-hub:"):
+            from huggingface_hub import hf_hub_download
 
-        with offline_unless_reachable():
-            cfg = json.loads(Path(hf_hub_download(name[len("hf-hub:"):], CONFIG)).read_text())["model_cfg"]
-    else:
-        cfg = open_clip.get_model_config(name)
+            with offline_unless_reachable():
+                cfg = json.loads(Path(hf_hub_download(name[len("hf-hub:"):], CONFIG)).read_text())["model_cfg"]
+        else:
+            cfg = open_clip.get_model_config(name)
+    except Exception as e:  # the teacher loaded a moment ago: its config went missing in between
+        raise ZsdError(f"cannot read the open_clip config of the teacher {name} [{type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:160] if str(e) else ''}]") from None
     if cfg is None:
         raise ZsdError(f"no open_clip model config for the teacher {name}")
     if "multimodal_cfg" in cfg:  # CoCa: its text decoder reads the vision tower's tokens, which a student has not
@@ -148,6 +152,7 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
         "are the teacher's, unchanged: classify with any class names, as with the teacher.", "",
         "## Use", "", "```python", "import open_clip, torch", "",
         "model, _, preprocess = open_clip.create_model_and_transforms('local-dir:THIS_FOLDER')",
+        "model.eval()  # open_clip returns it in training mode (BatchNorm would use batch statistics)",
         "tokenizer = open_clip.get_tokenizer('local-dir:THIS_FOLDER')",
         "image = preprocess(pil_image).unsqueeze(0)",
         "text = tokenizer(['a photo of a dog.', 'a photo of a cat.'])",
@@ -176,16 +181,15 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_results(run_dir: Path, prefix: str) -> list[dict]:
-    """`zsd eval --out RUN/eval` results of this student (the quickstart writes them there)."""
+def run_results(run_dir: Path, weights: str) -> list[dict]:
+    """`zsd eval --out RUN/eval` results (the quickstart writes them there) of exactly these weights."""
     out = []
     for path in sorted((run_dir / "eval").glob("*.json")):
         try:
             r = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if r.get("role") == "student" and Path(r.get("run_dir", "")).name in (run_dir.name, f"{run_dir.name}:ema") \
-                and bool(prefix) == str(r.get("run_dir", "")).endswith(":ema"):
+        if isinstance(r, dict) and r.get("role") == "student" and r.get("pretrained") == weights:
             out.append(r)
     return out
 
@@ -194,13 +198,11 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                      pretrained: str | None = None, check: bool = True, check_images_from: str | None = None,
                      check_n: int = 64, tolerance: float | None = None, log=print) -> dict:
     """Write the open_clip folder OUT for the student of RUN; returns the folder's zsd record (with parity)."""
-    import open_clip
-    from safetensors.torch import save_file
-
     from zsd.export import check_images, read_classnames
     from zsd.student import load_student, student_fingerprint, student_location
     from zsd.teachers import rebuild_teacher
 
+    check_at_least("--tolerance", tolerance, 0)
     out = Path(out)
     if out.exists():
         raise ZsdError(f"--out {out} already exists: name a new folder (an open_clip folder is written whole)")
@@ -211,63 +213,107 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                        "tower: there is no CLIP model to export; use --format onnx (with --classes or --classes-from "
                        "for a classifier)")
     pre = Preprocess.from_dict(config["preprocess"])
-    model_cfg = teacher_model_cfg(config["teacher"]["model"])
     oc_preprocess = preprocess_cfg(pre)
+    teacher = rebuild_teacher(config["teacher"], config["teacher_id"], pretrained, "cpu")
+    model_cfg = teacher_model_cfg(teacher.model_name)
     model_cfg["vision_cfg"] = vision_cfg(student, pre.size)
     if int(model_cfg["embed_dim"]) != int(config["embed_dim"]):
         raise ZsdError(f"the teacher's open_clip config has embed_dim {model_cfg['embed_dim']}, the student "
                        f"{config['embed_dim']}: not this student's teacher")
-    teacher = rebuild_teacher(config["teacher"], config["teacher_id"], pretrained, "cpu")
     names = read_classnames(classes) if classes else (config.get("classnames") or PARITY_CLASSES)[:16]
-    run_dir, prefix = student_location(run)
-    record = {"format": FORMAT, "zsd_version": __version__, "run": str(run),
-              "student_weights": student_fingerprint(run, config)["weights"], **config}
-    out.parent.mkdir(parents=True, exist_ok=True)
+    images = check_images(check_images_from, check_n) if check else []
+    weights = student_fingerprint(run, config)["weights"]
+    record = {"format": FORMAT, "zsd_version": __version__, "run": str(run), "student_weights": weights, **config}
+    made = _first_missing(out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
-        tmp.mkdir()
-        _write_json(tmp / CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": oc_preprocess, "zsd": record})
-        logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the skeleton only names the tensors
-        try:
-            skeleton = open_clip.create_model(f"local-dir:{tmp}", load_weights=False)
-        finally:
-            logging.disable(logging.NOTSET)
-        state = {k: v for k, v in teacher.model.state_dict().items() if not k.startswith("visual.")}
-        state.update({f"visual.{k}": v for k, v in visual_state(student, skeleton.visual, pre.size).items()})
-        save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(tmp / WEIGHTS))
-        if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):  # open_clip reads it from the folder
-            teacher.tokenizer.tokenizer.save_pretrained(str(tmp))
+        tmp.mkdir(parents=True)
+        _write_folder(tmp, student, teacher, model_cfg, oc_preprocess, record)
         if check:
-            tol = TOLERANCE if tolerance is None else tolerance
-            report = parity(tmp, student, pre, teacher, names, check_images(check_images_from, check_n))
-            report.update(source=check_images_from or "generated", tolerance=tol)
+            record["parity"] = report = parity(tmp, student, pre, teacher, names, images)
+            report.update(source=check_images_from or "generated", tolerance=TOLERANCE if tolerance is None
+                          else tolerance)
             log(parity_text(report))
-            logit_tol = tol * report["logit_scale"] * math.sqrt(int(config["embed_dim"]))
-            failed = [f"{what} {report[key]:.2e} > {limit:.0e}" for what, key, limit in (
-                ("image embeddings (same pixels)", "max_abs_embedding", tol),
-                ("image embeddings (each its own transform)", "max_abs_embedding_own_transform", tol),
-                ("text embeddings", "max_abs_text", tol), ("zero-shot logits", "max_abs_logits", logit_tol))
-                if not report[key] <= limit]
-            if not report["tokens_equal"]:
-                failed.insert(0, "the folder's tokenizer gives other tokens than the teacher's")
+            failed = parity_failures(report, int(config["embed_dim"]))
             if failed:
                 raise ZsdError(f"parity check failed, nothing written: open_clip vs zsd: {'; '.join(failed)} on "
                                f"{report['images']} images")
-            record["parity"] = report
-            _write_json(tmp / CONFIG, {"model_cfg": model_cfg, "preprocess_cfg": oc_preprocess, "zsd": record})
-        (tmp / "README.md").write_text(model_card(config, record, run_results(run_dir, prefix)))
+            _write_config(tmp, model_cfg, oc_preprocess, record)
+        (tmp / "README.md").write_text(model_card(config, record, run_results(student_location(run)[0], weights)))
         os.rename(tmp, out)  # the folder appears whole or not at all
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ZsdError(f"--out {out}: cannot write {e.filename or out} ({e.strerror or e}); nothing written") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        shutil.rmtree(made or tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ZsdError(f"--out {out}: cannot write {e.filename or out} ({e.strerror or e}); nothing written") \
+                from None
         raise
     return record
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def _first_missing(folder: Path) -> Path | None:
+    """The outermost folder of `folder` that does not exist yet (removed again if the export fails)."""
+    missing = None
+    for p in [folder.absolute(), *folder.absolute().parents]:
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
+def _write_config(folder: Path, model_cfg: dict, oc_preprocess: dict, record: dict) -> None:
+    (folder / CONFIG).write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": oc_preprocess, "zsd": record},
+                                            indent=2) + "\n")
+
+
+def _write_folder(folder: Path, student, teacher, model_cfg: dict, oc_preprocess: dict, record: dict) -> None:
+    """Config, weights (the student's under open_clip's names, every other tensor the teacher's), tokenizer."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    _write_config(folder, model_cfg, oc_preprocess, record)
+    logging.disable(logging.WARNING)  # open_clip's "initialized randomly": the skeleton only names the tensors
+    try:
+        skeleton = open_clip.create_model(f"local-dir:{folder}", load_weights=False)
+    finally:
+        logging.disable(logging.NOTSET)
+    size = oc_preprocess["size"]
+    visual = visual_state(student, skeleton.visual, size)
+    _check_tower_runs(student, skeleton.visual, visual, size)
+    state = {k: v for k, v in teacher.model.state_dict().items() if not k.startswith("visual.")}
+    state.update({f"visual.{k}": v for k, v in visual.items()})
+    save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(folder / WEIGHTS))
+    if model_cfg.get("text_cfg", {}).get("hf_tokenizer_name"):  # open_clip reads it from the folder
+        teacher.tokenizer.tokenizer.save_pretrained(str(folder))
+
+
+@torch.inference_mode()
+def _check_tower_runs(student, tower: nn.Module, state: dict, size: int) -> None:
+    """open_clip's tower with the student's weights computes the student, also under --no-check: a model
+    whose tensors do not depend on the resolution (Swin) may still be built for another one."""
+    tower.load_state_dict(state)
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    try:
+        got = tower.eval()(x)
+    except Exception as e:
+        raise ZsdError(f"open_clip's timm tower of {student.name} cannot run at {size} px (it builds timm models at "
+                       f"their default resolution): train the student at its default resolution or export ONNX "
+                       f"(--format onnx) [{type(e).__name__}: {str(e).splitlines()[0][:120]}]") from None
+    if got.shape != (2, student.embed_dim) or not torch.allclose(got, student.eval()(x), atol=1e-4, rtol=1e-4):
+        raise ZsdError(f"open_clip's timm tower computes something else than the {student.name} student: "
+                       "export ONNX (--format onnx) instead")
+
+
+def parity_failures(report: dict, dim: int) -> list[str]:
+    tol = report["tolerance"]
+    logit_tol = tol * report["logit_scale"] * math.sqrt(dim)  # |d logits| <= scale * sqrt(D) * max|d z|
+    failed = [f"{what} {report[key]:.2e} > {limit:.0e}" for what, key, limit in (
+        ("image embeddings (same pixels)", "max_abs_embedding", tol),
+        ("image embeddings (each its own transform)", "max_abs_embedding_own_transform", tol),
+        ("text embeddings", "max_abs_text", tol), ("zero-shot logits", "max_abs_logits", logit_tol))
+        if not report[key] <= limit]
+    if not report["tokens_equal"]:
+        failed.insert(0, "the folder's tokenizer gives other tokens than the teacher's")
+    return failed
 
 
 # ---------------------------------------------------------------- parity
@@ -277,8 +323,12 @@ def parity(folder: Path, student, pre: Preprocess, teacher, names: list[str], im
     """The folder loaded by open_clip itself against zsd's student and teacher, on the same images and prompts."""
     import open_clip
 
-    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+        tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    except Exception as e:
+        raise ZsdError(f"open_clip cannot load the written folder, nothing written [{type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:200]}]") from None
     model.eval()
     mine = torch.stack([normalize(render_view(img, 0, None, pre), pre.mean, pre.std) for img in images])
     theirs = torch.stack([transform(img) for img in images])
@@ -312,35 +362,27 @@ def parity_text(report: dict) -> str:
 
 # ---------------------------------------------------------------- back into zsd
 
-class OpenClipStudent(nn.Module):
-    """An exported folder's vision tower, with the `Student` interface that evaluation uses."""
-
-    def __init__(self, visual: nn.Module, name: str, embed_dim: int):
-        super().__init__()
-        self.visual, self.name, self.embed_dim = visual, name, embed_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.visual(x)
-
-    @torch.inference_mode()
-    def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self(x).float(), dim=-1)
-
-
-def load_folder_student(folder: str | os.PathLike) -> tuple[OpenClipStudent, dict]:
-    """(the folder's image encoder as open_clip builds it, its zsd record), for `load_student`."""
-    import open_clip
-
+def read_record(folder: str | os.PathLike) -> dict:
+    """The zsd record of an exported folder: what `student.json` holds for a run."""
     folder = Path(folder)
     try:
         record = json.loads((folder / CONFIG).read_text()).get("zsd")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, AttributeError) as e:
         raise ZsdError(f"cannot read {folder / CONFIG} ({e})") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ZsdError(f"{folder} is an open_clip folder that `zsd export --format open_clip` did not write (no zsd "
                        "record of its teacher in open_clip_config.json), so zsd cannot check it against a test store")
-    try:
-        model = open_clip.create_model(f"local-dir:{folder}")
-    except Exception as e:
-        raise ZsdError(f"open_clip cannot load {folder}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
-    return OpenClipStudent(model.visual.eval(), record["student"], int(record["embed_dim"])), record
+    return record
+
+
+def student_state(folder_state: dict[str, torch.Tensor], student) -> dict[str, torch.Tensor]:
+    """An exported folder's image tower under the `Student`'s names: the inverse of `visual_state`."""
+    trunk = {k[len("visual.trunk."):]: v for k, v in folder_state.items() if k.startswith("visual.trunk.")}
+    own = set(student.backbone.state_dict())
+    head = sorted(set(trunk) - own)
+    if [k.rsplit(".", 1)[-1] for k in head] != ["bias", "weight"]:
+        raise ZsdError(f"the folder's image tower is not a {student.name} student with one projection "
+                       f"({len(head)} tensors outside its backbone)")
+    state = {f"backbone.{k}": v for k, v in trunk.items() if k in own}
+    state.update({f"proj.{k.rsplit('.', 1)[-1]}": trunk[k] for k in head})
+    return state

@@ -86,9 +86,10 @@ def student_preprocess(name: str, teacher: Preprocess, image_size: int | None = 
 
 
 def eval_preprocess(config: dict) -> Preprocess:
-    """A saved student's evaluation preprocessing. Runs saved before zsd evaluated students with the
-    teacher's geometry recorded timm's crop: they are evaluated with the teacher's geometry too, at
-    their recorded size, mean and std (the same as `student_preprocess` for a run saved now)."""
+    """A saved student's evaluation preprocessing: the teacher's geometry at the recorded size, mean and std.
+
+    For a run saved now that is the recorded transform (`student_preprocess`). Older runs recorded
+    timm's own crop; they are evaluated with the teacher's geometry too."""
     recorded = Preprocess.from_dict(config["preprocess"])
     teacher = (config.get("teacher") or {}).get("preprocess")
     if not teacher:  # a student without a recorded teacher transform keeps what it recorded
@@ -178,21 +179,20 @@ def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
     return cfg_path, w_path
 
 
-def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
     """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights, and
-    an open_clip folder that `zsd export` wrote loads its vision tower as open_clip builds it."""
+    an open_clip folder that `zsd export --format open_clip` wrote loads the student it holds."""
     from safetensors.torch import load_file
 
     from zsd import open_clip_folder
 
     cfg_path, w_path = student_files(spec)
-    if cfg_path.name == open_clip_folder.CONFIG:
-        model, config = open_clip_folder.load_folder_student(cfg_path.parent)
-        return model.to(device).eval(), config
-    config = json.loads(cfg_path.read_text())
+    exported = cfg_path.name == open_clip_folder.CONFIG
+    config = open_clip_folder.read_record(cfg_path.parent) if exported else json.loads(cfg_path.read_text())
     config["preprocess"] = eval_preprocess(config).to_dict()
     model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
-    model.load_state_dict(load_file(str(w_path)))
+    state = load_file(str(w_path))
+    model.load_state_dict(open_clip_folder.student_state(state, model) if exported else state)
     return model.to(device).eval(), config
 
 
