@@ -94,6 +94,7 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         create_store(path, keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
                      teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
                      sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
+    open_store(path)  # a folder that is no store is refused before the lock leaves a file in it
     with store_lock(path):  # other shard processes may be appending the same sources
         store = open_store(path, mode="r+")  # as the last holder of the lock left it
         n_old = _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log)

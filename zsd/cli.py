@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -191,18 +193,24 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
 def info_cmd(store, json_out, full):
     """Describe a store: rows written/failed/pending, teacher, classes, size (embedding norms and
     non-finite rows with --full)."""
-    from zsd.store import open_store
+    from zsd.store import damage_text, open_store
 
     info = open_store(store).info(full=full)
     if json_out:
         _write_json(json_out, info)
-        if json_out == "-":
-            return
+    if json_out != "-":
+        _info_text(info)
+    if info["damaged_chunks"]:  # described above; exit 1 as `zsd verify` does
+        raise ZsdError(f"{info['path']} is damaged: {damage_text(info['damaged_chunks'])}")
+
+
+def _info_text(info: dict) -> None:
     t = info["teacher"]
     norm = info["norm_view0"]
     click.echo(f"{info['path']}  (zsd store format {info['format_version']})")
     click.echo(f"  rows      {info['rows']}: {info['written']} written, {info['failed']} failed, "
-               f"{info['pending']} pending -> {'complete' if info['complete'] else 'INCOMPLETE'}")
+               f"{info['pending']} pending -> "
+               + ("DAMAGED" if info["damaged_chunks"] else "complete" if info["complete"] else "INCOMPLETE"))
     click.echo(f"  embedding {info['views']} view(s) x {info['dim']}-d float16, {info['bytes'] / 2**20:.1f} MiB on disk")
     click.echo(f"  teacher   {t['backend']} {t['model']} ({t['weights']}), id {info['teacher_id']}")
     names = info["classnames"]
@@ -594,9 +602,23 @@ def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device
                out=out, device=device, log=lambda m: click.echo(m, err=True))
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job's time limit, `kill`), raised where the process is, so that every `finally`
+    and cleanup runs as for Ctrl-C: no temporary file outlives the process."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         cli.main(args=argv, prog_name="zsd", standalone_mode=False)
+    except Terminated:
+        click.echo("zsd: terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
     except ZsdError as e:
         click.echo(f"zsd: error: {e}", err=True)
         sys.exit(1)
@@ -610,6 +632,9 @@ def main(argv=None):
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

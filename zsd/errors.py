@@ -45,3 +45,51 @@ def check_at_least(flag: str, value, minimum, *, exclusive: bool = False) -> Non
     ok = value > minimum if exclusive else value >= minimum
     if not ok:
         raise ZsdError(f"{flag} {value}: must be {'>' if exclusive else '>='} {minimum}")
+
+
+# A zsd run folder's own files (zsd.student and zsd.train name them): no command writes over one.
+RUN_FILES = frozenset({"student.safetensors", "student.json", "ema_student.safetensors", "ema_student.json",
+                       "train_state.pt", "log.jsonl", "text_embeddings.pt", "zsd.lock"})
+
+
+def check_outputs(outputs, inputs=(), flag: str = "--out") -> None:
+    """Refuse, in one line and before any work, to write an output over one of the command's own
+    `inputs` (files, or folders such as stores that it reads) or over a file of a zsd run folder."""
+    ins = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for out in map(Path, outputs):
+        target = out.resolve()
+        for given in ins:
+            if target == given.resolve() or (out.exists() and os.path.samefile(out, given)):  # links too
+                raise ZsdError(f"{flag} {out} would write over {given}, an input of this command: choose another path")
+        folder = target.parent
+        if out.name in RUN_FILES and ((folder / "student.json").is_file() or (folder / "train_state.pt").is_file()):
+            raise ZsdError(f"{flag} {out} would write over {out.name} of the run in {folder}: choose another path")
+
+
+def temp_path(path) -> Path:
+    """A temporary name beside `path`, unique to this process. Short where `path`'s own name is
+    long: a legal name plus a suffix may pass the file system's 255 bytes."""
+    path = Path(path)
+    name = f".{path.name}.{os.getpid()}.tmp"
+    if len(os.fsencode(name)) > 255:
+        name = f".zsd-{os.getpid()}-{abs(hash(path.name)):x}.tmp"
+    return path.with_name(name)
+
+
+def write_atomic(path, content: bytes | str, flag: str = "--out") -> None:
+    """`path` whole or not at all: written to `temp_path` and renamed. The temporary file is
+    removed on any failure or interrupt; a failed write is a ZsdError naming `flag`."""
+    path = Path(path)
+    tmp = temp_path(path)
+    try:
+        if isinstance(content, str):
+            tmp.write_text(content)
+        else:
+            tmp.write_bytes(content)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ZsdError(f"{flag}: cannot write {path} ({e.strerror or e}); nothing was written") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -24,11 +24,14 @@ streaming, so memory does not grow with the rows of a streamed store.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -459,6 +462,10 @@ class BatchPlan:
         return (self.total - self.start) * self.accum
 
 
+class NoRoom(ZsdError):
+    """The pixel cache cannot be written (or, for a rank that does not render, is not there)."""
+
+
 class PixelCache:
     """Every sample's student input rendered once into a uint8 file, then read from RAM.
 
@@ -472,10 +479,12 @@ class PixelCache:
     The file lives in the cache dir under pixels/, keyed by the stores (path, teacher id, rows
     written) and the student preprocessing; it is written to a temporary name and renamed, so a
     killed render leaves nothing to trust. Batches come out as `collate` makes them, bit for bit.
+    Where the file cannot be written (no room, a cache dir that is a file) or, without `render`
+    (DDP ranks other than 0), is missing, the constructor raises NoRoom: the trainer decodes instead.
     """
 
     def __init__(self, targets: TrainTargets, dataset: StudentInputs, *, workers: int = 0, progress: bool = True,
-                 log=print):
+                 log=print, render: bool = True):
         self.pre = dataset.student_pre
         views = [src.store.views for src in targets.sources]
         rows = [src.written_rows() for src in targets.sources]
@@ -495,13 +504,42 @@ class PixelCache:
         shape = (int(sum(counts)), 3, self.pre.size, self.pre.size)
         loaded = _read_pixels(path, errors_path, shape)
         if loaded is None:
+            if not render:
+                raise NoRoom(f"the pixel cache {path} was not written")
             if path.exists():
                 log(f"warning: {path} is damaged or incomplete: rendering the student inputs again")
-            path.parent.mkdir(parents=True, exist_ok=True)
             items = np.concatenate([np.stack([np.full(len(r) * v, i), np.repeat(r, v), np.tile(np.arange(v), len(r))], 1)
                                     for i, (r, v) in enumerate(zip(rows, views))])
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            self._render(dataset, items, path, errors_path, shape, workers, progress)
+            log(f"student inputs of {len(items)} samples rendered into {path} "
+                f"({path.stat().st_size / 2**20:.0f} MiB)")
+            loaded = _read_pixels(path, errors_path, shape)
+        self.pixels, self.errors = loaded  # the page cache holds the pixels after the first epoch
+
+    @staticmethod
+    def _render(dataset: StudentInputs, items: np.ndarray, path: Path, errors_path: Path, shape: tuple,
+                workers: int, progress: bool) -> None:
+        """Render into a temporary file whose space is reserved first: a full disk under a memory map
+        kills the process with SIGBUS, no error. The temporary file goes on any exit (Ctrl-C, SIGTERM)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            free = shutil.disk_usage(path.parent).free
+        except OSError as e:
+            raise NoRoom(f"the cache dir {path.parent.parent} ($ZSD_CACHE) is not a writable folder "
+                         f"({e.strerror})") from None
+        need = int(np.prod(shape)) + 4096  # and the .npy header
+        if free < need:
+            raise NoRoom(f"the student inputs need {need / 2**20:.1f} MiB in {path.parent} ($ZSD_CACHE), "
+                         f"{free / 2**20:.1f} MiB are free")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            with open(tmp, "r+b") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no reservation there: the check above
+                        raise
             errors = {}
             loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
                                                  collate_fn=_Render.as_batch)
@@ -517,10 +555,12 @@ class PixelCache:
             del out
             errors_path.write_text(json.dumps(errors))
             os.replace(tmp, path)
-            log(f"student inputs of {len(items)} samples rendered into {path} "
-                f"({path.stat().st_size / 2**20:.0f} MiB)")
-            loaded = _read_pixels(path, errors_path, shape)
-        self.pixels, self.errors = loaded  # the page cache holds the pixels after the first epoch
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise NoRoom(f"cannot write the student inputs into {path.parent} ($ZSD_CACHE): {e.strerror}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     @staticmethod
     def nbytes(targets: TrainTargets, size: int) -> int:

@@ -88,10 +88,14 @@ _held: dict[str, int] = {}  # lock file -> depth, for the locks this process hol
 
 
 @contextmanager
-def store_lock(path: Path):
-    """An exclusive flock on STORE/zsd.lock, re-entrant within a process. The kernel releases it
-    when the holding process dies, so a killed writer never blocks the others."""
-    lock = os.path.abspath(Path(path) / LOCK)
+def folder_lock(folder: str | os.PathLike, *, wait: bool = True, holder: str | None = None):
+    """An exclusive flock on FOLDER/zsd.lock, re-entrant within a process. The kernel releases it
+    when the holding process dies, so a killed holder never blocks the others.
+
+    Stores wait for it (`wait`: writers take turns); a run folder does not: a second `zsd train`
+    is refused in one line naming the holder, the `holder` text the first one wrote into the file.
+    """
+    lock = os.path.abspath(Path(folder) / LOCK)
     if lock in _held:
         _held[lock] += 1
         try:
@@ -99,14 +103,28 @@ def store_lock(path: Path):
         finally:
             _held[lock] -= 1
         return
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            f.seek(0)
+            who = f.read().strip() or "another process"
+            raise ZsdError(f"{folder} is in use by {who}: wait until it ends, or choose another folder") from None
+        if holder:  # a killed holder's text stays in the file; the next holder replaces it
+            f.truncate(0)
+            f.write(holder + "\n")
+            f.flush()
         _held[lock] = 0
         try:
             yield
         finally:
             del _held[lock]
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def store_lock(path: Path):
+    """The writers' lock of the store at `path` (see "Several writers")."""
+    return folder_lock(path)
 
 
 class Store:
@@ -219,6 +237,11 @@ class Store:
             found += [(name, c, p) for name in arrays if name != "status"
                       for p in [self.chunk_problem(name, c, st)] if p]
         return found
+
+    def damaged_chunks(self) -> list[dict]:
+        """`damage()` as {"array", "rows": [first, last], "problem"} per damaged chunk file (reports)."""
+        return [{"array": a, "rows": [self.chunk_slice(c).start, self.chunk_slice(c).stop - 1], "problem": p}
+                for a, c, p in self.damage()]
 
     def damaged_error(self, name: str, c: int, problem: str) -> ZsdError:
         sl = self.chunk_slice(c)
@@ -438,7 +461,8 @@ class Store:
             shown.extend((a + np.flatnonzero(st == FAILED)[:100 - len(shown)]).tolist())
         pending, written, failed = counts.tolist()
         shown = np.array(shown, np.int64)
-        health = self.embedding_health() if full else None
+        damaged = self.damaged_chunks()  # stat calls, as `zsd verify` and `zsd train` check before they read
+        health = self.embedding_health() if full and not damaged else None
         keys, errors = self._scattered("key", shown), self._scattered("error", shown)
         return {
             "path": str(self.path),
@@ -447,7 +471,8 @@ class Store:
             "written": written,
             "failed": failed,
             "pending": pending,
-            "complete": pending == 0,
+            "complete": pending == 0 and not damaged,
+            "damaged_chunks": damaged,
             "views": self.views,
             "dim": self.dim,
             "teacher": self.teacher,
@@ -462,6 +487,13 @@ class Store:
             "failures": [{"key": str(k), "reason": str(e)} for k, e in zip(keys, errors)],
             "zsd_version": self.attrs.get("zsd_version"),
         }
+
+
+def damage_text(damaged: list[dict]) -> str:
+    """One sentence on `Store.damaged_chunks()`: how many, the first, and the repair."""
+    a, rows, p = damaged[0].values()
+    return (f"{len(damaged)} damaged chunk file(s) (first: {a} rows {rows[0]}..{rows[1]}: {p}); "
+            "rerun `zsd cache-teacher` on the store to recompute them")
 
 
 def open_store(name: str | os.PathLike, mode: str = "r") -> Store:

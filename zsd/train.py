@@ -25,6 +25,8 @@ import json
 import math
 import os
 import random
+import shutil
+import socket
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -39,13 +41,13 @@ from tqdm import tqdm
 
 from zsd.cpu import decode_workers, tune_allocator
 from zsd.dist import torchrun_env
-from zsd.loader import BatchPlan, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
-from zsd.errors import ZsdError, check_at_least, check_writable
+from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
+from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
 from zsd.evaluate import prototype_classifier
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, check_student_name, load_pretrained_backbone,
                          load_student, save_student, student_preprocess)
-from zsd.store import open_store
+from zsd.store import LOCK, folder_lock, open_store
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import Preprocess, normalize
 
@@ -272,10 +274,25 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    keep = [line for line in path.read_text().splitlines() if _log_step(line) <= step]
+    write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def _log_step(line: str) -> float:
+    """The step of a log record; inf (dropped) for a line that a full disk or a kill cut short."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def _kept(run_dir: Path) -> str:
+    """Which checkpoint --resume continues from, as the run folder holds it now."""
+    try:
+        step = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)["step"]
+    except Exception:  # none yet, or one this failure left unreadable
+        return f"no checkpoint is kept in {run_dir}"
+    return f"the last checkpoint (step {step}) is kept in {run_dir}"
 
 
 def _setup_distributed(device: str):
@@ -308,7 +325,28 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     `resume=True` continues the run in config.run_dir as if it had never stopped (the config must
     define the same run). `stop_after` ends this invocation after that many steps with a checkpoint
     (job time limits).
+
+    The run folder's lock (RUN_DIR/zsd.lock, held by rank 0 while it runs) refuses a second run
+    into the same folder in one line naming the first; a run that fails before it wrote anything
+    leaves no folder behind.
     """
+    run_dir = Path(config.run_dir)
+    if (dist.get_rank() if dist.is_initialized() else torchrun_env()[0]) != 0:
+        return _train(config, resume=resume, stop_after=stop_after, progress=progress, log=log)
+    check_writable(run_dir, "--out")
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    holder = (f"`zsd train` (pid {os.getpid()} on {socket.gethostname()}, started "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+    try:
+        with folder_lock(run_dir, wait=False, holder=holder):
+            return _train(config, resume=resume, stop_after=stop_after, progress=progress, log=log)
+    finally:
+        if made and [f.name for f in run_dir.iterdir()] == [LOCK]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
     check_at_least("--stop-after", stop_after, 1)
     t_start = time.perf_counter()
     world, rank, dev, distributed = _setup_distributed(config.device)
@@ -321,9 +359,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if batch_size % (accum * world):
         raise ZsdError(f"--batch-size {batch_size} must be divisible by accumulation steps x processes "
                        f"({accum} x {world})")
+    if batch_size // (accum * world) < 2:  # a lone image is skipped for BatchNorm: the run would learn nothing
+        raise ZsdError(f"--batch-size {batch_size} over {accum} accumulation step(s) x {world} process(es) gives "
+                       "micro-batches of 1 image; a step needs at least 2: raise --batch-size or lower --accum")
 
-    if main_proc:
-        check_writable(run_dir, "--out")
     data = TrainTargets(config.targets, in_ram=config.in_ram, shuffle_chunks=config.shuffle_chunks, log=say)
     steps_per_epoch = data.rows_per_epoch // batch_size
     if steps_per_epoch == 0:
@@ -428,9 +467,20 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                                        PixelCache.nbytes(data, student_pre.size) <= ram_budget() // 2):
         if not main_proc:  # rank 0 renders, the others read its file
             dist.barrier()
-        pixels = PixelCache(data, views, workers=workers, progress=progress and main_proc, log=say)
+        try:
+            pixels = PixelCache(data, views, workers=workers, progress=progress and main_proc, log=say,
+                                render=main_proc)
+        except NoRoom as e:
+            if config.pixel_cache == "yes":
+                raise ZsdError(f"--pixel-cache yes: {e}: make room, set ZSD_CACHE to another folder, or pass "
+                               "--pixel-cache no") from None
+            say(f"note: no pixel cache: {e}; decoding the images of every batch instead")
+            pixels = None
         if main_proc and distributed:
             dist.barrier()
+    else:
+        pixels = None
+    if pixels is not None:
         loader = pixels.batches(plan)
     else:
         loader = DataLoader(views, batch_sampler=plan, num_workers=workers,
@@ -538,17 +588,21 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
                 if step % config.save_every == 0 and step < plan.total:
                     save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
                     last_good = step
+        if step > start and seen == 0:  # every micro-batch was skipped: the weights never moved
+            raise ZsdError(f"{step - start} steps saw no image ({skipped_total} samples skipped: unreadable images "
+                           f"or non-finite targets): nothing was learnt, so no final checkpoint is written in {run_dir}")
         if main_proc:
             save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
-        where = f"the last checkpoint (step {last_good}) is kept" if last_good is not None \
-            else "no checkpoint was written yet"
-        raise ZsdError(f"cannot write {e.filename or run_dir} at step {step} ({e.strerror}); {where} in "
-                       f"{run_dir}: make room and rerun with --resume") from None
+        raise ZsdError(f"cannot write {e.filename or run_dir} at step {step} ({e.strerror}); {_kept(run_dir)}: "
+                       "make room and rerun with --resume") from None
     finally:
         bar.close()
         if log_file:
-            log_file.close()
+            try:
+                log_file.close()
+            except OSError:  # the rest of a line a full disk refused: --resume drops the cut line
+                pass
         del batches
     if distributed:
         dist.barrier()

@@ -15,7 +15,7 @@ import torch
 
 from zsd.errors import ZsdError
 from zsd.sources import BadImage, RowReader
-from zsd.store import FAILED, NORM_TOLERANCE, PENDING, WRITTEN, open_store
+from zsd.store import FAILED, NORM_TOLERANCE, PENDING, WRITTEN, damage_text, open_store
 from zsd.teachers import rebuild_teacher
 from zsd.views import normalize, render_view
 
@@ -34,13 +34,9 @@ def verify(name: str, recompute: int = 0, *, tolerance: float | None = None, pre
               "pending": int((status == PENDING).sum()), "problems": []}
     problems = report["problems"]
 
-    damage = store.damage()
-    report["damaged_chunks"] = [{"array": a, "rows": [store.chunk_slice(c).start, store.chunk_slice(c).stop - 1],
-                                 "problem": p} for a, c, p in damage]
-    if damage:
-        a, rows, p = report["damaged_chunks"][0].values()
-        problems.append(f"{len(damage)} damaged chunk file(s) (first: {a} rows {rows[0]}..{rows[1]}: {p}); "
-                        "rerun `zsd cache-teacher` on the store to recompute them")
+    report["damaged_chunks"] = store.damaged_chunks()
+    if report["damaged_chunks"]:
+        problems.append(damage_text(report["damaged_chunks"]))
         return report  # the embeddings of damaged chunks cannot be read
 
     keys, errors = store.keys(), store.errors()
