@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from zsd import DEFAULT_CHUNK_ROWS, DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
-from zsd.errors import ZsdError, check_writable
+from zsd.errors import ZsdError, check_outputs, check_writable
 
 # Library modules (torch, timm, open_clip, zarr) are imported inside the commands: `zsd --help`,
 # every `zsd CMD --help` and `zsd predict` stay under a second and never import torch.
@@ -31,6 +31,7 @@ class JsonPath(click.Path):
     def convert(self, value, param, ctx):
         value = super().convert(value, param, ctx)
         if value != "-":
+            check_outputs([value], flag="--json")
             check_writable(Path(value).parent, "--json")
         return value
 
@@ -96,6 +97,7 @@ def prompts_cmd(recipe, options_path, out, seed):
     from zsd.prompts import build_prompts, write_prompts
     from zsd.recipes import load_recipe
 
+    check_outputs([out], [options_path, recipe])
     prompts = build_prompts(load_options(options_path), load_recipe(recipe) if recipe else None, seed=seed)
     write_prompts(prompts, out)
     classes = len({p["label"] for p in prompts})

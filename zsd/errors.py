@@ -4,6 +4,7 @@ A ZsdError carries one sentence that tells the user what is wrong and what to pa
 the CLI prints it without a traceback. Anything else that escapes is a bug and keeps its traceback.
 """
 
+import errno
 import os
 import shutil
 import tempfile
@@ -57,13 +58,14 @@ def check_outputs(outputs, inputs=(), flag: str = "--out") -> None:
     `inputs` (files, or folders such as stores that it reads) or over a file of a zsd run folder."""
     ins = [Path(p) for p in inputs if p is not None and Path(p).exists()]
     for out in map(Path, outputs):
-        target = out.resolve()
-        for given in ins:
-            if target == given.resolve() or (out.exists() and os.path.samefile(out, given)):  # links too
-                raise ZsdError(f"{flag} {out} would write over {given}, an input of this command: choose another path")
-        folder = target.parent
+        folder = out.resolve().parent
         if out.name in RUN_FILES and ((folder / "student.json").is_file() or (folder / "train_state.pt").is_file()):
-            raise ZsdError(f"{flag} {out} would write over {out.name} of the run in {folder}: choose another path")
+            raise ZsdError(f"{flag}: writing {out} would overwrite {out.name} of the run in {folder}: "
+                           "choose another path")
+        for given in ins:
+            if out.resolve() == given.resolve() or (out.exists() and os.path.samefile(out, given)):  # links too
+                raise ZsdError(f"{flag}: writing {out} would overwrite {given}, an input of this command: "
+                               "choose another path")
 
 
 def temp_path(path) -> Path:
@@ -93,3 +95,15 @@ def write_atomic(path, content: bytes | str, flag: str = "--out") -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def reserve(path) -> None:
+    """Allocate the whole of the (sparse) file `path` now: a full disk is then an OSError here, not a
+    SIGBUS later, when a write through a memory map finds no block. File systems that cannot
+    reserve (no fallocate) are left as they are."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise

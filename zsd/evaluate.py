@@ -25,10 +25,10 @@ import numpy as np
 
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError, check_at_least
+from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
-from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
 from zsd.student import load_student, student_files, student_fingerprint, student_location
 from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
 from zsd.templates import resolve_templates
@@ -91,7 +91,7 @@ def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str
         return np.load(path)
     z = teacher.classifier(names, templates).float().numpy().astype(np.float32)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        cache_folder("classifiers")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.save(f, z)
@@ -198,10 +198,23 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred:
 
 # ---------------------------------------------------------------- student embeddings
 
+def embeddings_folder(run_folder: Path) -> Path:
+    """RUN_DIR/embeddings; for a run folder this process cannot write (a colleague's run, a read-only
+    install), a folder of its own in the cache dir, named by the run folder's absolute path."""
+    own = run_folder / "embeddings"
+    try:
+        check_writable(own, "the student's embeddings")
+        return own
+    except ZsdError:
+        tag = hashlib.sha256(str(run_folder.resolve()).encode()).hexdigest()[:16]
+        return cache_dir() / "student_embeddings" / f"{run_folder.resolve().name}-{tag}"
+
+
 def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
                        device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
     """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/
-    (`ema_<store>` for the student RUN_DIR:ema; in the cache directory for an exported open_clip folder).
+    (`ema_<store>` for the student RUN_DIR:ema), or in the cache dir for an exported open_clip folder
+    and for a run folder that is not writable (`embeddings_folder`).
 
     Reused when it exists, matches this student checkpoint and the source store, and is
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
@@ -215,7 +228,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     sid = teacher_id(fingerprint)
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
     folder, prefix = student_location(run_dir)
-    out = folder / "embeddings" / (prefix + store.path.name)
+    out = embeddings_folder(folder) / (prefix + store.path.name)
     if is_open_clip_folder(folder):  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
         out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
     keys = store.keys()

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, check_outputs, check_writable, temp_path
 from zsd.evaluate import prototype_classifier, zero_shot_classifier
 from zsd.predict import METADATA_KEY, preprocess
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import open_store, resolve_store
-from zsd.student import load_student, student_fingerprint
+from zsd.student import load_student, student_files, student_fingerprint
 from zsd.teachers import rebuild_teacher
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess, normalize, render_view
@@ -190,6 +190,9 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
     out, opset = Path(out), opset or DEFAULT_OPSET
     if out.suffix != ".onnx":
         raise ZsdError(f"--out {out}: name the model file *.onnx")
+    side = out.with_suffix(".json")
+    check_outputs([out, side], [*student_files(run), classes, check_images_from])
+    check_writable(out.parent, "--out")
     student, config = load_student(run, "cpu")
     pre = Preprocess.from_dict(config["preprocess"])
     names, weights, scale, info = class_head(config, classes=classes, classes_from=classes_from,
@@ -252,12 +255,19 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
         meta["parity"] = report
         _set_metadata(model, meta)
         data = model.SerializeToString()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    side = out.with_suffix(".json")
-    for path, content in ((out, data), (side, (json.dumps(meta, indent=2) + "\n").encode())):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(content)
-        os.replace(tmp, path)
+    # Both files to temporary names first: a full disk leaves the old pair (or nothing), never a mixed one.
+    files = [(out, temp_path(out), data), (side, temp_path(side), (json.dumps(meta, indent=2) + "\n").encode())]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for _, tmp, content in files:
+            tmp.write_bytes(content)
+        for path, tmp, _ in files:
+            os.replace(tmp, path)
+    except OSError as e:
+        raise ZsdError(f"--out: cannot write {e.filename or out} ({e.strerror or e}); nothing was written") from None
+    finally:
+        for _, tmp, _ in files:
+            tmp.unlink(missing_ok=True)
     return meta
 
 

@@ -24,7 +24,6 @@ streaming, so memory does not grow with the rows of a streamed store.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, reserve
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -529,28 +528,21 @@ class PixelCache:
                          f"({e.strerror})") from None
         need = int(np.prod(shape)) + 4096  # and the .npy header
         if free < need:
-            raise NoRoom(f"the student inputs need {need / 2**20:.1f} MiB in {path.parent} ($ZSD_CACHE), "
-                         f"{free / 2**20:.1f} MiB are free")
+            raise NoRoom(f"the student inputs need {_size(need)} in {path.parent} ($ZSD_CACHE), {_size(free)} are free")
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            with open(tmp, "r+b") as f:
-                try:
-                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-                except OSError as e:
-                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # no reservation there: the check above
-                        raise
+            reserve(tmp)
             errors = {}
             loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
                                                  collate_fn=_Render.as_batch)
-            bar = tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
-                       dynamic_ncols=True)
-            for slots, px, failed in loader:
-                if px is not None:
-                    out[slots] = px.numpy()
-                errors.update(failed)
-                bar.update(len(slots) + len(failed))
-            bar.close()
+            with tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
+                      dynamic_ncols=True) as bar:  # closed on an interrupt too: its line ends before the error's
+                for slots, px, failed in loader:
+                    if px is not None:
+                        out[slots] = px.numpy()
+                    errors.update(failed)
+                    bar.update(len(slots) + len(failed))
             out.flush()
             del out
             errors_path.write_text(json.dumps(errors))
@@ -581,6 +573,10 @@ class PixelCache:
             items, slots = items[~bad], slots[~bad]
             pixels = torch.from_numpy(self.pixels[slots]) if len(slots) else None
             yield items, pixels, errors
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def _read_pixels(path, errors_path, shape) -> tuple[np.ndarray, dict[int, str]] | None:

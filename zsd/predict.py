@@ -51,6 +51,17 @@ def preprocess(img: Image.Image, pre: dict) -> np.ndarray:
     return (x - mean) / std
 
 
+def check_preprocess(pre: dict) -> dict:
+    """`pre` if `preprocess` can apply it; else ValueError (a std of 0 divides into inf and NaN)."""
+    if not (isinstance(pre["size"], int) and pre["size"] > 0 and pre["interpolation"] in PIL_FILTERS
+            and (pre.get("resize_mode", "shortest") == "squash" or isinstance(pre["resize"], int) and pre["resize"] > 0)):
+        raise ValueError(f"size, resize or interpolation unusable: {pre}")
+    mean, std = np.asarray(pre["mean"], dtype=np.float64), np.asarray(pre["std"], dtype=np.float64)
+    if mean.shape != (3,) or std.shape != (3,) or not (np.isfinite(mean).all() and np.isfinite(std).all() and (std > 0).all()):
+        raise ValueError(f"mean {pre['mean']} and std {pre['std']} must be 3 finite numbers each, std > 0")
+    return pre
+
+
 def read_image(path: str | os.PathLike) -> Image.Image:
     """Decoded RGB image, as zsd decodes store rows; a file that is no image is one ZsdError line."""
     try:
@@ -105,9 +116,14 @@ class ExportedModel:
         meta = self.session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
             raise ZsdError(f"{path} is an ONNX model but not one `zsd export` wrote (no {METADATA_KEY!r} metadata)")
-        self.path, self.meta = path, json.loads(meta[METADATA_KEY])
-        self.classnames: list[str] = self.meta["classnames"]
-        self.preprocess: dict = self.meta["preprocess"]
+        self.path = path
+        try:
+            self.meta = json.loads(meta[METADATA_KEY])
+            self.classnames: list[str] = list(self.meta["classnames"])
+            self.preprocess: dict = check_preprocess(self.meta["preprocess"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise ZsdError(f"{path}: its {METADATA_KEY!r} metadata is damaged ({type(e).__name__}: {e}); "
+                           "export the model again") from None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32

@@ -28,11 +28,11 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, reserve
 from zsd.evaluate import (build_classifier, check_labelled, classification_metrics, dataset_name, evaluated_rows,
                           prepare_test_store, result_label)
 from zsd.sources import BadImage, RowReader
-from zsd.store import Store, cache_dir
+from zsd.store import Store, cache_folder
 from zsd.student import load_student
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import Preprocess, normalize
@@ -142,8 +142,7 @@ def render(store: Store, *, size: int = 224, corruptions: list[str], severities:
              "keys": hashlib.sha256("\n".join(store.keys()).encode()).hexdigest(), "size": size, "seed": seed,
              "imagecorruptions": getattr(imagecorruptions, "__version__", "imaug-1.1")}
     tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
-    folder = cache_dir() / "corruptions" / f"{dataset_name(store)}-{tag}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = cache_folder("corruptions", f"{dataset_name(store)}-{tag}")
     (folder / "meta.json").write_text(json.dumps(ident, indent=1) + "\n")
     out = Rendered(folder, size, store.rows)
     written = store.written()
@@ -217,6 +216,7 @@ def _render_variant(out: Rendered, variant: str, blocks: list[range], job: Calla
     if len(todo) == len(blocks):  # nothing usable: start the array afresh
         np.lib.format.open_memmap(out.path(variant), mode="w+", dtype=np.uint8,
                                   shape=(out.rows, out.size, out.size, 3)).flush()
+        reserve(out.path(variant))  # written through a memory map below
         done = np.zeros(len(blocks), bool)
     else:
         done = np.load(_done_path(out, variant))

@@ -76,6 +76,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ZSD_CACHE", "cache"))
 
 
+def cache_folder(*parts: str) -> Path:
+    """The folder `parts` in the cache dir, made; one line if the cache dir cannot hold it (a file, read-only)."""
+    folder = cache_dir().joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ZsdError(f"the cache dir {cache_dir()} cannot hold {folder} ({e.strerror}): set ZSD_CACHE to a "
+                       "writable folder") from None
+    return folder
+
+
 def resolve_store(name: str | os.PathLike) -> Path:
     """`real_pets` -> cache/real_pets.zarr; anything with a path separator or suffix is a path."""
     s = str(name)
@@ -111,9 +122,12 @@ def folder_lock(folder: str | os.PathLike, *, wait: bool = True, holder: str | N
             who = f.read().strip() or "another process"
             raise ZsdError(f"{folder} is in use by {who}: wait until it ends, or choose another folder") from None
         if holder:  # a killed holder's text stays in the file; the next holder replaces it
-            f.truncate(0)
-            f.write(holder + "\n")
-            f.flush()
+            try:
+                f.truncate(0)
+                f.write(holder + "\n")
+                f.flush()
+            except OSError:  # a full disk: the lock holds without its note
+                pass
         _held[lock] = 0
         try:
             yield

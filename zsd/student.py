@@ -11,6 +11,7 @@ coverage).
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -182,17 +183,30 @@ def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
 def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
     """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights, and
     an open_clip folder that `zsd export --format open_clip` wrote loads the student it holds."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     from zsd import open_clip_folder
 
     cfg_path, w_path = student_files(spec)
     exported = cfg_path.name == open_clip_folder.CONFIG
-    config = open_clip_folder.read_record(cfg_path.parent) if exported else json.loads(cfg_path.read_text())
-    config["preprocess"] = eval_preprocess(config).to_dict()
-    model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
-    state = load_file(str(w_path))
-    model.load_state_dict(open_clip_folder.student_state(state, model) if exported else state)
+    # The weights are read once, and hashed from the bytes loaded: a trainer that renames a new
+    # checkpoint into place meanwhile cannot make the student's caches name other weights.
+    try:
+        config = open_clip_folder.read_record(cfg_path.parent) if exported else json.loads(cfg_path.read_text())
+        config["preprocess"] = eval_preprocess(config).to_dict()
+        model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ZsdError(f"{cfg_path} is damaged or not a zsd student config ({type(e).__name__}: {e})") from None
+    try:
+        data = w_path.read_bytes()
+        state = load(data)
+        model.load_state_dict(open_clip_folder.student_state(state, model) if exported else state)
+    except ZsdError:
+        raise
+    except Exception as e:  # safetensors' header errors, a state of another student
+        raise ZsdError(f"{w_path} is damaged or does not fit {cfg_path.name} "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+    config["weights_sha256"] = hashlib.sha256(data).hexdigest()
     return model.to(device).eval(), config
 
 
@@ -202,9 +216,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def student_fingerprint(spec: str | os.PathLike, config: dict) -> dict:
-    """A student in the teacher-fingerprint shape, for stores of student embeddings."""
+    """A student in the teacher-fingerprint shape, for stores of student embeddings: its weights'
+    hash is that of the bytes `load_student` loaded (`config["weights_sha256"]`)."""
     from zsd.teachers import file_sha256
 
+    weights = config.get("weights_sha256") or file_sha256(student_files(spec)[1])  # the loaded bytes' hash
     return {"backend": "zsd-student", "model": config["student"],
-            "weights": "sha256:" + file_sha256(student_files(spec)[1]), "preprocess": config["preprocess"],
+            "weights": "sha256:" + weights, "preprocess": config["preprocess"],
             "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}

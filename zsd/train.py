@@ -271,11 +271,14 @@ def _distances_summary(d: np.ndarray) -> dict:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them)."""
+    """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them),
+    and a last line that a kill or a full disk cut short."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if _log_step(line) <= step]
-    write_atomic(path, "".join(line + "\n" for line in keep))
+    text = path.read_text()
+    keep = "".join(line + "\n" for line in text.splitlines() if _log_step(line) <= step)
+    if keep != text:  # rewritten only when there is something to drop: a full disk may have no room for a copy
+        write_atomic(path, keep)
 
 
 def _log_step(line: str) -> float:
