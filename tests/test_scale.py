@@ -211,7 +211,8 @@ def test_info_reads_no_embedding_unless_full(tmp_path, monkeypatch):
     status = np.full(8, WRITTEN, np.uint8)
     status[[2, 5]] = FAILED
     errors = [f"bad {i}" if status[i] == FAILED else "" for i in range(8)]
-    store.write_chunk(0, emb[:8], np.zeros((8, 2, 5), np.int32), errors, status)
+    box = np.tile(np.array([0, 0, 1, 1, 0], np.int32), (8, 2, 1))  # all zeros, zarr would write no view chunk: damage
+    store.write_chunk(0, emb[:8], box, errors, status)
     with monkeypatch.context() as m:
         m.setattr(Store, "iter_blocks", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read embeddings")))
         info = open_store(store.path).info()
