@@ -2,7 +2,10 @@
 precisions across devices, per-rank generators, TF32, out of memory, host syncs, decode workers and
 /dev/shm. What only a GPU shows is a step of tools/gpu_smoke.sh (docs/gpu.md)."""
 
+import json
+import os
 import shutil
+import subprocess
 import sys
 from collections import namedtuple
 from pathlib import Path
@@ -94,7 +97,6 @@ def test_stores_of_two_precisions_of_one_teacher(image_folder, tmp_path, tiny_te
     other = tmp_path / "other"
     torch.manual_seed(1)
     make_student(other, fp32.path)
-    import json
     cfg = json.loads((other / "student.json").read_text())
     cfg["teacher"] = {**cfg["teacher"], "weights": "sha256:another"}
     cfg["teacher_id"] = "0123456789abcdef"
@@ -241,3 +243,40 @@ def test_too_little_shared_memory_for_the_workers_is_one_line(image_folder, tmp_
     with pytest.raises(ZsdError, match="2 decode workers keep about"):
         cache_teacher([str(image_folder)], str(tmp_path / "t.zarr"), teacher=tiny_teacher_name, workers=2,
                       device="cpu", progress=False, log=lambda m: None)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_smoke_runs_its_sequence_on_the_cpu(tmp_path):
+    """tools/gpu_smoke.sh --device cpu: every step of the GPU check at a small size, one table, the JSON
+    under $OUT, and its work folder removed."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh"), "--device", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_smoke.json").read_text())
+    results = {s["step"]: s["result"] for s in report["steps"]}
+    assert results == {"teacher fp32/bf16": "pass", "cache pass": "pass", "train + resume": "pass",
+                       "pytest -k cuda": "skip", "eval CPU then dev": "pass", "coverage": "pass",
+                       "robustness": "pass", "verify --recompute": "pass", "export + parity": "pass"}
+    assert report["failed"] == [] and report["device"] == "cpu"
+    assert set(report["speed"]) == {"cache_pass_img_s", "teacher_forward_img_s", "train_img_s",
+                                    "student_step_img_s", "decode_img_s_per_core"}
+    assert all(v > 0 for v in report["speed"].values())
+    assert "resumed within 0.0e+00" in res.stdout  # on a CPU the resumed run is the same computation
+    table = res.stdout[res.stdout.index("\nstep"):]
+    assert all(f"{name:<20}" in table for name in results) and "all steps passed" in res.stdout
+    assert not list((tmp_path / "tmp").glob("zsd_gpu_smoke_*"))  # the work folder is gone
+
+
+def test_gpu_smoke_without_the_cuda_device_is_one_line(tmp_path):
+    """Asked for CUDA where torch sees none (the suite hides the GPUs): one line, exit 1, nothing written."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path), "OUT": str(tmp_path / "out")}
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith("zsd: error: tools/gpu_smoke.sh --device cuda needs a CUDA device")
+    assert "--device cpu" in res.stderr and list(tmp_path.iterdir()) == []
