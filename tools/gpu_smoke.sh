@@ -18,7 +18,8 @@
 #   pytest -k cuda       the single-rank NCCL process-group tests (GPU only)
 #   eval                 `zsd eval` on the device of the test folder first evaluated on the CPU
 #                        (fp32 there, bf16 on a GPU: a store each; the student against the CPU's)
-#   coverage, robustness, verify --recompute on the device, export (ONNX, with its parity check)
+#   coverage, robustness, verify --recompute on the device, export (ONNX and open_clip, each with
+#                        its parity check)
 # It prints one table and, when $OUT is set, writes everything to $OUT/gpu_smoke.json. Exit 1 if a
 # step failed. Without the CUDA device asked for: one `zsd: error:` line, exit 1, nothing written.
 set -euo pipefail
@@ -294,14 +295,16 @@ def _():
 
 @step("export + parity")
 def _():
-    cmd = [sys.executable, "-m", "zsd", "export", str(S["run"]), "--out", str(root / "student.onnx"),
-           "--classes-from", str(S["fp32"].path), "--check-images", str(test_dir)]
-    # open_clip format (issue 24), once `zsd export --format open_clip` exists:
-    # cmd_open_clip = cmd[:5] + ["--format", "open_clip", "--out", str(root / "student_open_clip")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        raise AssertionError((res.stderr.strip().splitlines() or ["no output"])[-1])
-    return (res.stdout.strip().splitlines() or ["written"])[-1][:160]
+    out = []
+    base = [sys.executable, "-m", "zsd", "export", str(S["run"]), "--check-images", str(test_dir)]
+    for fmt, extra in (("onnx", ["--out", str(root / "student.onnx"), "--classes-from", str(S["fp32"].path)]),
+                       ("open_clip", ["--format", "open_clip", "--out", str(root / "student_open_clip")]
+                        + (["--pretrained", pretrained] if pretrained else []))):
+        res = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise AssertionError(f"{fmt}: " + (res.stderr.strip().splitlines() or ["no output"])[-1])
+        out.append(fmt)
+    return " and ".join(out) + " written, each after its parity check"
 
 
 failed = [s["step"] for s in steps if s["result"] == "FAIL"]
