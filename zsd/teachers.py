@@ -99,7 +99,8 @@ def same_teacher(a_id: str, a: dict | None, b_id: str, b: dict | None) -> str:
     differ by rounding, accepted by the evaluation commands with a note) or 'other'."""
     if a_id == b_id:
         return "same"
-    if a and b and teacher_id({**a, "precision": "fp32"}) == teacher_id({**b, "precision": "fp32"}):
+    if a and b and a.get("precision", "fp32") != b.get("precision", "fp32") \
+            and teacher_id({**a, "precision": "fp32"}) == teacher_id({**b, "precision": "fp32"}):
         return "precision"
     return "other"
 
