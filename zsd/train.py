@@ -584,11 +584,11 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
             if step % config.save_every == 0 and step < plan.total:
                 rng = _gather_rng(dev, distributed, world)
                 if main_proc:
-                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng)
+                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng=rng)
                 last_good = step
         rng = _gather_rng(dev, distributed, world)
         if main_proc:
-            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng)
+            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng=rng)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
         where = f"the last checkpoint (step {last_good}) is kept" if last_good is not None \
             else "no checkpoint was written yet"
