@@ -8,6 +8,11 @@ from PIL import Image
 # Tests never reach a model hub: everything they load they build and save themselves.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests run on the CPU, also on a GPU machine: a library default of device="auto" would pick CUDA there.
+# Set before torch first looks for GPUs; inherited by the processes tests start. The CUDA tests
+# (`ZSD_TEST_CUDA=1 pytest -k cuda`, run by tools/gpu_smoke.sh) keep the GPUs visible.
+if os.environ.get("ZSD_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 # A ViT small enough to run a few hundred 32 px images per second on one core.
 TINY_CLIP_CFG = {

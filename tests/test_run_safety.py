@@ -312,9 +312,9 @@ def test_a_full_disk_at_the_final_checkpoint_names_the_kept_one(store, tmp_path,
     train(config, stop_after=2, progress=False, log=lambda m: None)  # the checkpoint of step 2
     disk, real_save = FullDisk(monkeypatch, run), train_mod.save_checkpoint
 
-    def fill_then_save(*a):  # the resumed run's final checkpoint meets a full disk
+    def fill_then_save(*a, **k):  # the resumed run's final checkpoint meets a full disk
         disk.fill()
-        real_save(*a)
+        real_save(*a, **k)
 
     monkeypatch.setattr(train_mod, "save_checkpoint", fill_then_save)
     with pytest.raises(ZsdError, match=r"No space left on device\); the last checkpoint \(step 2\) is kept"):

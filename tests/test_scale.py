@@ -299,17 +299,6 @@ def test_a_damaged_shard_index_is_rebuilt(tmp_path):
     assert not again.changed
 
 
-def test_gpu_smoke_without_a_cuda_device_is_one_line(tmp_path):
-    """tools/gpu_smoke.sh needs a GPU; where torch sees none it says so in one line and exits 1, before
-    writing anything."""
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path)}
-    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh")], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert res.returncode == 1 and res.stdout == ""
-    assert len(res.stderr.splitlines()) == 1 and res.stderr.startswith("zsd: error: tools/gpu_smoke.sh needs a CUDA")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_packed_keys_and_the_row_index_give_the_stores_rows(tmp_path):
     """Keys of any text (escaped bytes and the empty key too) come back from the packed buffer; a streamed
     row index holds at most `cached` chunks and answers like the whole one and like the store."""

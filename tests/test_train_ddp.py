@@ -126,10 +126,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.mark.parametrize("device", DEVICES)
 def test_reductions_run_on_the_models_device(image_folder, tmp_path, tiny_teacher_name, monkeypatch, device):
     """Train inside a single-rank process group of the device's backend (nccl for cuda: there a CPU
-    tensor fails), recording every all-reduce: each tensor is on the device of the model's weights."""
+    tensor fails), recording every all-reduce: the losses and gradients on the device of the model's
+    weights, the per-micro-batch `usable` flag on the CPU in train's gloo group (no wait for the GPU)."""
     store = make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
     seen, real = [], dist.all_reduce
-    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append(t.device), real(t, *a, **k))[1])
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: (seen.append((t.device, "group" in k and
+                                                                             k["group"] is not None)), real(t, *a, **k))[1])
     store_ = dist.HashStore()
     dist.init_process_group("nccl" if device == "cuda" else "gloo", store=store_, rank=0, world_size=1)
     try:
@@ -140,16 +142,15 @@ def test_reductions_run_on_the_models_device(image_folder, tmp_path, tiny_teache
     finally:
         dist.destroy_process_group()
     model_device = torch.device(device, 0) if device == "cuda" else torch.device("cpu")
-    # per step: `usable` of the one micro-batch, the losses, and the criterion's temperature gradient
-    assert len(seen) == 2 * 3
-    assert set(seen) == {model_device}
+    # per step: `usable` of the one micro-batch (gloo group), the losses, and the criterion's temperature gradient
+    assert seen == [(torch.device("cpu"), True), (model_device, False), (model_device, False)] * 2
 
 
 def test_all_ranks_puts_the_value_on_the_given_device(monkeypatch):
     """The helper every scalar reduction goes through builds its tensor on the device it is given
     (a meta tensor here, where no collective could run), not on the CPU."""
     seen = []
-    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append((t.device, t.dtype, op)))
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: seen.append((t.device, t.dtype, op)))
     with pytest.raises(NotImplementedError):  # .tolist() of a meta tensor: the reduction itself was recorded
         train_module.all_ranks([1.0, True], dist.ReduceOp.MIN, torch.device("meta"))
     assert seen == [(torch.device("meta"), torch.float32, dist.ReduceOp.MIN)]
@@ -187,3 +188,54 @@ def test_each_rank_reads_only_its_own_target_rows(tmp_path, in_ram, monkeypatch)
         assert not set(map(tuple, mine[0])) & set(map(tuple, mine[1]))  # each rank its half
         micro = order[step * 4:(step + 1) * 4]
         assert sorted(map(tuple, np.concatenate(mine))) == sorted(map(tuple, micro))
+
+
+SLOW_RANK0 = r'''
+import datetime, json, sys, time
+import torch.distributed as dist
+from zsd import loader, train as t
+
+real_init, real_cache = dist.init_process_group, loader.PixelCache.__init__
+# NCCL's and gloo's collectives time out; here after 3 s instead of 10 minutes
+dist.init_process_group = lambda *a, **k: real_init(*a, timeout=datetime.timedelta(seconds=3), **k)
+
+def slow_render(self, *a, **k):
+    if dist.get_rank() == 0:
+        time.sleep(8)  # rank 0 renders the pixel cache for longer than the timeout; rank 1 waits, then reads it
+    real_cache(self, *a, **k)
+
+t.PixelCache.__init__ = slow_render
+store, run = sys.argv[1:]
+summary = t.train(t.TrainConfig([store], run_dir=run, student="test_resnet", student_res=32, steps=2, batch_size=4,
+                                workers=0, device="cpu", precision="fp32", pixel_cache="yes", save_every=1),
+                  progress=False, log=lambda m: None)
+print(json.dumps({"steps": summary["steps"], "group_left": dist.is_initialized()}))
+'''
+
+
+def test_ranks_wait_for_a_long_pixel_cache_render_and_the_group_ends(image_folder, tmp_path, tiny_teacher_name):
+    """Rank 0 renders the pixel cache for longer than the process group's timeout while rank 1 waits:
+    the wait is in train's own long-timeout gloo group, so the run goes on; DDP is built after it.
+    train() ends the group it started, and every rank's generator state is in the checkpoint."""
+    store = make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(SLOW_RANK0)
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+               "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ZSD_CACHE": str(tmp_path / "cache")}
+        procs.append(subprocess.Popen([sys.executable, str(script), str(store), str(tmp_path / "run")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.splitlines()[-1]) == {"steps": 2, "group_left": False}
+    state = torch.load(tmp_path / "run" / "train_state.pt", weights_only=False)
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # each rank its own draws
+    assert torch.equal(state["rng"]["torch"], ranks[0]["torch"])

@@ -158,10 +158,10 @@ def test_disk_full_during_a_train_checkpoint(store, tmp_path, monkeypatch):
     real_save = train_mod.save_checkpoint
     saved = []
 
-    def save_then_fill(run_dir, model, *a):
+    def save_then_fill(run_dir, model, *a, **kw):
         if saved:  # the second checkpoint meets a full disk
             disk.fill()
-        real_save(run_dir, model, *a)
+        real_save(run_dir, model, *a, **kw)
         saved.append(a[-1])
 
     monkeypatch.setattr(train_mod, "save_checkpoint", save_then_fill)

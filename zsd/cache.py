@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zsd.cpu import decode_workers, tune_allocator
-from zsd.dist import local_cuda, shard
+from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
+from zsd.dist import local_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import PackedKeys, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
@@ -32,6 +32,15 @@ from zsd.views import ViewDataset, normalize
 # Views per teacher forward on a CPU: measured with the proxy teacher (tf_efficientnet_lite0) on 2
 # cores, throughput is flat from 16 to 64 and halves at 128, where activations outgrow the caches.
 CPU_BATCH = 32
+
+
+def gpu_batch(size: int) -> int:
+    """Views per teacher forward on a GPU: 256 at 224 px and below, fewer as the pixels per view grow
+    (activations do), a power of two, at least 16."""
+    n = 256
+    while n > 16 and n * size * size > 256 * 224 * 224:
+        n //= 2
+    return n
 
 
 def _collate(items):
@@ -46,9 +55,9 @@ def _collate(items):
 
 
 def default_workers(device: torch.device) -> int:
-    """Decode processes for a pass: on a GPU up to 4 beside the forward; on a CPU none, the
-    views are decoded by low-priority threads of this process (`_decode_ahead`)."""
-    return 0 if device.type == "cpu" else decode_workers()
+    """Decode processes for a pass: on a GPU the cores of this process's share but its own (at most
+    16); on a CPU none, the views are decoded by low-priority threads of this process (`_decode_ahead`)."""
+    return 0 if device.type == "cpu" else decode_workers(device)
 
 
 def _lower_this_threads_priority():
@@ -152,7 +161,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     """Embed every image of `sources` with the teacher into the store `out`; resumable.
 
     `batch_size` counts views per teacher forward (images per batch = batch_size // views); by
-    default 256 on a GPU and 32 on a CPU, where larger batches only add memory traffic (docs: the
+    default on a GPU 256 for a 224 px teacher (`gpu_batch`) and on a CPU 32, where larger batches only add memory traffic (docs: the
     CPU section of the README). `workers`: decode processes beside the forward; 0 decodes in
     low-priority threads of this process, a batch ahead (`_decode_ahead`; the default on a CPU).
     `precision`: auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16; it is part of the teacher's
@@ -168,13 +177,12 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     num_shards, shard_index = shard(num_shards, shard_index)
     path = resolve_store(out)
     check_writable(path if path.is_dir() else path.parent, "--out")
-    if num_shards > 1:
-        device = local_cuda(device)
+    device = local_device(device)  # under torchrun: this rank's own GPU
     t_start = time.perf_counter()
     model = create_teacher(teacher, pretrained, device, precision)
     tune_allocator(model.device)
     if batch_size is None:
-        batch_size = CPU_BATCH if model.device.type == "cpu" else 256
+        batch_size = CPU_BATCH if model.device.type == "cpu" else gpu_batch(model.preprocess.size)
     index = ShardIndex(path / SHARD_INDEX)
     scan = scan_sources(sources, log=log, index=index)
     store = _open_or_create(out, scan, model, views, view_seed, crop_scale, chunk_rows, log)
@@ -233,6 +241,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
         batches += [rows[s:s + images_per_batch] for s in range(0, len(rows), images_per_batch)]
     todo = sum(live.values())
     if workers:
+        check_shared_memory(workers, images_per_batch * views * 3 * pre.size ** 2, 4)
         loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers if todo else 0, collate_fn=_collate,
                             pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if todo else None)
     else:
@@ -278,7 +287,11 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
                 t0 = time.perf_counter()
                 # uint8 crosses to the device (pinned, asynchronously) and is normalised there: a quarter of the bytes
                 x = normalize(pixels.to(device, non_blocking=True).flatten(0, 1), pre.mean, pre.std)
-                z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
+                try:
+                    z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
+                except torch.OutOfMemoryError:  # the chunks written so far stay; a rerun resumes after them
+                    raise ZsdError(f"out of memory on {device} in the {encoder_name} forward of {len(x)} views: "
+                                   "lower --batch-size") from None
                 timing[encoder_name] += time.perf_counter() - t0
                 for i, e in zip(ok, z):
                     if np.isfinite(e).all():

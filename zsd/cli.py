@@ -154,7 +154,7 @@ def _weights_spec(value: str | None) -> str | None:
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
 @click.option("--views", type=click.IntRange(1), default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
-@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes beside the forward; 0 decodes in low-priority threads of this process [default: 0 on a CPU, min(4, cores-1) on a GPU].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes beside the forward; 0 decodes in low-priority threads of this process [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
@@ -443,7 +443,7 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
               help="bf16 autocast (also on CPU) or plain fp32.")
 @click.option("--no-channels-last", is_flag=True, help="Keep the default NCHW memory format.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1)].")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1) on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 @click.option("--seed", default=0, show_default=True, help="Seeds the student's init and the data order.")
 @click.option("--save-every", type=click.IntRange(1), default=500, show_default=True, help="Write a checkpoint every N steps.")
 @click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from zsd.errors import ZsdError, check_at_least
 from zsd.sources import class_key
 from zsd.store import Store, open_store
+from zsd.teachers import same_teacher
 
 DEFAULT_BLOCK_ROWS = 65536
 DUP_THRESHOLD = 1e-2  # teacher-space L2 distance below which a train image counts as a copy of a test image
@@ -127,7 +128,9 @@ def pair_distances(queries: np.ndarray, pairs_q: np.ndarray, pairs_j: np.ndarray
 
 # ---------------------------------------------------------------- the audit
 
-def _check_stores(train: list[Store], test: Store):
+def _check_stores(train: list[Store], test: Store) -> list[str]:
+    """Notes for train stores of the test store's teacher at another precision; else an error."""
+    notes = []
     names = [s.path.name for s in train]
     if len(set(names)) < len(names):
         raise ZsdError(f"train stores need distinct names (records and student embeddings are kept by name): {', '.join(names)}")
@@ -135,11 +138,16 @@ def _check_stores(train: list[Store], test: Store):
         if s.rows == 0 or not s.written().any():
             raise ZsdError(f"{s.path} holds no written embeddings")
     for s in train:
-        if s.teacher_id != test.teacher_id:
+        match = same_teacher(s.teacher_id, s.teacher, test.teacher_id, test.teacher)
+        if match == "other":
             raise ZsdError(f"{s.path} holds teacher {s.teacher_id}'s embeddings ({s.teacher['model']}), "
                            f"{test.path} teacher {test.teacher_id}'s ({test.teacher['model']}): compare one teacher's stores")
+        if match == "precision":
+            notes.append(f"{s.path.name} holds {s.teacher.get('precision', 'fp32')} embeddings, {test.path.name} "
+                         f"{test.teacher.get('precision', 'fp32')} ones of the same teacher: distances include rounding")
         if s.dim != test.dim:
             raise ZsdError(f"{s.path} has {s.dim}-d embeddings, {test.path} {test.dim}-d")
+    return notes
 
 
 def coverage(train: list[str], test: str, student: str | None = None, *, k: int = 10,
@@ -164,7 +172,7 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         resolve_device(device)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
-    _check_stores(train_stores, test_store)
+    notes = _check_stores(train_stores, test_store)
     names = [s.path.name.removesuffix(".zarr") for s in train_stores]
     offsets = np.cumsum([0] + [s.rows for s in train_stores])
     train_keys = np.concatenate([s.keys() for s in train_stores])
@@ -172,7 +180,6 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
 
     test_emb = test_store.embeddings(view=0)
     test_rows = np.flatnonzero(test_store.written() & np.isfinite(test_emb).all(axis=1))
-    notes = []
     if len(test_rows) < test_store.rows:
         notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass (or have non-finite "
                      "embeddings) and are left out")
@@ -250,14 +257,12 @@ def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t,
                           templates, classnames, classes_from, device, batch_size, workers, progress, log,
                           notes) -> dict:
     """Witnesses, bounds and (for a labelled test set) margins and certificates per test row."""
-    from zsd.evaluate import build_classifier, student_embeddings
+    from zsd.evaluate import build_classifier, check_student_teacher, student_embeddings
     from zsd.student import load_student
     from zsd.teachers import resolve_device
 
     model, config = load_student(run_dir, resolve_device(device))
-    if config.get("teacher_id") != test_store.teacher_id:
-        raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but the "
-                       f"stores hold teacher {test_store.teacher_id}'s embeddings")
+    check_student_teacher(run_dir, config, test_store, log)
     dev = next(model.parameters()).device
     embed = dict(device=dev, batch_size=batch_size, workers=workers, progress=progress)
     s_test = student_embeddings(run_dir, test_store, model, config, **embed)

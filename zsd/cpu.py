@@ -25,9 +25,11 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import shutil
 
 import torch
 
+from zsd.errors import ZsdError
 from zsd.teachers import resolve_device
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -37,10 +39,30 @@ TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps: fewer brk calls while the f
 _applied: bool | None = None
 
 
-def decode_workers() -> int:
-    """DataLoader decode processes beside a model: every core but the main process's, at most 4
-    (the trainer's default everywhere; the teacher pass's on a GPU)."""
-    return min(4, max(1, (os.cpu_count() or 2) - 1))
+def decode_workers(device: str | torch.device = "cpu") -> int:
+    """DataLoader decode processes beside a model. On a CPU every core but the main process's, at
+    most 4 (they compete with the model for the cores). On a GPU the cores of this process's share of
+    the machine (torchrun's LOCAL_WORLD_SIZE processes share it) but the main process's, at most 16:
+    decoding needs about 2 cores per GPU for 224 px photos and up to 16 for 1024 px ones."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    if torch.device(device).type == "cuda":
+        share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return min(16, max(1, share - 1))
+    return min(4, max(1, cores - 1))
+
+
+def check_shared_memory(workers: int, batch_bytes: int, prefetch: int, path: str = "/dev/shm") -> None:
+    """DataLoader workers hand their batches over in shared memory: where `path` has less room than
+    the batches in flight (a container's default 64 MiB), a worker dies with a bare "Bus error".
+    Say so before starting them."""
+    if not workers or not os.path.isdir(path):
+        return
+    need, free = workers * prefetch * batch_bytes, shutil.disk_usage(path).free
+    if free < need:
+        raise ZsdError(f"{path} has {free / 2**20:.0f} MiB free, but {workers} decode workers keep about "
+                       f"{need / 2**20:.0f} MiB of batches in it (workers die with 'Bus error'): give the container "
+                       f"more shared memory (docker run --shm-size={max(1, -(-2 * need // 2**30))}g, or --ipc=host), "
+                       "or pass --workers 0")
 
 
 def describe_machine() -> str:

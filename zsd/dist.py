@@ -6,6 +6,8 @@ with --num-shards/--shard-index); the trainer joins a process group. All ask her
 
 import os
 
+import torch
+
 from zsd.errors import ZsdError
 
 
@@ -25,10 +27,26 @@ def shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     return num_shards, shard_index
 
 
-def local_cuda(device: str) -> str:
-    """`auto` on a CUDA machine under torchrun is this process's own GPU (LOCAL_RANK); else `device`."""
-    if device != "auto" or "LOCAL_RANK" not in os.environ:
-        return device
-    import torch
+def local_device(device: str | torch.device = "auto") -> torch.device:
+    """This process's compute device, made current on CUDA (`torch.cuda.set_device`).
 
-    return f"cuda:{torchrun_env()[2]}" if torch.cuda.is_available() else device
+    Under torchrun (LOCAL_RANK set) a CUDA device without an index (`auto`, `cuda`) is the
+    process's own GPU, cuda:LOCAL_RANK: otherwise every rank would open a context on GPU 0 (GBs
+    each, and an error on exclusive-process GPUs). An explicit cuda:N is kept: the way to run where
+    each process sees only its own GPU (srun --gpus-per-task).
+    """
+    from zsd.teachers import resolve_device  # zsd.teachers imports more than this module needs
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None:
+        local, n = (torchrun_env()[2] if "LOCAL_RANK" in os.environ else 0), torch.cuda.device_count()
+        if local >= n:
+            raise ZsdError(f"LOCAL_RANK is {local} but this process sees {n} CUDA device(s) (CUDA_VISIBLE_DEVICES="
+                           f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): let every process of a node see all "
+                           "its GPUs (e.g. srun --gpus-per-node, not --gpus-per-task), or pass --device cuda:0 "
+                           "where each process sees only its own GPU")
+        dev = torch.device("cuda", local)
+    torch.cuda.set_device(dev)
+    return dev

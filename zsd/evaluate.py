@@ -30,7 +30,8 @@ from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
 from zsd.student import load_student, student_files, student_fingerprint, student_location
-from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, teacher_id
+from zsd.teachers import (DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, resolve_precision,
+                           same_teacher, teacher_id)
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess, ViewDataset
 
@@ -264,22 +265,39 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
 # ---------------------------------------------------------------- the evaluation
 
 def prepare_test_store(test: str, teacher: str | None, pretrained: str | None, device: str,
-                       workers: int | None, progress: bool, log) -> Store:
-    """A store name/path opens as is; an image folder is first cached with the teacher (1 view)."""
+                       workers: int | None, progress: bool, log, precision: str = "auto") -> Store:
+    """A store name/path opens as is; an image folder is first cached with the teacher (1 view), into
+    a store named by folder, teacher, weights and (unless fp32) precision: a folder evaluated on a CPU
+    (fp32) and on a GPU (bf16) gets a store each."""
     folder = Path(test)
     if folder.is_dir() and not (folder / "zarr.json").exists():
         teacher = teacher or DEFAULT_TEACHER
-        tag = hashlib.sha256(json.dumps([str(folder.resolve()), teacher, pretrained]).encode()).hexdigest()[:8]
+        precision = resolve_precision(precision, resolve_device(device))
+        key = [str(folder.resolve()), teacher, pretrained] + ([precision] if precision != "fp32" else [])
+        tag = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:8]
         out = cache_dir() / f"{folder.name}-{tag}.zarr"
-        log(f"caching test images of {folder} with {teacher} into {out}")
+        log(f"caching test images of {folder} with {teacher} ({precision}) into {out}")
         cache_teacher([str(folder)], str(out), teacher=teacher, pretrained=pretrained, views=1, workers=workers,
-                      device=device, progress=progress, log=log)
+                      device=device, precision=precision, progress=progress, log=log)
         return open_store(out)
     return open_store(resolve_store(test))
 
 
 def dataset_name(store: Store) -> str:
     return store.path.name.removesuffix(".zarr")
+
+
+def check_student_teacher(run_dir, config: dict, store: Store, log=print) -> None:
+    """A student is compared with the embeddings of its own teacher; a test store of the same teacher
+    at another precision (fp32 on a CPU, bf16 on a GPU) is accepted with a note."""
+    match = same_teacher(config.get("teacher_id"), config.get("teacher"), store.teacher_id, store.teacher)
+    if match == "other":
+        raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
+                       f"{store.path} holds teacher {store.teacher_id}'s embeddings")
+    if match == "precision":
+        log(f"note: student {run_dir} learnt {config['teacher'].get('precision', 'fp32')} targets, {store.path} "
+            f"holds the same teacher's {store.teacher.get('precision', 'fp32')} embeddings: compared across "
+            "precisions (they differ by rounding)")
 
 
 def check_labelled(store: Store) -> None:
@@ -347,9 +365,7 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
                     "metrics": metrics, "n_images": int(rows.sum()), "embeddings": str(store.path), **common})
     for run_dir in students:
         student, config = load_student(run_dir, resolve_device(device))
-        if config.get("teacher_id") != store.teacher_id:
-            raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
-                           f"{store.path} holds teacher {store.teacher_id}'s embeddings")
+        check_student_teacher(run_dir, config, store, log)
         emb = student_embeddings(run_dir, store, student, config, device=next(student.parameters()).device,
                                  batch_size=batch_size, workers=workers or 0, progress=progress)
         ok = rows & emb.written()

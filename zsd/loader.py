@@ -563,15 +563,19 @@ class PixelCache:
         pos = np.array([self.position[a][r] for a, r in zip(i, row)], dtype=np.int64)
         return self.base[i] + pos * self.views[i] + view
 
-    def batches(self, plan: "BatchPlan"):
-        """(items, uint8 pixels | None, [errors]) per micro-batch of `plan`, as `collate` returns them."""
+    def batches(self, plan: "BatchPlan", pin: bool = False):
+        """(items, uint8 pixels | None, [errors]) per micro-batch of `plan`, as `collate` returns them;
+        with `pin`, gathered straight into pinned memory (for a GPU: the copy does not wait for it)."""
         for batch in plan:
             items = np.array(batch, dtype=np.int64).reshape(-1, 3)
             slots = self.slots(items)
             bad = np.array([s in self.errors for s in slots], dtype=bool)
             errors = [self.errors[s] for s in slots[bad]]
             items, slots = items[~bad], slots[~bad]
-            pixels = torch.from_numpy(self.pixels[slots]) if len(slots) else None
+            pixels = None
+            if len(slots):
+                pixels = torch.empty((len(slots), *self.pixels.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+                np.take(self.pixels, slots, axis=0, out=pixels.numpy())
             yield items, pixels, errors
 
 

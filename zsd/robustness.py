@@ -29,8 +29,8 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from zsd.errors import ZsdError, reserve
-from zsd.evaluate import (build_classifier, check_labelled, classification_metrics, dataset_name, evaluated_rows,
-                          prepare_test_store, result_label)
+from zsd.evaluate import (build_classifier, check_labelled, check_student_teacher, classification_metrics,
+                          dataset_name, evaluated_rows, prepare_test_store, result_label)
 from zsd.sources import BadImage, RowReader
 from zsd.store import Store, cache_folder
 from zsd.student import load_student
@@ -292,9 +292,7 @@ def robustness(test: str, students: list[str] = (), *, teacher: str | None = Non
     students = list(students)
     for run_dir in students:  # before the long render: a student of another teacher is a typo
         _, config = load_student(run_dir)
-        if config.get("teacher_id") != store.teacher_id:
-            raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
-                           f"{store.path} holds teacher {store.teacher_id}'s embeddings")
+        check_student_teacher(run_dir, config, store, log)
     rendered = render(store, size=size, corruptions=corruptions, severities=severities, seed=seed, workers=workers,
                       progress=progress)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zsd.dist import local_cuda, shard
+from zsd.dist import local_device, shard
 from zsd.errors import ZsdError
 from zsd.hub import load_local_or_hub, require_extra
 from zsd.prompts import read_prompts
@@ -55,9 +55,7 @@ def image_path(prompt: dict) -> str:
 def _resolve(device: str, dtype: str):
     import torch
 
-    device = local_cuda(device)  # torchrun: one GPU per process
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(local_device(device))  # torchrun: one GPU per process, made current
     if dtype == "auto":
         dtype = "float16" if device.startswith("cuda") else "float32"
     return device, getattr(torch, dtype)

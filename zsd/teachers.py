@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,6 +81,30 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+@contextmanager
+def exact_fp32():
+    """fp32 that is fp32 on a GPU too: cuDNN runs fp32 convolutions in TF32 (10-bit mantissa) by
+    default, which would make a GPU "fp32" store another computation than a CPU one of the same
+    teacher id. TF32 matmuls (off by default) are turned off too; both flags are restored after."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def same_teacher(a_id: str, a: dict | None, b_id: str, b: dict | None) -> str:
+    """'same', 'precision' (one model and weights computed at fp32 and at bf16: embeddings that
+    differ by rounding, accepted by the evaluation commands with a note) or 'other'."""
+    if a_id == b_id:
+        return "same"
+    if a and b and a.get("precision", "fp32") != b.get("precision", "fp32") \
+            and teacher_id({**a, "precision": "fp32"}) == teacher_id({**b, "precision": "fp32"}):
+        return "precision"
+    return "other"
+
+
 class Teacher:
     """Common interface: `encode_images` (normalised float32) and `classifier` (K, D)."""
 
@@ -115,10 +140,7 @@ class Teacher:
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.precision == "bf16":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                z = self._forward(x)
-        else:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else exact_fp32():
             z = self._forward(x)
         return F.normalize(z.float(), dim=-1)
 

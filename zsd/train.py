@@ -30,6 +30,7 @@ import socket
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from zsd.cpu import decode_workers, tune_allocator
-from zsd.dist import torchrun_env
+from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
+from zsd.dist import local_device, torchrun_env
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
 from zsd.evaluate import prototype_classifier
@@ -109,7 +110,7 @@ class TrainConfig:
     # execution
     run_dir: str = "runs/student"
     device: str = "auto"
-    workers: int | None = None  # DataLoader decode workers [default: min(4, cores - 1)]
+    workers: int | None = None  # DataLoader decode workers [default: zsd.cpu.decode_workers]
     pixel_cache: str = "auto"  # render every sample's student input once into a file read from RAM:
     #                            "auto" (if they fit in a sixth of RAM), "yes", "no"
     fast_decode: bool = False  # JPEGs decoded at 1/2 or 1/4 scale where the crop allows, torch's uint8 resize:
@@ -220,19 +221,37 @@ def _cpu_copy(model) -> dict:
     return {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
 
 
-def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int) -> None:
+def rng_state(dev: torch.device) -> dict:
+    """This process's random generators; on a GPU the CUDA generator's too (drop-path masks are drawn there)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def set_rng_state(state: dict, dev: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if dev.type == "cuda" and "cuda" in state:  # a checkpoint written on a CPU has none: the seeded one goes on
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int,
+                    rng: list[dict] | None = None) -> None:
     """Student files (and the EMA's), then train_state.pt; each atomic. The state carries its own copy
-    of the weights, so a kill between the writes still resumes consistently."""
+    of the weights, so a kill between the writes still resumes consistently. `rng`: every rank's
+    `rng_state` [default: this process's, on the CPU]."""
     meta = {**meta, "step": step}
     try:
-        _write_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
+        _write_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng or [rng_state(torch.device("cpu"))])
     except BaseException:  # a full disk or an interrupt: no half-written temporary file stays behind
         for name in (WEIGHTS, CONFIG, EMA_PREFIX + WEIGHTS, EMA_PREFIX + CONFIG, STATE):
             (run_dir / (name + ".tmp")).unlink(missing_ok=True)
         raise
 
 
-def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int) -> None:
+def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int, rng: list[dict]) -> None:
     save_student(run_dir, model, meta)
     if ema is not None:
         save_student(run_dir, ema.module, meta, prefix=EMA_PREFIX)
@@ -242,7 +261,7 @@ def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dic
         "ema": _cpu_copy(ema.module) if ema is not None else None,
         "criterion": criterion.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        "rng": rng[0], "rng_ranks": rng,  # "rng": rank 0's, as checkpoints before per-rank states have it
         "student": meta,
     }
     tmp = run_dir / (STATE + ".tmp")
@@ -254,6 +273,15 @@ def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dic
                 raise e.__context__ from None
             raise
     os.replace(tmp, run_dir / STATE)
+
+
+def _gather_rng(dev: torch.device, distributed: bool, world: int) -> list[dict]:
+    """Every rank's `rng_state`, in rank order (on every rank)."""
+    if not distributed:
+        return [rng_state(dev)]
+    states = [None] * world
+    dist.all_gather_object(states, rng_state(dev))
+    return states
 
 
 def lr_at(step: int, base: float, warmup: int, total: int, schedule: str) -> float:
@@ -298,27 +326,35 @@ def _kept(run_dir: Path) -> str:
     return f"the last checkpoint (step {step}) is kept in {run_dir}"
 
 
+# Ranks that wait for rank 0 (rendering the pixel cache, loading a teacher for the class prompts)
+# wait in this gloo group: NCCL's default timeout (10 minutes) would abort a long render.
+SETUP_TIMEOUT = timedelta(hours=12)
+
+
 def _setup_distributed(device: str):
-    """(world, rank, device, distributed). A process group the caller initialised is joined;
-    otherwise torchrun's WORLD_SIZE/RANK/LOCAL_RANK start one: gloo on CPU, nccl on GPUs."""
-    _, world, local_rank = torchrun_env()
-    if world == 1 and not dist.is_initialized():
-        return 1, 0, resolve_device(device), False
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local_rank)
-        torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    """(world, rank, device, distributed, started). A process group the caller initialised is joined;
+    otherwise torchrun's WORLD_SIZE/RANK start one (gloo on CPU, nccl on GPUs), and `started` says
+    that train() ends it. The device is the rank's own GPU (LOCAL_RANK), made current."""
+    dev = local_device(device)
+    if torchrun_env()[1] == 1 and not dist.is_initialized():
+        return 1, 0, dev, False, False
+    started = not dist.is_initialized()
+    if started:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_world_size(), dist.get_rank(), dev, True
+    return dist.get_world_size(), dist.get_rank(), dev, True, started
 
 
-def all_ranks(values: list[float], op, dev: torch.device) -> list[float]:
+def all_ranks(values: list[float], op, dev: torch.device, group=None) -> list[float]:
     """`values` reduced elementwise over all ranks with `op`, in one collective. The tensor lives on
-    `dev`, the model's device: NCCL reduces only CUDA tensors (gloo both)."""
+    `dev`: NCCL reduces only CUDA tensors, gloo (`group`) CPU ones without waiting for the GPU."""
     t = torch.tensor([float(v) for v in values], device=dev)
-    dist.all_reduce(t, op=op)
+    dist.all_reduce(t, op=op, group=group)
     return t.tolist()
+
+
+def _pinned(x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """`x` on `dev`; from pinned memory on a GPU, so the copy does not wait for the GPU to finish."""
+    return x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None = None, progress: bool = True,
@@ -352,7 +388,8 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
 def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
     check_at_least("--stop-after", stop_after, 1)
     t_start = time.perf_counter()
-    world, rank, dev, distributed = _setup_distributed(config.device)
+    world, rank, dev, distributed, started = _setup_distributed(config.device)
+    setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT) if distributed else None
     tune_allocator(dev)
     main_proc = rank == 0
     say = log if main_proc else (lambda m: None)
@@ -425,7 +462,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
             if main_proc:
                 class_text_embeddings(data, config.superclass, run_dir, config.pretrained, log=say)
             if distributed:
-                dist.barrier()
+                dist.barrier(group=setup)
             text = class_text_embeddings(data, config.superclass, run_dir, config.pretrained, log=say)
     criterion = Criterion(config.losses, text)
     model.to(dev)
@@ -437,6 +474,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
                                   lr=config.lr, weight_decay=config.weight_decay)
     # The EMA copy (eval mode) is updated after every optimizer step; its first update copies the weights.
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay else None
+    if rank:  # one initialisation for all, then each rank its own drop-path masks (CPU and CUDA generators)
+        torch.manual_seed(config.seed + 1_000_003 * rank)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -444,32 +483,23 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
             ema.module.load_state_dict(state["ema"])
         criterion.load_state_dict(state["criterion"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        set_rng_state((state.get("rng_ranks") or [state["rng"]] * world)[rank], dev)
         start = state["step"]
         say(f"resuming {run_dir} at step {start} of {total}")
-    train_model = model
-    if config.compile:
-        train_model = torch.compile(train_model)
-    if distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
     # student.json: what the student is, and the run that made it.
     meta = {"student": student, "embed_dim": data.dim, "preprocess": student_pre.to_dict(),
             "teacher": data.teacher, "teacher_id": data.teacher_id, "classnames": data.classnames,
             "train_config": asdict(config), "total_steps": total, "world_size": world}
 
     # Data: one loader for the whole run; its batches are fixed by (seed, step), not by loader state.
-    workers = config.workers if config.workers is not None else decode_workers()
+    workers = config.workers if config.workers is not None else decode_workers(dev)
     plan = BatchPlan(data, config.seed, batch_size, accum, world, rank, start, total if stop_after is None
                      else min(total, start + stop_after))
     views = StudentInputs(data, student_pre, config.fast_decode)
     if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
                                        PixelCache.nbytes(data, student_pre.size) <= ram_budget() // 2):
         if not main_proc:  # rank 0 renders, the others read its file
-            dist.barrier()
+            dist.barrier(group=setup)
         try:
             pixels = PixelCache(data, views, workers=workers, progress=progress and main_proc, log=say,
                                 render=main_proc)
@@ -480,17 +510,24 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
             say(f"note: no pixel cache: {e}; decoding the images of every batch instead")
             pixels = None
         if main_proc and distributed:
-            dist.barrier()
+            dist.barrier(group=setup)
     else:
         pixels = None
     if pixels is not None:
-        loader = pixels.batches(plan)
+        loader = pixels.batches(plan, pin=dev.type == "cuda")
     else:
+        check_shared_memory(workers, batch_size // (accum * world) * 3 * student_pre.size ** 2, 4)
         loader = DataLoader(views, batch_sampler=plan, num_workers=workers,
                             collate_fn=collate, prefetch_factor=4 if workers else None,
                             pin_memory=dev.type == "cuda",
                             generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
     autocast = (torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext())
+    # DDP only now that rank 0 has rendered the pixel cache. Gradients as views of DDP's buckets: no
+    # copy, and no stride mismatch with channels_last weights.
+    train_model = torch.compile(model) if config.compile else model
+    if distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
 
     if main_proc:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -511,7 +548,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
             epoch = step // steps_per_epoch
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, config.lr, config.warmup_steps, total, config.lr_schedule)
-            loss_sum, term_sums, dists, n_images = 0.0, {}, [], 0
+            # Losses and distances stay on the device until the step's one host sync (`.tolist()` below).
+            loss_sum, term_sums, dists, n_images = torch.zeros((), device=dev), {}, [], 0
             for _ in range(accum):
                 items, pixels, errors = next(batches)
                 t, finite = data.finite_targets(items, log)  # every rank names its own samples' rows
@@ -524,36 +562,44 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
                 # Under DDP every rank skips together, or the others would wait for this one's gradients forever.
                 usable = pixels is not None and len(pixels) >= 2
                 if distributed:
-                    usable = all_ranks([usable], dist.ReduceOp.MIN, dev)[0]
+                    usable = all_ranks([usable], dist.ReduceOp.MIN, torch.device("cpu"), setup)[0]
                 if not usable:
                     continue
                 # uint8 to the device (from pinned memory on a GPU, asynchronously), normalised there
                 x = normalize(pixels.to(dev, non_blocking=True), student_pre.mean, student_pre.std)
                 if config.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
-                t = t.to(dev)
-                labels = data.labels(items).to(dev) if text is not None else None  # read only for clip/mp
+                t = _pinned(t, dev)
+                labels = _pinned(data.labels(items), dev) if text is not None else None  # read only for clip/mp
                 # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
                 # micro-batch cannot leave the earlier ones unsynchronised.
-                with autocast:
-                    s = train_model(x)
-                loss, terms = criterion(s, t, labels)
-                (loss / accum).backward()
-                loss_sum += loss.item() / accum
+                try:
+                    with autocast:
+                        s = train_model(x)
+                    loss, terms = criterion(s, t, labels)
+                    (loss / accum).backward()
+                except torch.OutOfMemoryError:  # the last checkpoint stays; --resume continues from it
+                    raise ZsdError(f"out of memory on {dev} in a training step of {len(x)} images per process "
+                                   f"({student} at {student_pre.size} px): lower --batch-size or raise --accum "
+                                   "(a step's images per process are --batch-size / (--accum x processes))") from None
+                loss_sum += loss.detach().float() / accum
                 for k, v in terms.items():
-                    term_sums[k] = term_sums.get(k, 0.0) + v.item() / accum
+                    term_sums[k] = term_sums.get(k, 0.0) + v.detach().float() / accum
                 with torch.no_grad():
                     sn = torch.nn.functional.normalize(s.float(), dim=-1)
-                    dists.append((sn - t).norm(dim=-1).cpu().numpy())
+                    dists.append((sn - t).norm(dim=-1))
                 n_images += len(items)
+            names = sorted(term_sums)
+            scalars = torch.stack([loss_sum, *(term_sums[k] for k in names)])
             if distributed:  # the mean over ranks is logged; a non-finite loss on any rank stops all
-                names = sorted(term_sums)
-                means = all_ranks([loss_sum, *(term_sums[k] for k in names)], dist.ReduceOp.SUM, dev)
-                loss_sum, term_sums = means[0] / world, {k: v / world for k, v in zip(names, means[1:])}
+                dist.all_reduce(scalars)
+                scalars /= world
                 for p in criterion.parameters():  # the temperatures live outside DDP
                     if p.grad is not None:
                         dist.all_reduce(p.grad)
                         p.grad /= world
+            loss_sum, *terms = scalars.tolist()
+            term_sums = dict(zip(names, terms))
             if not math.isfinite(loss_sum):
                 where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
                     else "no checkpoint was written yet"
@@ -563,7 +609,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
             step += 1
             if ema is not None:
                 ema.update(model, step=step)
-            dists = np.concatenate(dists) if dists else np.zeros(1)
+            dists = torch.cat(dists).float().cpu().numpy() if dists else np.zeros(1)
             if distributed:
                 gathered = [None] * world
                 dist.all_gather_object(gathered, (dists, n_images, skipped_images))
@@ -588,14 +634,17 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
                                                "mean_loss": float(np.mean(epoch_losses))}) + "\n")
                     epoch_losses = []
                 log_file.flush()
-                if step % config.save_every == 0 and step < plan.total:
-                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
-                    last_good = step
+            if step % config.save_every == 0 and step < plan.total:
+                rng = _gather_rng(dev, distributed, world)
+                if main_proc:
+                    save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng=rng)
+                last_good = step
         if step > start and seen == 0:  # every micro-batch was skipped: the weights never moved
             raise ZsdError(f"{step - start} steps saw no image ({skipped_total} samples skipped: unreadable images "
                            f"or non-finite targets): nothing was learnt, so no final checkpoint is written in {run_dir}")
+        rng = _gather_rng(dev, distributed, world)
         if main_proc:
-            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step)
+            save_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng=rng)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
         raise ZsdError(f"cannot write {e.filename or run_dir} at step {step} ({e.strerror}); {_kept(run_dir)}: "
                        "make room and rerun with --resume") from None
@@ -608,7 +657,10 @@ def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progres
                 pass
         del batches
     if distributed:
-        dist.barrier()
+        dist.barrier(group=setup)
+        dist.destroy_process_group(setup)
+        if started:
+            dist.destroy_process_group()
     elapsed = time.perf_counter() - t_start
     summary = {"run_dir": str(run_dir), "student": student, "steps": step, "total_steps": total,
                "finished": step >= total, "epochs": step / steps_per_epoch, "images": seen,

@@ -1,0 +1,282 @@
+"""The CUDA-only branches, checked on the CPU where their logic allows: a torchrun rank's own GPU,
+precisions across devices, per-rank generators, TF32, out of memory, host syncs, decode workers and
+/dev/shm. What only a GPU shows is a step of tools/gpu_smoke.sh (docs/gpu.md)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import namedtuple
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from student_helpers import make_student
+from zsd import cpu, dist as zdist, synth, train as train_module
+from zsd.cache import cache_teacher, gpu_batch
+from zsd.errors import ZsdError
+from zsd.evaluate import evaluate, prepare_test_store
+from zsd.store import open_store
+from zsd.student import Student
+from zsd.teachers import Teacher, create_teacher, exact_fp32, same_teacher
+from zsd.train import STATE, TrainConfig, rng_state, set_rng_state, train
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """torch believes in 2 GPUs; set_device calls are recorded."""
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    return made_current
+
+
+def torchrun_rank(monkeypatch, rank, world=2):
+    for name, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world)):
+        monkeypatch.setenv(name, str(value))
+
+
+def test_a_torchrun_rank_uses_and_makes_current_its_own_gpu(fake_gpus, monkeypatch):
+    torchrun_rank(monkeypatch, 1)
+    assert zdist.local_device("auto") == torch.device("cuda", 1)
+    assert zdist.local_device("cuda") == torch.device("cuda", 1)  # an explicit --device cuda used to mean GPU 0
+    assert zdist.local_device("cuda:0") == torch.device("cuda", 0)  # one GPU per task: the user says which
+    assert zdist.local_device("cpu") == torch.device("cpu")
+    assert fake_gpus == [torch.device("cuda", 1)] * 2 + [torch.device("cuda", 0)]
+    assert synth._resolve("auto", "auto") == ("cuda:1", torch.float16)
+
+    seen = []
+
+    def teacher_on(name, pretrained, device, precision):
+        seen.append(device)
+        raise ZsdError("stop here")
+
+    monkeypatch.setattr("zsd.cache.create_teacher", teacher_on)
+    with pytest.raises(ZsdError, match="stop here"):
+        cache_teacher(["nowhere"], str(Path(sys.prefix).parent / "unused.zarr"), device="cuda")
+    assert seen == [torch.device("cuda", 1)] and fake_gpus[-1] == torch.device("cuda", 1)
+
+
+def test_a_local_rank_beyond_the_visible_gpus_is_one_line(fake_gpus, monkeypatch):
+    torchrun_rank(monkeypatch, 2, world=4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ZsdError) as e:
+        zdist.local_device("auto")
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "LOCAL_RANK is 2 but this process sees 2 CUDA device(s)" in msg
+    assert "CUDA_VISIBLE_DEVICES=2,3" in msg and "--device cuda:0" in msg and not fake_gpus
+
+
+def test_stores_of_two_precisions_of_one_teacher(image_folder, tmp_path, tiny_teacher_name):
+    """A folder first evaluated on a CPU (fp32) and then on a GPU (bf16) gets a store each; a student
+    trained on bf16 (GPU) targets is evaluated against an fp32 (CPU) test store, with a note; another
+    teacher is still refused."""
+    logs = []
+    fp32 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, logs.append)
+    bf16 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, logs.append,
+                              precision="bf16")
+    assert fp32.path != bf16.path and (fp32.teacher["precision"], bf16.teacher["precision"]) == ("fp32", "bf16")
+    assert same_teacher(fp32.teacher_id, fp32.teacher, bf16.teacher_id, bf16.teacher) == "precision"
+    # the fp32 name is the one zsd used before precision was part of it: existing caches are found again
+    assert prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, logs.append).path == fp32.path
+    cos = (fp32.embeddings(view=0).astype(np.float64) * bf16.embeddings(view=0)).sum(-1)
+    assert cos.min() > 0.98  # the same teacher, rounded differently
+
+    run = tmp_path / "student_bf16"
+    make_student(run, bf16.path, steps=5)
+    notes = []
+    results = evaluate(str(fp32.path), [str(run)], device="cpu", progress=False, log=notes.append)
+    assert [r["role"] for r in results] == ["teacher", "student"]
+    assert any(n.startswith("note: student") and "learnt bf16 targets" in n and "fp32 embeddings" in n for n in notes)
+
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    make_student(other, fp32.path)
+    cfg = json.loads((other / "student.json").read_text())
+    cfg["teacher"] = {**cfg["teacher"], "weights": "sha256:another"}
+    cfg["teacher_id"] = "0123456789abcdef"
+    (other / "student.json").write_text(json.dumps(cfg))
+    with pytest.raises(ZsdError, match="was distilled from teacher 0123456789abcdef"):
+        evaluate(str(fp32.path), [str(other)], device="cpu", progress=False, log=notes.append)
+
+
+def test_rng_state_carries_the_cuda_generator(monkeypatch):
+    """On a GPU the CUDA generator (drop-path masks) is saved and restored with the others; a CPU
+    generator stands in for it here. A checkpoint from a CPU (no CUDA state) restores the rest."""
+    stand_in = torch.Generator().manual_seed(5)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev: stand_in.get_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev: stand_in.set_state(state))
+    gpu = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    saved = rng_state(gpu)
+    assert set(saved) == {"torch", "numpy", "python", "cuda"}
+    first = (torch.rand(3), torch.rand(3, generator=stand_in))
+    torch.rand(10, generator=stand_in)
+    set_rng_state(saved, gpu)
+    assert torch.equal(torch.rand(3), first[0]) and torch.equal(torch.rand(3, generator=stand_in), first[1])
+    set_rng_state({k: v for k, v in saved.items() if k != "cuda"}, gpu)
+    assert torch.equal(torch.rand(3), first[0])
+    assert "cuda" not in rng_state(torch.device("cpu"))
+
+
+def test_fp32_passes_run_without_tf32(tiny_teacher_name, monkeypatch):
+    """cuDNN's TF32 (on by default) is off during an fp32 teacher forward and restored after;
+    bf16 leaves the flags alone."""
+    flags = lambda: (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    before = flags()
+    during = []
+    teacher = create_teacher(tiny_teacher_name, None, "cpu", "fp32")
+    forward = teacher._forward
+    monkeypatch.setattr(teacher, "_forward", lambda x: (during.append(flags()), forward(x))[1])
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        teacher.encode_images(torch.zeros(2, 3, 32, 32))
+        assert during == [(False, False)] and flags() == (True, before[1])
+        teacher.precision = "bf16"
+        teacher.encode_images(torch.zeros(2, 3, 32, 32))
+        assert during[-1] == (True, before[1])
+        with pytest.raises(KeyError), exact_fp32():
+            raise KeyError
+        assert flags() == (True, before[1])
+    finally:
+        torch.backends.cudnn.allow_tf32 = before[0]
+
+
+def oom(*a, **k):
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_in_the_teacher_pass_is_one_line_and_resumable(image_folder, tmp_path, tiny_teacher_name,
+                                                                      monkeypatch, capsys):
+    """The chunks written before stay, the rest stay pending, and a rerun completes the store."""
+    from zsd.cli import main as cli_main
+
+    out = tmp_path / "s.zarr"
+    real, calls = Teacher.encode_images, []
+
+    def fail_third(self, x):
+        calls.append(len(x))
+        return oom() if len(calls) == 3 else real(self, x)
+
+    monkeypatch.setattr(Teacher, "encode_images", fail_third)
+    with pytest.raises(SystemExit) as e:
+        cli_main(["cache-teacher", str(image_folder), "--out", str(out), "--teacher", tiny_teacher_name,
+                  "--batch-size", "4", "--chunk-rows", "4", "--workers", "0", "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line and "img/s" not in line]  # no progress bar
+    assert e.value.code == 1 and err == ["zsd: error: out of memory on cpu in the teacher forward of 4 views: "
+                                         "lower --batch-size"]
+    assert open_store(out).status_per_chunk().sum(0).tolist() == [4, 8, 0]  # pending, written, failed
+    monkeypatch.setattr(Teacher, "encode_images", real)
+    assert cache_teacher([str(image_folder)], str(out), teacher=tiny_teacher_name, batch_size=4, chunk_rows=4,
+                         workers=0, device="cpu", progress=False, log=lambda m: None)["complete"]
+
+
+def test_out_of_memory_in_training_names_the_batch_flags(image_folder, tmp_path, tiny_teacher_name, monkeypatch):
+    store = tmp_path / "s.zarr"
+    cache_teacher([str(image_folder)], str(store), teacher=tiny_teacher_name, views=2, workers=0, device="cpu",
+                  progress=False, log=lambda m: None)
+    monkeypatch.setattr(Student, "forward", oom)
+    with pytest.raises(ZsdError) as e:
+        train(TrainConfig([str(store)], run_dir=str(tmp_path / "run"), student="test_resnet", student_res=32,
+                          steps=2, batch_size=4, workers=0, device="cpu"), progress=False, log=lambda m: None)
+    assert str(e.value) == ("out of memory on cpu in a training step of 4 images per process (test_resnet at 32 px): "
+                            "lower --batch-size or raise --accum (a step's images per process are --batch-size / "
+                            "(--accum x processes))")
+    assert not list((tmp_path / "run").glob("*.tmp")) and not (tmp_path / "run" / STATE).exists()
+
+
+def test_one_host_sync_per_step_whatever_the_accumulation(image_folder, tmp_path, tiny_teacher_name, monkeypatch):
+    """The loop reads losses and distances back to the host once per optimizer step, not per
+    micro-batch: calls of .item/.tolist/.cpu/.numpy made by the training loop itself, counted."""
+    store = tmp_path / "s.zarr"
+    cache_teacher([str(image_folder)], str(store), teacher=tiny_teacher_name, views=2, workers=0, device="cpu",
+                  progress=False, log=lambda m: None)
+    counts = {}
+    for name in ("item", "tolist", "cpu", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, **k):
+            code = sys._getframe(1).f_code
+            if code.co_filename == train_module.__file__ and code.co_name == "_train":  # the loop
+                counts[run] = counts.get(run, 0) + 1
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    for run, accum in (("a1", 1), ("a4", 4)):
+        train(TrainConfig([str(store)], run_dir=str(tmp_path / run), student="test_resnet", student_res=32, steps=3,
+                          batch_size=8, accum_steps=accum, workers=0, device="cpu", save_every=100,
+                          losses=["l2", "contrastive-image=0.5"]), progress=False, log=lambda m: None)
+    assert counts == {"a1": 3 * 3, "a4": 3 * 3}  # per step: losses .tolist(), distances .cpu().numpy()
+
+
+def test_decode_workers_follow_the_cores_of_each_gpus_share(monkeypatch):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert cpu.decode_workers("cuda") == 16 and cpu.decode_workers("cpu") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPUs share 32 cores: 4 each, one for the main process
+    assert cpu.decode_workers("cuda:3") == 3
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cpu.decode_workers("cuda") == 1 and cpu.decode_workers("cpu") == 1
+
+
+def test_teacher_batches_on_a_gpu_shrink_with_the_input_size():
+    assert [gpu_batch(s) for s in (32, 224, 256, 336, 448, 1024)] == [256, 256, 128, 64, 64, 16]
+
+
+def test_too_little_shared_memory_for_the_workers_is_one_line(image_folder, tmp_path, tiny_teacher_name, monkeypatch):
+    """A container's 64 MiB /dev/shm: decode workers would die with 'Bus error'."""
+    store = tmp_path / "s.zarr"
+    cache_teacher([str(image_folder)], str(store), teacher=tiny_teacher_name, workers=0, device="cpu",
+                  progress=False, log=lambda m: None)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(64 << 20, 0, 4096))
+    with pytest.raises(ZsdError) as e:
+        train(TrainConfig([str(store)], run_dir=str(tmp_path / "run"), student="test_resnet", student_res=32,
+                          steps=1, batch_size=4, workers=2, device="cpu", pixel_cache="no"),
+              progress=False, log=lambda m: None)
+    assert "/dev/shm has 0 MiB free" in str(e.value) and "--shm-size=1g" in str(e.value)
+    assert "--workers 0" in str(e.value) and not (tmp_path / "run" / STATE).exists()
+    with pytest.raises(ZsdError, match="2 decode workers keep about"):
+        cache_teacher([str(image_folder)], str(tmp_path / "t.zarr"), teacher=tiny_teacher_name, workers=2,
+                      device="cpu", progress=False, log=lambda m: None)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_smoke_runs_its_sequence_on_the_cpu(tmp_path):
+    """tools/gpu_smoke.sh --device cpu: every step of the GPU check at a small size, one table, the JSON
+    under $OUT, and its work folder removed."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh"), "--device", "cpu"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "gpu_smoke.json").read_text())
+    results = {s["step"]: s["result"] for s in report["steps"]}
+    assert results == {"teacher fp32/bf16": "pass", "cache pass": "pass", "train + resume": "pass",
+                       "pytest -k cuda": "skip", "eval CPU then dev": "pass", "coverage": "pass",
+                       "robustness": "pass", "verify --recompute": "pass", "export + parity": "pass"}
+    assert report["failed"] == [] and report["device"] == "cpu"
+    assert set(report["speed"]) == {"cache_pass_img_s", "teacher_forward_img_s", "train_img_s",
+                                    "student_step_img_s", "decode_img_s_per_core"}
+    assert all(v > 0 for v in report["speed"].values())
+    assert "resumed within 0.0e+00" in res.stdout  # on a CPU the resumed run is the same computation
+    table = res.stdout[res.stdout.index("\nstep"):]
+    assert all(f"{name:<20}" in table for name in results) and "all steps passed" in res.stdout
+    assert not list((tmp_path / "tmp").glob("zsd_gpu_smoke_*"))  # the work folder is gone
+
+
+def test_gpu_smoke_without_the_cuda_device_is_one_line(tmp_path):
+    """Asked for CUDA where torch sees none (the suite hides the GPUs): one line, exit 1, nothing written."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmp_path), "OUT": str(tmp_path / "out")}
+    res = subprocess.run(["bash", str(REPO / "tools" / "gpu_smoke.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 1 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith("zsd: error: tools/gpu_smoke.sh --device cuda needs a CUDA device")
+    assert "--device cpu" in res.stderr and list(tmp_path.iterdir()) == []
