@@ -15,15 +15,23 @@ class ZsdError(Exception):
     pass
 
 
+def first_missing(folder) -> Path | None:
+    """The outermost folder of `folder`'s path that does not exist yet (None if it exists): what to remove
+    so that a failed command leaves no folder it made."""
+    missing = None
+    for p in [Path(folder).absolute(), *Path(folder).absolute().parents]:
+        if p.exists():
+            return missing
+        missing = p
+    return missing
+
+
 def check_writable(folder, what: str) -> None:
     """Prove that `folder` (made if missing, and removed again) takes a new file, before any work is
     done; else a ZsdError naming the option `what`. A probe file, because permission bits do not
     tell (root, read-only mounts)."""
     folder = Path(folder)
-    made = folder  # the outermost folder this check creates: removed again, so a later error leaves nothing
-    while not made.parent.exists() and made.parent != made:
-        made = made.parent
-    made = None if made.exists() else made
+    made = first_missing(folder)  # removed again, so a later error leaves nothing
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".zsd-probe-")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError, check_at_least, check_writable
+from zsd.errors import ZsdError, check_at_least, check_writable, first_missing
 from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess, normalize, render_view
 
@@ -224,7 +224,7 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
     images = check_images(check_images_from, check_n) if check else []
     weights = student_fingerprint(run, config)["weights"]
     record = {"format": FORMAT, "zsd_version": __version__, "run": str(run), "student_weights": weights, **config}
-    made = _first_missing(out.parent)
+    made = first_missing(out.parent)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         tmp.mkdir(parents=True)
@@ -248,16 +248,6 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                 from None
         raise
     return record
-
-
-def _first_missing(folder: Path) -> Path | None:
-    """The outermost folder of `folder` that does not exist yet (removed again if the export fails)."""
-    missing = None
-    for p in [folder.absolute(), *folder.absolute().parents]:
-        if p.exists():
-            return missing
-        missing = p
-    return missing
 
 
 def _write_config(folder: Path, model_cfg: dict, oc_preprocess: dict, record: dict) -> None:
