@@ -127,6 +127,33 @@ def test_rerun_after_interruption_generates_only_what_is_missing(tiny_sdxl, tmp_
     assert all((out / e["image"]).stat().st_mtime_ns == before[e["image"]] for e in first[:3])
 
 
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_sdxl, tmp_path, monkeypatch, capsys):
+    from test_write_errors import FullDisk
+
+    write_prompts(PROMPTS, tmp_path / "prompts.jsonl")
+    out = tmp_path / "synth"
+    args = ["synth", str(tmp_path / "prompts.jsonl"), "--out", str(out), "--model", str(tiny_sdxl), "--lora", "none",
+            "--steps", "2", "--size", str(SIZE), "--batch-size", "2", "--device", "cpu"]
+    disk, real_save, saved = FullDisk(monkeypatch, out), Image.Image.save, []
+
+    def save_then_fill(self, fp, *a, **k):  # the disk fills after the second image
+        real_save(self, fp, *a, **k)
+        saved.append(fp)
+        if len(saved) == 2:
+            disk.fill()
+
+    monkeypatch.setattr(Image.Image, "save", save_then_fill)
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "|" not in line]
+    assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f"zsd: error: No space left on device ({out}")
+    assert len(_manifest(out)) == 1 and not list(out.rglob("*.tmp"))  # the second image's line found no room
+    monkeypatch.undo()
+    main(args)
+    assert [e["seed"] for e in _manifest(out)] == [p["seed"] for p in PROMPTS] and not list(out.rglob("*.tmp"))
+    assert all((out / e["image"]).is_file() for e in _manifest(out))
+
+
 def test_shards_split_the_prompts_and_the_last_one_merges(tiny_sdxl, tmp_path):
     write_prompts(PROMPTS, tmp_path / "prompts.jsonl")
     out = tmp_path / "synth"

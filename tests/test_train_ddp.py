@@ -104,7 +104,12 @@ def test_two_processes_compute_what_one_process_computes(image_folder, tmp_path,
               "--steps", "4", "--batch-size", "8", "--accum", "2", "--lr", "1e-2", "--workers", "0",
               "--device", "cpu", "--precision", "fp32", "--ema-decay", "0.5", "--seed", "3"])
     one = tmp_path / "one"
-    train(TrainConfig([str(store)], run_dir=str(one), **args), progress=False, log=lambda m: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same summation order in each kernel
+    try:
+        train(TrainConfig([str(store)], run_dir=str(one), **args), progress=False, log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
 
     # Rounding differs (each rank sums half the batch, gloo adds the halves) and Adam divides by |grad|,
     # which amplifies it where a gradient is near 0. Measured: median |dw| 2e-6, 99th percentile 3e-5,
@@ -239,3 +244,22 @@ def test_ranks_wait_for_a_long_pixel_cache_render_and_the_group_ends(image_folde
     ranks = state["rng_ranks"]
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])  # each rank its own draws
     assert torch.equal(state["rng"]["torch"], ranks[0]["torch"])
+
+
+def test_a_second_torchrun_job_into_a_held_run_folder_is_refused(image_folder, tmp_path, tiny_teacher_name):
+    """Rank 0 takes the run folder's lock: a resubmitted two-process job is refused in one line naming
+    the holder, its other rank does not wait for the setup timeout, and the folder is left as it was."""
+    from zsd.store import LOCK, folder_lock
+
+    store = make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
+    run = tmp_path / "run"
+    run.mkdir()
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zsd", "train",
+           "--targets", str(store), "--student", "test_resnet", "--student-res", "32", "--out", str(run),
+           "--steps", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--precision", "fp32"]
+    with folder_lock(run, wait=False, holder="the first job (a test)"):
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert f"zsd: error: {run} is in use by the first job (a test)" in res.stderr, res.stderr[-3000:]
+    assert [p.name for p in run.iterdir()] == [LOCK]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 import click
 
 from zsd import DEFAULT_CHUNK_ROWS, DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
-from zsd.errors import ZsdError, check_outputs, check_writable
+from zsd.errors import ZsdError, check_outputs, check_writable, disk_error, write_atomic
 
 # Library modules (torch, timm, open_clip, zarr) are imported inside the commands: `zsd --help`,
 # every `zsd CMD --help` and `zsd predict` stay under a second and never import torch.
@@ -46,14 +45,11 @@ def _write_json(path: str, data) -> None:
         click.echo(text, nl=False)
         return
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise ZsdError(f"--json: cannot write {path} ({e.strerror})") from None
+    write_atomic(path, text, flag="--json")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -634,6 +630,14 @@ def main(argv=None):
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+    except (OSError, RuntimeError) as e:
+        err = disk_error(e)
+        if err is None:
+            raise
+        where = f" ({err.filename})" if err.filename else ""
+        click.echo(f"zsd: error: {err.strerror}{where}: make room (or choose another place) and run the same "
+                   "command again", err=True)
+        sys.exit(1)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous)

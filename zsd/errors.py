@@ -1,13 +1,15 @@
 """User-facing errors.
 
 A ZsdError carries one sentence that tells the user what is wrong and what to pass instead;
-the CLI prints it without a traceback. Anything else that escapes is a bug and keeps its traceback.
+the CLI prints it without a traceback. So it does a full or read-only file system (`disk_error`).
+Anything else that escapes is a bug and keeps its traceback.
 """
 
 import errno
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -86,23 +88,62 @@ def temp_path(path) -> Path:
     return path.with_name(name)
 
 
-def write_atomic(path, content: bytes | str, flag: str = "--out") -> None:
-    """`path` whole or not at all: written to `temp_path` and renamed. The temporary file is
-    removed on any failure or interrupt; a failed write is a ZsdError naming `flag`."""
+@contextmanager
+def writing_in(folder):
+    """An OSError that names no file (a failed write() does not) names `folder`, so a full disk's
+    one-line error says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(folder)
+        raise
+
+
+@contextmanager
+def atomic_file(path):
+    """`with atomic_file(path) as tmp:` write `tmp` (a file or a folder); it becomes `path` when the
+    block ends and is removed when the block raises or is interrupted, so `path` appears whole or
+    not at all. Two processes writing one `path` each write their own temporary name."""
     path = Path(path)
     tmp = temp_path(path)
     try:
-        if isinstance(content, str):
-            tmp.write_text(content)
-        else:
-            tmp.write_bytes(content)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise ZsdError(f"{flag}: cannot write {path} ({e.strerror or e}); nothing was written") from None
+        with writing_in(path.parent):  # not `path`: in nested blocks the write that failed may be another's
+            yield tmp
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path, content: bytes | str, flag: str = "--out") -> None:
+    """`path` whole or not at all (`atomic_file`); a failed write is a ZsdError naming `flag`."""
+    path = Path(path)
+    try:
+        with atomic_file(path) as tmp:
+            if isinstance(content, str):
+                tmp.write_text(content, encoding="utf-8")
+            else:
+                tmp.write_bytes(content)
+    except OSError as e:
+        raise ZsdError(f"{flag}: cannot write {path} ({e.strerror or e}); nothing was written") from None
+
+
+# A full or read-only file system while a command writes: the user's to fix, not a bug. The CLI
+# prints these as one line wherever they arise; the write that failed left no file behind.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def disk_error(e: BaseException) -> OSError | None:
+    """The OSError of a full or read-only file system behind `e` (torch.save wraps it in a
+    RuntimeError), or None."""
+    for err in (e, e.__context__, e.__cause__):
+        if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+            return err
+    return None
 
 
 def reserve(path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError, check_at_least, check_writable
+from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable
 from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
@@ -93,10 +93,8 @@ def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str
     z = teacher.classifier(names, templates).float().numpy().astype(np.float32)
     if cache:
         cache_folder("classifiers")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
             np.save(f, z)
-        os.replace(tmp, path)
     return z
 
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError, check_outputs, check_writable, temp_path
+from zsd.errors import ZsdError, atomic_file, check_outputs, check_writable
 from zsd.evaluate import prototype_classifier, zero_shot_classifier
 from zsd.predict import METADATA_KEY, preprocess
 from zsd.sources import BadImage, RowReader, scan_sources
@@ -256,18 +256,13 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
         _set_metadata(model, meta)
         data = model.SerializeToString()
     # Both files to temporary names first: a full disk leaves the old pair (or nothing), never a mixed one.
-    files = [(out, temp_path(out), data), (side, temp_path(side), (json.dumps(meta, indent=2) + "\n").encode())]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for _, tmp, content in files:
-            tmp.write_bytes(content)
-        for path, tmp, _ in files:
-            os.replace(tmp, path)
+        with atomic_file(out) as out_tmp, atomic_file(side) as side_tmp:
+            out_tmp.write_bytes(data)
+            side_tmp.write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as e:
         raise ZsdError(f"--out: cannot write {e.filename or out} ({e.strerror or e}); nothing was written") from None
-    finally:
-        for _, tmp, _ in files:
-            tmp.unlink(missing_ok=True)
     return meta
 
 

@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, reserve
+from zsd.errors import ZsdError, reserve, temp_path
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -529,7 +529,7 @@ class PixelCache:
         need = int(np.prod(shape)) + 4096  # and the .npy header
         if free < need:
             raise NoRoom(f"the student inputs need {_size(need)} in {path.parent} ($ZSD_CACHE), {_size(free)} are free")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = temp_path(path)
         try:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             reserve(tmp)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError, check_at_least, check_writable, first_missing
+from zsd.errors import ZsdError, check_at_least, check_writable, first_missing, temp_path
 from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess, normalize, render_view
 
@@ -225,7 +225,7 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
     weights = student_fingerprint(run, config)["weights"]
     record = {"format": FORMAT, "zsd_version": __version__, "run": str(run), "student_weights": weights, **config}
     made = first_missing(out.parent)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp = temp_path(out)
     try:
         tmp.mkdir(parents=True)
         _write_folder(tmp, student, teacher, model_cfg, oc_preprocess, record)

@@ -14,7 +14,6 @@ request for N distinct answers yields more diverse options than N independent re
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, write_atomic
 from zsd.hub import load_local_or_hub, require_extra
 from zsd.recipes import read_json
 
@@ -118,9 +117,7 @@ def collect_options(recipe, generate: Generator, out: str | Path, n: int | None 
 
 def _write_json(data, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
 
 
 # --- a transformers chat model as generator -------------------------------------------------

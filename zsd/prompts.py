@@ -24,7 +24,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, write_atomic
 
 Row = tuple[int, ...]
 
@@ -334,11 +334,7 @@ def _weighted_option(text: str, weight: float) -> str:
 def write_prompts(prompts: list[dict], path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for p in prompts:
-            f.write(json.dumps(p, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in prompts))
 
 
 def read_prompts(path: str | Path) -> list[dict]:

@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, reserve
+from zsd.errors import ZsdError, atomic_file, reserve
 from zsd.evaluate import (build_classifier, check_labelled, check_student_teacher, classification_metrics,
                           dataset_name, evaluated_rows, prepare_test_store, result_label)
 from zsd.sources import BadImage, RowReader
@@ -230,9 +230,8 @@ def _render_variant(out: Rendered, variant: str, blocks: list[range], job: Calla
         arr[rows.start:rows.stop] = result.result() if pooled else result
         arr.flush()  # pixels on disk before the block is marked done
         done[b] = True
-        tmp = out.folder / f".{variant}.done.{os.getpid()}.npy"
-        np.save(tmp, done)
-        os.replace(tmp, _done_path(out, variant))
+        with atomic_file(_done_path(out, variant)) as tmp, open(tmp, "wb") as f:
+            np.save(f, done)
         bar.update(len(rows))
     if own_bar:
         bar.close()
@@ -380,7 +379,7 @@ def markdown_table(result: dict) -> str:
 
 
 def plot_robustness(result: dict, path: str | os.PathLike) -> None:
-    """Top-1 vs severity (0 = clean) per model: the mean over corruptions, then one panel per corruption."""
+    """A PNG at `path`: top-1 vs severity (0 = clean) per model, the mean over corruptions, then one panel per corruption."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -411,7 +410,7 @@ def plot_robustness(result: dict, path: str | os.PathLike) -> None:
     axes[0, 0].legend(fontsize=7)
     fig.supxlabel("severity (0 = clean)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")  # PNG whatever the name: a temporary one ends in .tmp
     plt.close(fig)
 
 
@@ -420,11 +419,9 @@ def write_report(result: dict, out_dir: str | os.PathLike) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "robustness.json", out_dir / "robustness.md", out_dir / "robustness.png"]
-    tmp = [p.with_name(f".{p.name}.tmp{p.suffix}") for p in paths]
-    tmp[0].write_text(json.dumps(result, indent=1) + "\n")
-    tmp[1].write_text(markdown_table(result) + "\n")
-    plot_robustness(result, tmp[2])
-    for t, p in zip(tmp, paths):
-        os.replace(t, p)
+    with atomic_file(paths[0]) as js, atomic_file(paths[1]) as md, atomic_file(paths[2]) as png:
+        js.write_text(json.dumps(result, indent=1) + "\n")
+        md.write_text(markdown_table(result) + "\n")
+        plot_robustness(result, png)
     return paths
 

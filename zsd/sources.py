@@ -40,7 +40,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, atomic_file
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -467,8 +467,7 @@ class ShardIndex:
             return
         shards = list(self.entries)
         samples = [s for e in self.entries.values() for s in e[2]]
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_file(self.path) as tmp, open(tmp, "wb") as f:
             np.savez(f, shards=np.array(shards, dtype=str),
                      stats=np.array([e[:2] for e in self.entries.values()], dtype=np.int64).reshape(-1, 2),
                      counts=np.array([len(e[2]) for e in self.entries.values()], dtype=np.int64),
@@ -476,7 +475,6 @@ class ShardIndex:
                      offsets=np.array([o for _, o, _ in samples], dtype=np.int64),
                      sizes=np.array([n for _, _, n in samples], dtype=np.int64),
                      errors=np.array([e[3] or "" for e in self.entries.values()], dtype=str))
-        os.replace(tmp, self.path)
         self.changed = False
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, atomic_file
 from zsd.sources import BadImage, RowReader, scan_sources
 
 MODES = ("shapes", "background")
@@ -152,10 +150,9 @@ def make_spurious(src: str, out: str, *, mode: str = "shapes", seed: int = 0, ma
     features = class_features(classes, mode, seed)
     shuffle = derangement(len(classes), np.random.default_rng([seed, 1]))
     reader = RowReader(scan.descs)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     images, skipped = {}, []
-    try:
+    with atomic_file(out) as tmp:  # the folder appears whole (it replaces an empty --out) or not at all
+        tmp.mkdir(parents=True)
         for key, label, loc in zip(scan.keys, scan.labels, scan.locs):
             try:
                 img = reader.image(key, loc)
@@ -179,11 +176,6 @@ def make_spurious(src: str, out: str, *, mode: str = "shapes", seed: int = 0, ma
                              "shuffled": "each class with the feature of shuffled_map[class] (a derangement)"},
                   "skipped": skipped, "images": images}
         (tmp / "spurious.json").write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if skipped:
         log(f"warning: {len(skipped)} unreadable images left out (listed in spurious.json)")
     log(f"{len(images)} images x 2 variants of {len(classes)} classes in {out}/train and {out}/shuffled")

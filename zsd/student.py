@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, atomic_file
 from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess, timm_preprocess
 
@@ -159,10 +159,9 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
     w, c = run_dir / (prefix + WEIGHTS), run_dir / (prefix + CONFIG)
-    Path(str(w) + ".tmp").write_bytes(save(state))  # Python's write: a full disk raises OSError
-    Path(str(c) + ".tmp").write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(str(w) + ".tmp", w)
-    os.replace(str(c) + ".tmp", c)
+    with atomic_file(w) as wt, atomic_file(c) as ct:  # Python's write: a full disk raises OSError
+        wt.write_bytes(save(state))
+        ct.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zsd.dist import local_device, shard
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, atomic_file, writing_in
 from zsd.hub import load_local_or_hub, require_extra
 from zsd.prompts import read_prompts
 
@@ -123,9 +123,8 @@ def _read_manifest(path: Path, out: Path) -> list[dict]:
 
 
 def _write_lines(path: Path, entries: list[dict]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries), encoding="utf-8")
 
 
 def synthesize(prompts_path: str | Path, out: str | Path, settings: SynthSettings = SynthSettings(),
@@ -149,15 +148,15 @@ def synthesize(prompts_path: str | Path, out: str | Path, settings: SynthSetting
 
     if todo:
         encode = WeightedPromptEncoder(pipe)
-        with open(part, "a", encoding="utf-8") as manifest, tqdm(total=len(todo), desc="synth", unit="img") as bar:
+        with writing_in(out), open(part, "a", encoding="utf-8") as manifest, \
+                tqdm(total=len(todo), desc="synth", unit="img") as bar:
             for start in range(0, len(todo), settings.batch_size):
                 batch = todo[start:start + settings.batch_size]
                 for i, image in zip(batch, generate_images(pipe, [prompts[i] for i in batch], settings, encode)):
                     target = out / paths[i]
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_name(f".{target.name}.tmp")
-                    image.save(tmp, format="PNG")
-                    os.replace(tmp, target)
+                    with atomic_file(target) as tmp:
+                        image.save(tmp, format="PNG")
                     p = prompts[i]
                     manifest.write(json.dumps({"image": paths[i], "class": p["class"], "label": int(p["label"]),
                                                "prompt": p["prompt"], "seed": int(p["seed"])}, ensure_ascii=False) + "\n")

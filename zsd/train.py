@@ -28,7 +28,7 @@ import random
 import shutil
 import socket
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -43,11 +43,11 @@ from tqdm import tqdm
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, torchrun_env
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
-from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
+from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
 from zsd.evaluate import prototype_classifier
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
-from zsd.student import (CONFIG, EMA_PREFIX, WEIGHTS, Student, _unwrap, check_student_name, load_pretrained_backbone,
-                         load_student, save_student, student_preprocess)
+from zsd.student import (EMA_PREFIX, Student, _unwrap, check_student_name, load_pretrained_backbone, load_student,
+                         save_student, student_preprocess)
 from zsd.store import LOCK, folder_lock, open_store
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import Preprocess, normalize
@@ -208,10 +208,9 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
     teacher = rebuild_teacher(targets.teacher, targets.teacher_id, pretrained, "cpu")
     log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
-    tmp = path.with_name(path.name + ".tmp")
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a teacher that does not load leaves no run folder
-    torch.save({"key": key, "embeddings": emb}, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk raises OSError
+        torch.save({"key": key, "embeddings": emb}, f)
     return emb
 
 
@@ -239,19 +238,12 @@ def set_rng_state(state: dict, dev: torch.device) -> None:
 
 def save_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int,
                     rng: list[dict] | None = None) -> None:
-    """Student files (and the EMA's), then train_state.pt; each atomic. The state carries its own copy
-    of the weights, so a kill between the writes still resumes consistently. `rng`: every rank's
-    `rng_state` [default: this process's, on the CPU]."""
+    """Student files (and the EMA's), then train_state.pt; each atomic (a full disk or an interrupt
+    leaves no temporary file). The state carries its own copy of the weights, so a kill between the
+    writes still resumes consistently. `rng`: every rank's `rng_state` [default: this process's, on
+    the CPU]."""
     meta = {**meta, "step": step}
-    try:
-        _write_checkpoint(run_dir, model, ema, criterion, optimizer, meta, step, rng or [rng_state(torch.device("cpu"))])
-    except BaseException:  # a full disk or an interrupt: no half-written temporary file stays behind
-        for name in (WEIGHTS, CONFIG, EMA_PREFIX + WEIGHTS, EMA_PREFIX + CONFIG, STATE):
-            (run_dir / (name + ".tmp")).unlink(missing_ok=True)
-        raise
-
-
-def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dict, step: int, rng: list[dict]) -> None:
+    rng = rng or [rng_state(torch.device("cpu"))]
     save_student(run_dir, model, meta)
     if ema is not None:
         save_student(run_dir, ema.module, meta, prefix=EMA_PREFIX)
@@ -264,15 +256,13 @@ def _write_checkpoint(run_dir: Path, model, ema, criterion, optimizer, meta: dic
         "rng": rng[0], "rng_ranks": rng,  # "rng": rank 0's, as checkpoints before per-rank states have it
         "student": meta,
     }
-    tmp = run_dir / (STATE + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(run_dir / STATE) as tmp, open(tmp, "wb") as f:
         try:
             torch.save(state, f)
         except RuntimeError as e:  # torch's zip writer wraps the file's OSError (a full disk): raise that
             if isinstance(e.__context__, OSError):
                 raise e.__context__ from None
             raise
-    os.replace(tmp, run_dir / STATE)
 
 
 def _gather_rng(dev: torch.device, distributed: bool, world: int) -> list[dict]:
@@ -332,16 +322,28 @@ SETUP_TIMEOUT = timedelta(hours=12)
 
 
 def _setup_distributed(device: str):
-    """(world, rank, device, distributed, started). A process group the caller initialised is joined;
-    otherwise torchrun's WORLD_SIZE/RANK start one (gloo on CPU, nccl on GPUs), and `started` says
-    that train() ends it. The device is the rank's own GPU (LOCAL_RANK), made current."""
+    """(world, rank, device, distributed, started, setup). A process group the caller initialised is
+    joined; otherwise torchrun's WORLD_SIZE/RANK start one (gloo on CPU, nccl on GPUs), and `started`
+    says that train() ends it. The device is the rank's own GPU (LOCAL_RANK), made current. `setup`:
+    a gloo group for the CPU-side collectives, with a timeout long enough for rank 0's pixel cache."""
     dev = local_device(device)
     if torchrun_env()[1] == 1 and not dist.is_initialized():
-        return 1, 0, dev, False, False
+        return 1, 0, dev, False, False, None
     started = not dist.is_initialized()
     if started:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return dist.get_world_size(), dist.get_rank(), dev, True, started
+    setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return dist.get_world_size(), dist.get_rank(), dev, True, started, setup
+
+
+def _rank0_says(message: str | None, setup) -> str | None:
+    """Rank 0's `message` on every rank (None: go on). The other ranks learn so that rank 0 refused
+    the run, instead of waiting for it in a collective until the job is killed."""
+    if setup is None:
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0, group=setup)
+    return box[0]
 
 
 def all_ranks(values: list[float], op, dev: torch.device, group=None) -> list[float]:
@@ -369,27 +371,41 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     into the same folder in one line naming the first; a run that fails before it wrote anything
     leaves no folder behind.
     """
+    t_start = time.perf_counter()
     run_dir = Path(config.run_dir)
-    if (dist.get_rank() if dist.is_initialized() else torchrun_env()[0]) != 0:
-        return _train(config, resume=resume, stop_after=stop_after, progress=progress, log=log)
-    check_writable(run_dir, "--out")
-    made = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ranks = _setup_distributed(config.device)
+    setup = ranks[-1]
+    if ranks[1] != 0:
+        refusal = _rank0_says(None, setup)
+        if refusal:
+            raise ZsdError(refusal)
+        return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
     holder = (f"`zsd train` (pid {os.getpid()} on {socket.gethostname()}, started "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
-    try:
-        with folder_lock(run_dir, wait=False, holder=holder):
-            return _train(config, resume=resume, stop_after=stop_after, progress=progress, log=log)
-    finally:
-        if made and [f.name for f in run_dir.iterdir()] == [LOCK]:
-            shutil.rmtree(run_dir, ignore_errors=True)
+    with ExitStack() as held:
+        try:
+            check_writable(run_dir, "--out")
+            if not run_dir.exists():
+                run_dir.mkdir(parents=True)
+                held.callback(_remove_if_unused, run_dir)  # after the lock is released
+            held.enter_context(folder_lock(run_dir, wait=False, holder=holder))
+        except ZsdError as e:
+            _rank0_says(str(e), setup)
+            raise
+        _rank0_says(None, setup)
+        return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
 
 
-def _train(config: TrainConfig, *, resume: bool, stop_after: int | None, progress: bool, log) -> dict:
+def _remove_if_unused(run_dir: Path) -> None:
+    """A run that failed before it wrote anything leaves no folder behind."""
+    if [f.name for f in run_dir.iterdir()] == [LOCK]:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _train(config: TrainConfig, ranks: tuple, t_start: float, *, resume: bool, stop_after: int | None,
+           progress: bool, log) -> dict:
     check_at_least("--stop-after", stop_after, 1)
-    t_start = time.perf_counter()
-    world, rank, dev, distributed, started = _setup_distributed(config.device)
-    setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT) if distributed else None
+    world, rank, dev, distributed, started, setup = ranks
     tune_allocator(dev)
     main_proc = rank == 0
     say = log if main_proc else (lambda m: None)
