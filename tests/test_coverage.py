@@ -135,6 +135,8 @@ def test_coverage_with_tiny_trained_student(image_folder, tiny_teacher_name, tmp
     assert report["coverage_curve"]["fraction"][-1] == 1.0
     plot_coverage(report, tmp_path / "cov.png")
     assert (tmp_path / "cov.png").read_bytes()[:4] == b"\x89PNG"
+    plot_coverage(report, tmp_path / "cov.pdf")  # the format the name asks for, written whole
+    assert (tmp_path / "cov.pdf").read_bytes()[:5] == b"%PDF-" and not list(tmp_path.glob(".*"))
     json.dumps(report)  # JSON-ready
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli, make_image
+from conftest import cli
 from student_helpers import make_student
 from test_prompts import _options
 from test_write_errors import FullDisk, leftovers
 from zsd.cache import cache_teacher
-from zsd.errors import atomic_file, disk_error, write_atomic
+from zsd.errors import atomic_file, disk_error, temp_path, write_atomic
 
 
 def one_line(err: str) -> str:
@@ -51,9 +51,17 @@ def test_atomic_file_appears_whole_or_not_at_all(tmp_path):
         (tmp / "y").write_text("2")
     assert (folder / "y").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["a.json", "f"]
 
+    fresh = tmp_path / "g"
+    stale = temp_path(fresh)  # left by a killed process whose pid this one has again (pid 1 in containers)
+    (stale / "old").mkdir(parents=True)
+    with atomic_file(fresh) as tmp:
+        tmp.mkdir()
+        (tmp / "z").write_text("3")
+    assert os.listdir(fresh) == ["z"] and sorted(os.listdir(tmp_path)) == ["a.json", "f", "g"]
+
     long = tmp_path / ("n" * 250)  # a legal name that a temporary suffix would make too long
     write_atomic(long, b"x")
-    assert long.read_bytes() == b"x" and len(os.listdir(tmp_path)) == 3
+    assert long.read_bytes() == b"x" and len(os.listdir(tmp_path)) == 4
 
 
 def test_a_failed_write_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):

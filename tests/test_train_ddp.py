@@ -261,5 +261,8 @@ def test_a_second_torchrun_job_into_a_held_run_folder_is_refused(image_folder, t
     with folder_lock(run, wait=False, holder="the first job (a test)"):
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
+    # Rank 1 learns of the refusal and ends (before or as torchrun's SIGTERM reaches it); waiting in a
+    # collective, it would ignore SIGTERM until torchrun's SIGKILL 30 s later.
     assert f"zsd: error: {run} is in use by the first job (a test)" in res.stderr, res.stderr[-3000:]
+    assert "SIGKILL" not in res.stderr, res.stderr[-3000:]
     assert [p.name for p in run.iterdir()] == [LOCK]

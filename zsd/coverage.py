@@ -28,7 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, check_at_least
+from zsd.errors import ZsdError, atomic_file, check_at_least
 from zsd.sources import class_key
 from zsd.store import Store, open_store
 from zsd.teachers import same_teacher
@@ -481,6 +481,7 @@ def plot_coverage(report: dict, path: str | os.PathLike):
             ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # the format from the name asked for: the temporary one ends in .tmp
+        fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".").lower() or "png")
     plt.close(fig)
     return fig

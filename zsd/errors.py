@@ -107,16 +107,21 @@ def atomic_file(path):
     not at all. Two processes writing one `path` each write their own temporary name."""
     path = Path(path)
     tmp = temp_path(path)
+    _remove(tmp)  # left by a killed process whose pid this one reuses (pid 1 in every container)
     try:
         with writing_in(path.parent):  # not `path`: in nested blocks the write that failed may be another's
             yield tmp
             os.replace(tmp, path)
     except BaseException:
-        if tmp.is_dir() and not tmp.is_symlink():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_atomic(path, content: bytes | str, flag: str = "--out") -> None:

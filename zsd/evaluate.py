@@ -25,7 +25,7 @@ import numpy as np
 
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable
+from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
 from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
@@ -389,7 +389,7 @@ def write_results(results: list[dict], out_dir: str | os.PathLike) -> list[Path]
     paths = []
     for r in results:
         path = out_dir / f"{r['dataset']}__{result_label(r)}.json"
-        path.write_text(json.dumps(r, indent=2) + "\n")
+        write_atomic(path, json.dumps(r, indent=2) + "\n", flag="--out-dir")
         paths.append(path)
     return paths
 

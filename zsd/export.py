@@ -258,11 +258,11 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
     # Both files to temporary names first: a full disk leaves the old pair (or nothing), never a mixed one.
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(out) as out_tmp, atomic_file(side) as side_tmp:
+        with atomic_file(side) as side_tmp, atomic_file(out) as out_tmp:  # the inner one is renamed first
             out_tmp.write_bytes(data)
             side_tmp.write_text(json.dumps(meta, indent=2) + "\n")
     except OSError as e:
-        raise ZsdError(f"--out: cannot write {e.filename or out} ({e.strerror or e}); nothing was written") from None
+        raise ZsdError(f"--out: cannot write {out} ({e.strerror or e}); nothing was written") from None
     return meta
 
 

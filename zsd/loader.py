@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, reserve, temp_path
+from zsd.errors import ZsdError, atomic_file, reserve, temp_path
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -545,7 +545,8 @@ class PixelCache:
                     bar.update(len(slots) + len(failed))
             out.flush()
             del out
-            errors_path.write_text(json.dumps(errors))
+            with atomic_file(errors_path) as e_tmp:  # before the pixels: they are read only with their errors
+                e_tmp.write_text(json.dumps(errors))
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)

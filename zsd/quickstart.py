@@ -23,7 +23,7 @@ from pathlib import Path
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.evaluate import evaluate, results_table
-from zsd.errors import check_at_least
+from zsd.errors import check_at_least, write_atomic
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
 from zsd.teachers import resolve_device
@@ -99,7 +99,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     stage(4, "coverage audit: how close is each test photo to a train photo, and which predictions are certified")
     report = coverage([str(train_store)], str(test_store), str(run_dir / "student"), pretrained=pretrained,
                       classnames=classnames, templates="pets", device=device, log=log)
-    (run_dir / "coverage.json").write_text(json.dumps(report, indent=1) + "\n")
+    write_atomic(run_dir / "coverage.json", json.dumps(report, indent=1) + "\n")
     plot_coverage(report, run_dir / "coverage.png")
     log(coverage_text(report))
     follow_up = next_commands(train_store, test_store, run_dir / "student", pretrained, classnames)

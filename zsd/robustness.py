@@ -28,7 +28,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, atomic_file, reserve
+from zsd.errors import ZsdError, atomic_file, reserve, write_atomic
 from zsd.evaluate import (build_classifier, check_labelled, check_student_teacher, classification_metrics,
                           dataset_name, evaluated_rows, prepare_test_store, result_label)
 from zsd.sources import BadImage, RowReader
@@ -143,7 +143,7 @@ def render(store: Store, *, size: int = 224, corruptions: list[str], severities:
              "imagecorruptions": getattr(imagecorruptions, "__version__", "imaug-1.1")}
     tag = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_folder("corruptions", f"{dataset_name(store)}-{tag}")
-    (folder / "meta.json").write_text(json.dumps(ident, indent=1) + "\n")
+    write_atomic(folder / "meta.json", json.dumps(ident, indent=1) + "\n", flag="$ZSD_CACHE")
     out = Rendered(folder, size, store.rows)
     written = store.written()
     keys = list(store.keys())

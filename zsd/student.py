@@ -159,7 +159,8 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _unwrap(model).state_dict().items()}
     w, c = run_dir / (prefix + WEIGHTS), run_dir / (prefix + CONFIG)
-    with atomic_file(w) as wt, atomic_file(c) as ct:  # Python's write: a full disk raises OSError
+    # The inner block is renamed first: the weights, then the config that describes them.
+    with atomic_file(c) as ct, atomic_file(w) as wt:  # Python's write: a full disk raises OSError
         wt.write_bytes(save(state))
         ct.write_text(json.dumps(config, indent=2) + "\n")
 

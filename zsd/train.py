@@ -378,6 +378,7 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     if ranks[1] != 0:
         refusal = _rank0_says(None, setup)
         if refusal:
+            _end_distributed(ranks)
             raise ZsdError(refusal)
         return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
     holder = (f"`zsd train` (pid {os.getpid()} on {socket.gethostname()}, started "
@@ -385,21 +386,41 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     with ExitStack() as held:
         try:
             check_writable(run_dir, "--out")
-            if not run_dir.exists():
-                run_dir.mkdir(parents=True)
-                held.callback(_remove_if_unused, run_dir)  # after the lock is released
+            made = _make_folder(run_dir)
             held.enter_context(folder_lock(run_dir, wait=False, holder=holder))
-        except ZsdError as e:
-            _rank0_says(str(e), setup)
+            if made:  # removed while the lock is held: no other run can be in it then
+                held.callback(_remove_if_unused, run_dir)
+        except BaseException as e:  # whatever stops rank 0 here, the other ranks must not wait for it
+            _rank0_says(str(e) if isinstance(e, ZsdError) else f"rank 0 could not start: {type(e).__name__}: {e}",
+                        setup)
+            _end_distributed(ranks)
             raise
         _rank0_says(None, setup)
         return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
+
+
+def _make_folder(folder: Path) -> bool:
+    """Whether this call created `folder` (two runs may race to create it; the lock decides)."""
+    try:
+        folder.mkdir(parents=True)
+        return True
+    except FileExistsError:
+        return False
 
 
 def _remove_if_unused(run_dir: Path) -> None:
     """A run that failed before it wrote anything leaves no folder behind."""
     if [f.name for f in run_dir.iterdir()] == [LOCK]:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _end_distributed(ranks: tuple) -> None:
+    """Close the groups `_setup_distributed` opened (the default one only where it started it)."""
+    distributed, started, setup = ranks[3:]
+    if distributed:
+        dist.destroy_process_group(setup)
+        if started:
+            dist.destroy_process_group()
 
 
 def _train(config: TrainConfig, ranks: tuple, t_start: float, *, resume: bool, stop_after: int | None,
@@ -674,9 +695,7 @@ def _train(config: TrainConfig, ranks: tuple, t_start: float, *, resume: bool, s
         del batches
     if distributed:
         dist.barrier(group=setup)
-        dist.destroy_process_group(setup)
-        if started:
-            dist.destroy_process_group()
+        _end_distributed(ranks)
     elapsed = time.perf_counter() - t_start
     summary = {"run_dir": str(run_dir), "student": student, "steps": step, "total_steps": total,
                "finished": step >= total, "epochs": step / steps_per_epoch, "images": seen,
