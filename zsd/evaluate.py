@@ -227,9 +227,10 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     sid = teacher_id(fingerprint)
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
     folder, prefix = student_location(run_dir)
-    out = embeddings_folder(folder) / (prefix + store.path.name)
     if is_open_clip_folder(folder):  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
         out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
+    else:
+        out = embeddings_folder(folder) / (prefix + store.path.name)
     keys = store.keys()
     if out.exists():
         try:

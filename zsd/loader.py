@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from zsd.errors import ZsdError, atomic_file, reserve, temp_path
+from zsd.errors import ZsdError, atomic_file, reserve
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -529,31 +529,26 @@ class PixelCache:
         need = int(np.prod(shape)) + 4096  # and the .npy header
         if free < need:
             raise NoRoom(f"the student inputs need {_size(need)} in {path.parent} ($ZSD_CACHE), {_size(free)} are free")
-        tmp = temp_path(path)
         try:
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-            reserve(tmp)
-            errors = {}
-            loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
-                                                 collate_fn=_Render.as_batch)
-            with tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
-                      dynamic_ncols=True) as bar:  # closed on an interrupt too: its line ends before the error's
-                for slots, px, failed in loader:
-                    if px is not None:
-                        out[slots] = px.numpy()
-                    errors.update(failed)
-                    bar.update(len(slots) + len(failed))
-            out.flush()
-            del out
-            with atomic_file(errors_path) as e_tmp:  # before the pixels: they are read only with their errors
-                e_tmp.write_text(json.dumps(errors))
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+                reserve(tmp)
+                errors = {}
+                loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
+                                                     collate_fn=_Render.as_batch)
+                with tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
+                          dynamic_ncols=True) as bar:  # closed on an interrupt too: its line ends before the error's
+                    for slots, px, failed in loader:
+                        if px is not None:
+                            out[slots] = px.numpy()
+                        errors.update(failed)
+                        bar.update(len(slots) + len(failed))
+                out.flush()
+                del out
+                with atomic_file(errors_path) as e_tmp:  # before the pixels: they are read only with their errors
+                    e_tmp.write_text(json.dumps(errors))
         except OSError as e:
-            tmp.unlink(missing_ok=True)
             raise NoRoom(f"cannot write the student inputs into {path.parent} ($ZSD_CACHE): {e.strerror}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
 
     @staticmethod
     def nbytes(targets: TrainTargets, size: int) -> int:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
-from zsd.errors import ZsdError, check_at_least, check_writable, first_missing, temp_path
+from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, first_missing
 from zsd.hub import offline_unless_reachable
 from zsd.views import Preprocess, normalize, render_view
 
@@ -224,25 +224,25 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
     images = check_images(check_images_from, check_n) if check else []
     weights = student_fingerprint(run, config)["weights"]
     record = {"format": FORMAT, "zsd_version": __version__, "run": str(run), "student_weights": weights, **config}
-    made = first_missing(out.parent)
-    tmp = temp_path(out)
+    made = first_missing(out.parent)  # removed again on failure, as the folder itself
     try:
-        tmp.mkdir(parents=True)
-        _write_folder(tmp, student, teacher, model_cfg, oc_preprocess, record)
-        if check:
-            record["parity"] = report = parity(tmp, student, pre, teacher, names, images)
-            report.update(source=check_images_from or "generated", tolerance=TOLERANCE if tolerance is None
-                          else tolerance)
-            log(parity_text(report))
-            failed = parity_failures(report, int(config["embed_dim"]))
-            if failed:
-                raise ZsdError(f"parity check failed, nothing written: open_clip vs zsd: {'; '.join(failed)} on "
-                               f"{report['images']} images")
-            _write_config(tmp, model_cfg, oc_preprocess, record)
-        (tmp / "README.md").write_text(model_card(config, record, run_results(student_location(run)[0], weights)))
-        os.rename(tmp, out)  # the folder appears whole or not at all
+        with atomic_file(out) as tmp:  # the folder appears whole or not at all
+            tmp.mkdir(parents=True)
+            _write_folder(tmp, student, teacher, model_cfg, oc_preprocess, record)
+            if check:
+                record["parity"] = report = parity(tmp, student, pre, teacher, names, images)
+                report.update(source=check_images_from or "generated", tolerance=TOLERANCE if tolerance is None
+                              else tolerance)
+                log(parity_text(report))
+                failed = parity_failures(report, int(config["embed_dim"]))
+                if failed:
+                    raise ZsdError(f"parity check failed, nothing written: open_clip vs zsd: {'; '.join(failed)} on "
+                                   f"{report['images']} images")
+                _write_config(tmp, model_cfg, oc_preprocess, record)
+            (tmp / "README.md").write_text(model_card(config, record, run_results(student_location(run)[0], weights)))
     except BaseException as e:
-        shutil.rmtree(made or tmp, ignore_errors=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         if isinstance(e, OSError):
             raise ZsdError(f"--out {out}: cannot write {e.filename or out} ({e.strerror or e}); nothing written") \
                 from None

@@ -208,7 +208,6 @@ def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
     teacher = rebuild_teacher(targets.teacher, targets.teacher_id, pretrained, "cpu")
     log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
     emb = teacher.classifier(names, [template]).float()
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a teacher that does not load leaves no run folder
     with atomic_file(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk raises OSError
         torch.save({"key": key, "embeddings": emb}, f)
     return emb
@@ -566,10 +565,8 @@ def _train(config: TrainConfig, ranks: tuple, t_start: float, *, resume: bool, s
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[dev.index] if dev.type == "cuda" else None, gradient_as_bucket_view=True)
 
-    if main_proc:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            _truncate_log(run_dir / LOG, start)
+    if main_proc and state is not None:
+        _truncate_log(run_dir / LOG, start)
     # A fresh run starts a fresh log: one interrupted before its first checkpoint may have left one.
     log_file = open(run_dir / LOG, "a" if state is not None else "w") if main_proc else None
     bar = tqdm(total=total, initial=start, unit="step", desc=f"train {student} -> {run_dir.name}",
