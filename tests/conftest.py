@@ -14,6 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if os.environ.get("ZSD_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
+import torch  # noqa: E402  (only now: after CUDA_VISIBLE_DEVICES)
+
+# One intra-op thread in every test, whichever test files run: a result never depends on which
+# modules were collected, and the DDP tests' single-process references sum in the order of their
+# subprocess ranks (OMP_NUM_THREADS=1).
+torch.set_num_threads(1)
+
 # A ViT small enough to run a few hundred 32 px images per second on one core.
 TINY_CLIP_CFG = {
     "embed_dim": 16,
@@ -128,3 +135,13 @@ def image_folder(tmp_path):
             make_image(root / name / f"{name}_{i}.jpg" if i % 2 else root / name / f"{name}_{i}.png",
                        seed=10 * c + i, size=(40 + 4 * i, 36 + 3 * c))
     return root
+
+
+@pytest.fixture
+def store(image_folder, tmp_path, tiny_teacher_name):
+    """The path of a complete 1-view store of `image_folder` with the tiny teacher."""
+    from zsd.cache import cache_teacher
+
+    cache_teacher([str(image_folder)], str(tmp_path / "s.zarr"), teacher=tiny_teacher_name, pretrained=None,
+                  views=1, chunk_rows=4, workers=0, progress=False, log=lambda m: None)
+    return str(tmp_path / "s.zarr")

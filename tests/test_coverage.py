@@ -3,7 +3,6 @@ import json
 import faiss
 import numpy as np
 import pytest
-import torch
 from conftest import FAKE_TEACHER, make_image, random_store, unit
 from student_helpers import make_student
 
@@ -11,8 +10,6 @@ from zsd.cache import cache_teacher
 from zsd.coverage import certify, coverage, nearest_train, pair_distances, plot_coverage, witnesses
 from zsd.errors import ZsdError
 from zsd.store import open_store
-
-torch.set_num_threads(1)
 
 
 def test_nearest_matches_numpy_bruteforce(tmp_path):

@@ -19,8 +19,6 @@ from zsd.teachers import create_teacher
 from zsd.templates import TEMPLATES, resolve_templates
 from zsd.views import Preprocess, normalize, render_view
 
-torch.set_num_threads(1)
-
 
 def make_store(image_folder, path, teacher, pretrained=None, views=2):
     cache_teacher([str(image_folder)], str(path), teacher=teacher, pretrained=pretrained, views=views, chunk_rows=4,

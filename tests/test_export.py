@@ -25,7 +25,6 @@ from zsd.views import Preprocess, normalize, render_view
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 

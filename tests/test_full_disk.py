@@ -14,7 +14,6 @@ from conftest import cli
 from student_helpers import make_student
 from test_prompts import _options
 from test_write_errors import FullDisk, leftovers
-from zsd.cache import cache_teacher
 from zsd.errors import atomic_file, disk_error, temp_path, write_atomic
 
 
@@ -124,19 +123,11 @@ def test_spurious_on_a_full_disk(image_folder, tmp_path, monkeypatch, capsys):
     assert json.loads((parent / "o" / "spurious.json").read_text())["images"]
 
 
-@pytest.fixture
-def test_store(image_folder, tiny_teacher_name, tmp_path):
-    path = tmp_path / "test.zarr"
-    cache_teacher([str(image_folder)], str(path), teacher=tiny_teacher_name, views=1, chunk_rows=4, workers=0,
-                  progress=False, log=lambda m: None)
-    return path
-
-
-def test_robustness_report_on_a_full_disk(test_store, tmp_path, monkeypatch, capsys):
+def test_robustness_report_on_a_full_disk(store, tmp_path, monkeypatch, capsys):
     pytest.importorskip("imagecorruptions")
     out = tmp_path / "outs" / "rob"
     out.mkdir(parents=True)
-    args = ["robustness", test_store, "--out", out, "--size", "32", "--corruptions", "gaussian_noise",
+    args = ["robustness", store, "--out", out, "--size", "32", "--corruptions", "gaussian_noise",
             "--severities", "1", "--device", "cpu"]
     FullDisk(monkeypatch, out).fill()  # the render cache (in ZSD_CACHE) has room; the report has none
     code, _, err = cli(args, capsys)
@@ -148,23 +139,23 @@ def test_robustness_report_on_a_full_disk(test_store, tmp_path, monkeypatch, cap
     assert (out / "robustness.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_eval_on_a_full_disk(test_store, tmp_path, monkeypatch, capsys):
+def test_eval_on_a_full_disk(store, tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
-    make_student(run, test_store)
+    make_student(run, store)
     FullDisk(monkeypatch, run).fill()  # the student's embeddings of the test store go to RUN/embeddings
-    args = ["eval", test_store, "--student", run]
+    args = ["eval", store, "--student", run]
     code, out, err = cli(args, capsys)
-    assert code == 1 and "No space left on device" in one_line(err) and "acc1" not in out, print(err)
+    assert code == 1 and "No space left on device" in one_line(err) and "acc1" not in out, err
     assert leftovers(run) == []
     monkeypatch.undo()
     code, out, _ = cli(args, capsys)
     assert code == 0 and "acc1" in out and leftovers(run) == []
 
 
-def test_train_class_prompt_embeddings_on_a_full_disk(test_store, tmp_path, monkeypatch, capsys):
+def test_train_class_prompt_embeddings_on_a_full_disk(store, tmp_path, monkeypatch, capsys):
     """The clip loss's class-prompt embeddings are torch.save'd into the run: torch wraps the full disk."""
     run = tmp_path / "run"
-    args = ["train", "--targets", test_store, "--student", "test_resnet", "--student-res", "32", "--batch-size", "4",
+    args = ["train", "--targets", store, "--student", "test_resnet", "--student-res", "32", "--batch-size", "4",
             "--workers", "0", "--device", "cpu", "--precision", "fp32", "--pixel-cache", "no", "--steps", "2",
             "--loss", "l2", "--loss", "clip=0.5", "--out", run]
     run.mkdir()

@@ -41,7 +41,7 @@ def torchrun_rank(monkeypatch, rank, world=2):
         monkeypatch.setenv(name, str(value))
 
 
-def test_a_torchrun_rank_uses_and_makes_current_its_own_gpu(fake_gpus, monkeypatch):
+def test_a_torchrun_rank_uses_and_makes_current_its_own_gpu(fake_gpus, monkeypatch, tmp_path):
     torchrun_rank(monkeypatch, 1)
     assert zdist.local_device("auto") == torch.device("cuda", 1)
     assert zdist.local_device("cuda") == torch.device("cuda", 1)  # an explicit --device cuda used to mean GPU 0
@@ -58,7 +58,7 @@ def test_a_torchrun_rank_uses_and_makes_current_its_own_gpu(fake_gpus, monkeypat
 
     monkeypatch.setattr("zsd.cache.create_teacher", teacher_on)
     with pytest.raises(ZsdError, match="stop here"):
-        cache_teacher(["nowhere"], str(Path(sys.prefix).parent / "unused.zarr"), device="cuda")
+        cache_teacher(["nowhere"], str(tmp_path / "unused.zarr"), device="cuda")
     assert seen == [torch.device("cuda", 1)] and fake_gpus[-1] == torch.device("cuda", 1)
 
 

@@ -20,8 +20,6 @@ from zsd.teachers import create_teacher
 from zsd.templates import resolve_templates
 from zsd.train import TrainConfig, train
 
-torch.set_num_threads(1)
-
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_teacher_name):

@@ -18,7 +18,6 @@ from zsd.teachers import create_teacher
 from zsd.templates import TEMPLATES
 from zsd.views import Preprocess, normalize, render_view
 
-torch.set_num_threads(1)
 pytest.importorskip("imagecorruptions")
 
 

@@ -17,7 +17,6 @@ import torch
 from conftest import cli
 from student_helpers import make_student
 from test_write_errors import TRAIN, _can_mount_tmpfs, error_lines, leftovers
-from zsd.cache import cache_teacher
 from zsd.errors import RUN_FILES, ZsdError
 from zsd.evaluate import student_embeddings
 from zsd.store import LOCK, open_store
@@ -32,13 +31,6 @@ def env():
     return {**os.environ, "PYTHONPATH": str(REPO)}
 
 needs_tmpfs = pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user namespace to mount a small tmpfs")
-
-
-@pytest.fixture
-def store(image_folder, tmp_path, tiny_teacher_name):
-    cache_teacher([str(image_folder)], str(tmp_path / "s.zarr"), teacher=tiny_teacher_name, pretrained=None,
-                  views=1, chunk_rows=4, workers=0, progress=False, log=lambda m: None)
-    return str(tmp_path / "s.zarr")
 
 
 def train_args(store, out, *more):

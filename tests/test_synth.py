@@ -128,6 +128,7 @@ def test_rerun_after_interruption_generates_only_what_is_missing(tiny_sdxl, tmp_
 
 
 def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_sdxl, tmp_path, monkeypatch, capsys):
+    from conftest import cli
     from test_write_errors import FullDisk
 
     write_prompts(PROMPTS, tmp_path / "prompts.jsonl")
@@ -143,10 +144,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_finishes(tiny_sdxl, tmp_path, mon
             disk.fill()
 
     monkeypatch.setattr(Image.Image, "save", save_then_fill)
-    with pytest.raises(SystemExit) as e:
-        main(args)
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if line.strip() and "|" not in line]
-    assert e.value.code == 1 and len(err) == 1 and err[0].startswith(f"zsd: error: No space left on device ({out}")
+    code, _, err = cli(args, capsys)
+    err = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "|" not in line]
+    assert code == 1 and len(err) == 1 and err[0].startswith(f"zsd: error: No space left on device ({out}")
     assert len(_manifest(out)) == 1 and not list(out.rglob("*.tmp"))  # the second image's line found no room
     monkeypatch.undo()
     main(args)

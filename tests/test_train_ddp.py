@@ -28,13 +28,18 @@ def make_store(image_folder, path, teacher):
     return path
 
 
-def torchrun(args, nproc=2):
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
+def child_env(**more):
+    """This checkout on the path, one thread: the environment of a rank this test starts."""
+    return {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "OMP_NUM_THREADS": "1", **more}
+
+
+def torchrun(args, nproc=2, check=True, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "zsd", "train", *args]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert res.returncode == 0, res.stderr[-3000:]
     return res
 
 
@@ -104,12 +109,7 @@ def test_two_processes_compute_what_one_process_computes(image_folder, tmp_path,
               "--steps", "4", "--batch-size", "8", "--accum", "2", "--lr", "1e-2", "--workers", "0",
               "--device", "cpu", "--precision", "fp32", "--ema-decay", "0.5", "--seed", "3"])
     one = tmp_path / "one"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): the same summation order in each kernel
-    try:
-        train(TrainConfig([str(store)], run_dir=str(one), **args), progress=False, log=lambda m: None)
-    finally:
-        torch.set_num_threads(threads)
+    train(TrainConfig([str(store)], run_dir=str(one), **args), progress=False, log=lambda m: None)  # 1 thread (conftest)
 
     # Rounding differs (each rank sums half the batch, gloo adds the halves) and Adam divides by |grad|,
     # which amplifies it where a gradient is near 0. Measured: median |dw| 2e-6, 99th percentile 3e-5,
@@ -231,9 +231,8 @@ def test_ranks_wait_for_a_long_pixel_cache_render_and_the_group_ends(image_folde
         port = s.getsockname()[1]
     procs = []
     for rank in (0, 1):
-        env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "ZSD_CACHE": str(tmp_path / "cache")}
+        env = child_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=str(port), ZSD_CACHE=str(tmp_path / "cache"))
         procs.append(subprocess.Popen([sys.executable, str(script), str(store), str(tmp_path / "run")], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=240) for p in procs]
@@ -254,12 +253,10 @@ def test_a_second_torchrun_job_into_a_held_run_folder_is_refused(image_folder, t
     store = make_store(image_folder, tmp_path / "s.zarr", tiny_teacher_name)
     run = tmp_path / "run"
     run.mkdir()
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "zsd", "train",
-           "--targets", str(store), "--student", "test_resnet", "--student-res", "32", "--out", str(run),
-           "--steps", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--precision", "fp32"]
     with folder_lock(run, wait=False, holder="the first job (a test)"):
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        res = torchrun(["--targets", str(store), "--student", "test_resnet", "--student-res", "32", "--out", str(run),
+                        "--steps", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu", "--precision",
+                        "fp32"], check=False, timeout=120)
     assert res.returncode != 0
     # Rank 1 learns of the refusal and ends (before or as torchrun's SIGTERM reaches it); waiting in a
     # collective, it would ignore SIGTERM until torchrun's SIGKILL 30 s later.

@@ -1,6 +1,7 @@
 """Writes that fail (full disk, read-only or impossible folders) end in one line and leave nothing half-written."""
 
 import builtins
+import functools
 import errno
 import io
 import json
@@ -14,7 +15,6 @@ import pytest
 import torch
 
 from zsd import cache, train as train_mod
-from zsd.cache import cache_teacher
 from zsd.cli import main as cli_main
 from zsd.errors import ZsdError
 from zsd.store import PENDING, WRITTEN, Store, open_store
@@ -145,13 +145,6 @@ def test_bad_out_device_and_json_fail_before_the_pass(image_folder, tmp_path, ti
     assert not (tmp_path / "s.zarr").exists() and not (tmp_path / "d.zarr").exists()
 
 
-@pytest.fixture
-def store(image_folder, tmp_path, tiny_teacher_name):
-    cache_teacher([str(image_folder)], str(tmp_path / "s.zarr"), teacher=tiny_teacher_name, pretrained=None,
-                  views=1, chunk_rows=4, workers=0, progress=False, log=lambda m: None)
-    return str(tmp_path / "s.zarr")
-
-
 def test_disk_full_during_a_train_checkpoint(store, tmp_path, monkeypatch):
     run = tmp_path / "run"
     disk = FullDisk(monkeypatch, run)
@@ -187,6 +180,7 @@ def test_a_fresh_run_does_not_append_to_a_stale_log(store, tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2] and all(r["loss"] != 9.0 for r in records if "loss" in r)
 
 
+@functools.cache
 def _can_mount_tmpfs():
     if not shutil.which("unshare") or not sys.platform.startswith("linux"):
         return False

@@ -298,7 +298,7 @@ def markdown(results: dict) -> str:
              *report_header(results),
              f"train {results['train_dir']} ({results['train_images']} images x {results['views']} views), "
              f"val {results['val_dir']} ({results['n_val']} images); classifier: prototypes of the train store; "
-             f"recipe {json.dumps(results['recipe'])}; {results['machine']}", "",
+             f"recipe {json.dumps(results['recipe'])}", "",
              "| seed | teacher top-1 | student top-1 [95 % CI] | student / teacher [95 % CI] | agreement | "
              "mean cosine [95 % CI] | train min |", "|---|---|---|---|---|---|---|"]
     for r in results["runs"]:

@@ -51,17 +51,17 @@ import open_clip
 
 from zsd.cache import cache_teacher
 from zsd.coverage import coverage
+from zsd.cpu import describe_machine
 from zsd.evaluate import evaluate
+from zsd.quickstart import DATA as PETS37  # the pets photos shipped with zsd
 from zsd.robustness import robustness
 from zsd.store import open_store
-from zsd.student import Student, student_preprocess
+from zsd.student import Student
 from zsd.teachers import create_teacher
 from zsd.train import TrainConfig, train
 from zsd.verify import verify
 from zsd.views import ViewDataset, normalize
 
-REPO = Path.cwd()
-PETS = REPO / "zsd" / "data" / "pets37"
 quiet = lambda m: None
 sync = (lambda: torch.cuda.synchronize(dev)) if GPU else (lambda: None)
 # Sizes: the GPU sequence on real sizes, the CPU one small enough for the test suite.
@@ -107,7 +107,7 @@ def timed(fn, n, warmup=2):
 
 def photos(split, per_class, classes, out, copies=1):
     """ImageFolder of the shipped photos: `per_class` of each of the first `classes` classes."""
-    dirs = sorted(p for p in (PETS / split).iterdir() if p.is_dir())[:classes]
+    dirs = sorted(p for p in (PETS37 / split).iterdir() if p.is_dir())[:classes]
     for d in dirs:
         for f in sorted(d.iterdir())[:per_class]:
             for k in range(copies):
@@ -149,7 +149,7 @@ else:
     teacher, pretrained = f"local-dir:{tiny}", None
 name = torch.cuda.get_device_name(dev) if GPU else "CPU"
 n_train = sum(1 for _ in train_dir.rglob("*.jpg"))
-print(f"tools/gpu_smoke.sh on {name} ({args.device}), {os.cpu_count()} cores, torch {torch.__version__}; "
+print(f"tools/gpu_smoke.sh on {name} ({args.device}), {describe_machine()}; "
       f"teacher {TEACHER or 'tiny CLIP'} (random weights), student {STUDENT} at {RES} px; {n_train} train and "
       f"{N_TEST} test photos; work folder {root}", flush=True)
 common = dict(teacher=teacher, pretrained=pretrained, progress=False, log=quiet)
@@ -209,7 +209,7 @@ def _():
     cfg = dict(student=STUDENT, student_res=RES, steps=STEPS, batch_size=BATCH, accum_steps=2, lr=1e-3,
                ema_decay=0.99, losses=["l2", "contrastive-image=0.5"], pixel_cache="yes", device=args.device,
                save_every=STEPS // 2, workers=None if GPU else 0)
-    whole = train(TrainConfig([str(S["train"].path)], run_dir=str(root / "run"), **cfg), progress=False, log=quiet)
+    train(TrainConfig([str(S["train"].path)], run_dir=str(root / "run"), **cfg), progress=False, log=quiet)
     part = TrainConfig([str(S["train"].path)], run_dir=str(root / "run_resumed"), **cfg)
     train(part, stop_after=STEPS // 2, progress=False, log=quiet)
     train(part, resume=True, progress=False, log=quiet)
@@ -318,7 +318,7 @@ print(f"{'teacher pass, views/s':<28}{speed.get('cache_pass_img_s', '-'):>10}{sp
 print(f"{'training, img/s':<28}{speed.get('train_img_s', '-'):>10}{speed.get('student_step_img_s', '-'):>10}"
       f"{ratio('train_img_s', 'student_step_img_s'):>8}")
 print(f"{'decode, img/s per core':<28}{speed.get('decode_img_s_per_core', '-'):>10}")
-report = {"device": args.device, "device_name": name, "cores": os.cpu_count(), "torch": torch.__version__,
+report = {"device": args.device, "device_name": name, "machine": describe_machine(),
           "teacher": TEACHER or "tiny CLIP", "student": STUDENT, "student_res": RES, "train_photos": n_train,
           "test_photos": N_TEST, "resume_rtol": RESUME_RTOL, "steps": steps, "speed": speed, "failed": failed}
 if os.environ.get("OUT"):

@@ -273,8 +273,7 @@ def markdown(report: dict) -> str:
              f"Test: {report['test']} ({report['n_test']} images, chance {100 * report['chance']:.0f} %); teacher top-1 "
              f"{100 * t['top1']:.1f} % {ci(t['top1_ci95'])}. Train images: "
              + ", ".join(f"{k} {v}" for k, v in report["train_images"].items())
-             + f" (x {report['views']} views). Recipe {json.dumps(report['recipe'])}; stage 2 {json.dumps(report['stage2'])}; "
-             f"{report['machine']}.", "",
+             + f" (x {report['views']} views). Recipe {json.dumps(report['recipe'])}; stage 2 {json.dumps(report['stage2'])}.", "",
              "| run | seeds | top-1 % (mean [95 % t-CI over seeds]) | top-1 % pooled [bootstrap CI] | agreement % | "
              "mean cosine |", "|---|---|---|---|---|---|"]
     for name, g in report["groups"].items():

@@ -139,7 +139,7 @@ def main(argv=None):
 
 def markdown(r: dict) -> str:
     lines = [*report_header(r), f"Quickstart on {r['folds_run']} of {r['folds']} rotated splits of the shipped pets photos ({r['test_predictions']} test "
-             f"predictions; 95 % intervals resample photos; chance {r['chance']:.0%}; {r['machine']}, "
+             f"predictions; 95 % intervals resample photos; chance {r['chance']:.0%}; "
              f"{r['minutes']} min)", "", "| model | top-1 | 95 % CI | per fold |", "|---|---|---|---|"]
     for name, m in r["models"].items():
         lo, hi = m["top1_ci95"]

@@ -245,7 +245,7 @@ def markdown(report: dict) -> str:
              f"Train: {d['train_images']} CIFAR-10 train images x {d['views']} views, each with its class's "
              f"coloured shape (zsd spurious --mode shapes, seed {d['data_seed']}); test: {d['n_test']} val images "
              f"clean, aligned (own class's shape) and shuffled (another class's shape, a derangement). Classifier "
-             f"for every model: {d['classifier']}. Recipe {json.dumps(report['recipe'])}; {report['machine']}.", "",
+             f"for every model: {d['classifier']}. Recipe {json.dumps(report['recipe'])}.", "",
              "Top-1 % (students: mean over seeds [95 % t-interval]; teacher: [bootstrap CI over images]); drop = "
              "clean - shuffled in points; kept = shuffled / clean; agreement = same prediction as the teacher.", "",
              "| model | seeds | clean | aligned | shuffled | drop | kept | agreement clean | agreement shuffled |",
