@@ -161,3 +161,23 @@ def test_fast_decode_is_exact_where_it_only_copies_or_falls_back():
     data = _jpeg(300, 240)
     params = sample_views(300, 240, 1, 0, 0, (1.0, 1.0), pads)
     assert torch.equal(render_view_fast(data, 0, params[0], pads), render_view(load_rgb(data), 0, params[0], pads))
+
+
+def test_normalize_builds_its_constants_once(monkeypatch):
+    # A tensor built from Python lists on a GPU is a blocking host copy: the hot path must not make
+    # one per call. Count torch.tensor calls over repeated normalisations after the first.
+    from zsd import views
+
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    mean, std = (0.48, 0.45, 0.40), (0.26, 0.26, 0.27)
+    first = views.normalize(pixels, mean, std)
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for _ in range(5):
+        again = views.normalize(pixels, list(mean), list(std))
+    assert calls == []
+    expected = (pixels.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(3, 1, 1)) \
+        / torch.tensor(std, dtype=torch.float64).view(3, 1, 1)
+    torch.testing.assert_close(again, expected.float())
+    torch.testing.assert_close(first, again)

@@ -11,6 +11,7 @@ and read a store's images through `ViewDataset`.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -198,11 +199,19 @@ def render_view_fast(data: bytes, view: int, params: np.ndarray, pre: Preprocess
     return x[0, :, top:top + pre.size, left:left + pre.size]
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Built once per (mean, std, device): a tensor made from Python lists on a GPU is a blocking
+    # host-to-device copy, and normalize runs per micro-batch in training and per batch in the cache pass.
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
+    return m, s
+
+
 def normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (..., 3, H, W) -> float32 normalised model input, on the pixels' device."""
     x = pixels.float().div_(255)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    m, s = _channel_stats(tuple(map(float, mean)), tuple(map(float, std)), x.device)
     return x.sub_(m).div_(s)
 
 
