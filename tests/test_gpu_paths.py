@@ -245,6 +245,44 @@ def test_too_little_shared_memory_for_the_workers_is_one_line(image_folder, tmp_
                       device="cpu", progress=False, log=lambda m: None)
 
 
+def test_the_pixel_cache_render_fits_its_batches_to_shared_memory(image_folder, tmp_path, tiny_teacher_name,
+                                                                     monkeypatch):
+    """The render's batch size is zsd's own: it shrinks to what /dev/shm holds, and where not even a
+    small batch fits, the render stays in the main process instead of dying with 'Bus error'."""
+    Usage = namedtuple("Usage", "total used free")
+    shm, real_usage = tmp_path / "shm", shutil.disk_usage
+    shm.mkdir()
+    room = {"free": 64 << 20}
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(64 << 20, 0, room["free"]) if str(p) == str(shm)
+                        else real_usage(p))
+    sample = 3 * 224 * 224
+    # 64 MiB, 4 workers x 2 batches in flight, half of the room: 64 MiB / 2 / 8 / 150528 B = 27 samples
+    assert cpu.shared_memory_batch(4, sample, 2, 256, path=str(shm)) == (4, 27)
+    room["free"] = 1 << 20
+    assert cpu.shared_memory_batch(4, sample, 2, 256, path=str(shm)) == (0, 256)
+    assert cpu.shared_memory_batch(0, sample, 2, 256, path=str(shm)) == (0, 256)
+    # the render asked for 2 workers with no room: no worker starts, the pixels are the loader's
+    room["free"] = 4096
+    from zsd.loader import PixelCache, StudentInputs, TrainTargets
+    from zsd.views import Preprocess
+    real_fit = cpu.shared_memory_batch
+    monkeypatch.setattr("zsd.loader.shared_memory_batch", lambda *a, **k: real_fit(*a, **k, path=str(shm)))
+    store = tmp_path / "s.zarr"
+    cache_teacher([str(image_folder)], str(store), teacher=tiny_teacher_name, views=2, workers=0, device="cpu",
+                  progress=False, log=lambda m: None)
+    started = []
+    real_iter = torch.utils.data.DataLoader._get_iterator
+    monkeypatch.setattr(torch.utils.data.DataLoader, "_get_iterator",
+                        lambda self: started.append(self.num_workers) or real_iter(self))
+    targets = TrainTargets([str(store)], log=lambda m: None)
+    inputs = StudentInputs(targets, Preprocess.from_dict({**targets.teacher["preprocess"], "size": 32}))
+    cache = PixelCache(targets, inputs, workers=2, progress=False, log=lambda m: None)
+    assert started == [0]
+    items = np.array([(0, r, v) for r in range(open_store(str(store)).rows) for v in range(2)])
+    assert torch.equal(torch.from_numpy(cache.pixels[cache.slots(items)]),
+                       torch.stack([inputs.student_pixels(i) for i in items]))
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -65,6 +65,18 @@ def check_shared_memory(workers: int, batch_bytes: int, prefetch: int, path: str
                        "or pass --workers 0")
 
 
+def shared_memory_batch(workers: int, sample_bytes: int, prefetch: int, batch: int, smallest: int = 16,
+                        path: str = "/dev/shm") -> tuple[int, int]:
+    """(workers, batch) for a DataLoader whose batch size zsd chooses (the pixel-cache render): the
+    batch shrinks until the batches in flight take at most half of `path`'s free room, and below
+    `smallest` samples the work stays in the main process (no shared memory at all), so a container's
+    64 MiB /dev/shm renders more slowly instead of dying with 'Bus error'."""
+    if not workers or not os.path.isdir(path):
+        return workers, batch
+    fits = shutil.disk_usage(path).free // 2 // (workers * prefetch * sample_bytes)
+    return (workers, min(batch, int(fits))) if fits >= min(smallest, batch) else (0, batch)
+
+
 def describe_machine() -> str:
     """The hardware line of every benchmark and experiment report: CPU model, cores, torch and its threads."""
     model = ""

@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from zsd.cpu import shared_memory_batch
 from zsd.errors import ZsdError, atomic_file, reserve
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
@@ -534,7 +535,8 @@ class PixelCache:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
                 reserve(tmp)
                 errors = {}
-                loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=256, num_workers=workers,
+                workers, batch = shared_memory_batch(workers, int(np.prod(shape[1:])), 2, 256)
+                loader = torch.utils.data.DataLoader(_Render(dataset, items), batch_size=batch, num_workers=workers,
                                                      collate_fn=_Render.as_batch)
                 with tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
                           dynamic_ncols=True) as bar:  # closed on an interrupt too: its line ends before the error's
