@@ -105,6 +105,27 @@ def test_stores_of_two_precisions_of_one_teacher(image_folder, tmp_path, tiny_te
         evaluate(str(fp32.path), [str(other)], device="cpu", progress=False, log=notes.append)
 
 
+def test_targets_of_two_precisions_of_one_teacher_train_one_student(image_folder, tmp_path, tiny_teacher_name):
+    """Several --targets of one teacher, one cached at fp32 and one at bf16 (a CPU and a GPU pass): one
+    student, with a note; a store of another teacher beside them is still refused."""
+    from zsd.loader import TrainTargets
+    fp32 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, lambda m: None)
+    bf16 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, lambda m: None,
+                              precision="bf16")
+    notes = []
+    targets = TrainTargets([str(fp32.path), str(bf16.path)], log=notes.append)
+    assert targets.rows_per_epoch == fp32.rows + bf16.rows
+    assert notes == ["note: the --targets stores hold one teacher's embeddings at bf16 and fp32 precision"]
+    other = tmp_path / "other.zarr"
+    shutil.copytree(fp32.path, other)
+    meta = json.loads((other / "zarr.json").read_text())
+    meta["attributes"]["zsd"]["teacher"]["weights"] = "sha256:another"
+    meta["attributes"]["zsd"]["teacher_id"] = "0123456789abcdef"
+    (other / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(ZsdError, match="come from different teachers"):
+        TrainTargets([str(bf16.path), str(other)], log=notes.append)
+
+
 def test_rng_state_carries_the_cuda_generator(monkeypatch):
     """On a GPU the CUDA generator (drop-path masks) is saved and restored with the others; a CPU
     generator stands in for it here. A checkpoint from a CPU (no CUDA state) restores the rest."""

@@ -41,6 +41,7 @@ from zsd.cpu import shared_memory_batch
 from zsd.errors import ZsdError, atomic_file, reserve
 from zsd.sources import BadImage, RowReader, merge_classnames
 from zsd.store import WRITTEN, Store, cache_dir, open_store
+from zsd.teachers import same_teacher
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
 
 
@@ -153,11 +154,14 @@ class TrainTargets:
         if any(w is None for w in weights) and any(w is not None for w in weights):
             raise ZsdError("give a mixing weight to every --targets STORE=W or to none")
         stores = [open_store(name) for name, _ in parsed]
-        ids = {s.teacher_id for s in stores}
-        if len(ids) > 1:
+        kinds = {same_teacher(stores[0].teacher_id, stores[0].teacher, s.teacher_id, s.teacher) for s in stores}
+        if "other" in kinds:
             raise ZsdError("the --targets stores come from different teachers ("
                            + ", ".join(f"{s.path.name}: {s.teacher['model']} id {s.teacher_id}" for s in stores)
                            + "); a student learns one teacher")
+        if "precision" in kinds:  # one teacher, its embeddings rounded differently: still one target
+            log("note: the --targets stores hold one teacher's embeddings at "
+                + " and ".join(sorted({s.teacher.get("precision", "fp32") for s in stores})) + " precision")
         self.teacher, self.teacher_id = stores[0].teacher, stores[0].teacher_id
         self.dim = stores[0].dim
         self.shuffle_chunks = max(1, shuffle_chunks)
