@@ -304,6 +304,35 @@ def test_the_pixel_cache_render_fits_its_batches_to_shared_memory(image_folder, 
                        torch.stack([inputs.student_pixels(i) for i in items]))
 
 
+def test_pixel_cache_batches_are_gathered_ahead_in_a_thread(image_folder, tmp_path, tiny_teacher_name):
+    """Gathered ahead by a thread: the same batches in the same order as gathered one at a time, and
+    a consumer that stops early leaves nothing running."""
+    import threading
+    from zsd.loader import BatchPlan, PixelCache, StudentInputs, TrainTargets
+    from zsd.views import Preprocess
+    store = tmp_path / "s.zarr"
+    cache_teacher([str(image_folder)], str(store), teacher=tiny_teacher_name, views=2, workers=0, device="cpu",
+                  progress=False, log=lambda m: None)
+    targets = TrainTargets([str(store)], log=lambda m: None)
+    inputs = StudentInputs(targets, Preprocess.from_dict({**targets.teacher["preprocess"], "size": 32}))
+    cache = PixelCache(targets, inputs, progress=False, log=lambda m: None)
+    plan = BatchPlan(targets, seed=3, batch_size=4, accum=2, world=1, rank=0, start=0, total=7)
+    threads, real_gather = set(), cache._gather
+    cache._gather = lambda *a: threads.add(threading.current_thread().name) or real_gather(*a)
+    ahead, serial = list(cache.batches(plan, ahead=2)), list(cache.batches(plan, ahead=0))
+    assert len(ahead) == len(serial) == len(plan) == 14
+    for (i, p, e), (i0, p0, e0) in zip(ahead, serial):
+        assert np.array_equal(i, i0) and torch.equal(p, p0) and e == e0
+    # the pixels are the ones rendered for those samples
+    items = np.concatenate([b[0] for b in ahead])
+    assert torch.equal(torch.cat([b[1] for b in ahead]), torch.stack([inputs.student_pixels(i) for i in items]))
+    assert threads and all(t.startswith("zsd-pixel-cache") for t in threads)
+    gen = cache.batches(plan)
+    next(gen)
+    gen.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("zsd-pixel-cache")]
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -28,7 +28,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -565,20 +566,35 @@ class PixelCache:
         pos = np.array([self.position[a][r] for a, r in zip(i, row)], dtype=np.int64)
         return self.base[i] + pos * self.views[i] + view
 
-    def batches(self, plan: "BatchPlan", pin: bool = False):
+    def batches(self, plan: "BatchPlan", pin: bool = False, ahead: int = 2):
         """(items, uint8 pixels | None, [errors]) per micro-batch of `plan`, as `collate` returns them;
-        with `pin`, gathered straight into pinned memory (for a GPU: the copy does not wait for it)."""
-        for batch in plan:
-            items = np.array(batch, dtype=np.int64).reshape(-1, 3)
-            slots = self.slots(items)
-            bad = np.array([s in self.errors for s in slots], dtype=bool)
-            errors = [self.errors[s] for s in slots[bad]]
-            items, slots = items[~bad], slots[~bad]
-            pixels = None
-            if len(slots):
-                pixels = torch.empty((len(slots), *self.pixels.shape[1:]), dtype=torch.uint8, pin_memory=pin)
-                np.take(self.pixels, slots, axis=0, out=pixels.numpy())
-            yield items, pixels, errors
+        with `pin`, gathered straight into pinned memory (for a GPU: the copy does not wait for it).
+        A thread gathers the next `ahead` batches' pixels while the caller trains on the current one
+        (np.take releases the GIL); the plan itself is walked in the caller's thread."""
+        with ThreadPoolExecutor(1, thread_name_prefix="zsd-pixel-cache") as pool:
+            pending = deque()
+            try:
+                for batch in plan:
+                    pending.append(pool.submit(self._gather, batch, pin))
+                    if len(pending) > ahead:
+                        yield pending.popleft().result()
+                while pending:
+                    yield pending.popleft().result()
+            finally:  # a caller that stops early (stop_after, an error) leaves no gather queued
+                for f in pending:
+                    f.cancel()
+
+    def _gather(self, batch: list, pin: bool):
+        items = np.array(batch, dtype=np.int64).reshape(-1, 3)
+        slots = self.slots(items)
+        bad = np.array([s in self.errors for s in slots], dtype=bool)
+        errors = [self.errors[s] for s in slots[bad]]
+        items, slots = items[~bad], slots[~bad]
+        pixels = None
+        if len(slots):
+            pixels = torch.empty((len(slots), *self.pixels.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+            np.take(self.pixels, slots, axis=0, out=pixels.numpy())
+        return items, pixels, errors
 
 
 def _size(n: int) -> str:
