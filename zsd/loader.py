@@ -155,6 +155,12 @@ class TrainTargets:
         if any(w is None for w in weights) and any(w is not None for w in weights):
             raise ZsdError("give a mixing weight to every --targets STORE=W or to none")
         stores = [open_store(name) for name, _ in parsed]
+        seen = {}
+        for (name, _), s in zip(parsed, stores):  # one store twice would silently double its share of an epoch
+            if s.path.resolve() in seen:
+                raise ZsdError(f"--targets {seen[s.path.resolve()]} and --targets {name} are the same store ({s.path}): "
+                               "pass it once (to weight it, give every store a weight: --targets STORE=W)")
+            seen[s.path.resolve()] = name
         kinds = {same_teacher(stores[0].teacher_id, stores[0].teacher, s.teacher_id, s.teacher) for s in stores}
         if "other" in kinds:
             raise ZsdError("the --targets stores come from different teachers ("
