@@ -179,7 +179,7 @@ def test_coverage_unlabelled_test_store_with_student(image_folder, tiny_teacher_
 
 def test_coverage_prototypes_need_no_checkpoint_file(image_folder, resnet_checkpoint, tmp_path, monkeypatch):
     from zsd.cli import main
-    from zsd.evaluate import prototype_classifier
+    from zsd.classes import prototype_classifier
 
     monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
     cache_train_and_test(image_folder, tmp_path, "timm:test_resnet", str(resnet_checkpoint))

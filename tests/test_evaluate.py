@@ -9,9 +9,9 @@ from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_m
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
+from zsd.classes import prototype_classifier, select_classes, zero_shot_classifier
 from zsd.errors import ZsdError
-from zsd.evaluate import (classification_metrics, evaluate, prototype_classifier, select_classes,
-                          student_embeddings, zero_shot_classifier)
+from zsd.evaluate import classification_metrics, evaluate, student_embeddings
 from zsd.sources import RowReader, load_rgb
 from zsd.store import open_store
 from zsd.student import load_student

@@ -14,7 +14,8 @@ from conftest import cli
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
-from zsd.evaluate import evaluate, prototype_classifier, zero_shot_classifier
+from zsd.classes import prototype_classifier, zero_shot_classifier
+from zsd.evaluate import evaluate
 from zsd.predict import predict, preprocess
 from zsd.sources import load_rgb
 from zsd.store import open_store

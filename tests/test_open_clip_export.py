@@ -12,7 +12,8 @@ from conftest import cli, make_image
 from safetensors.torch import load_file
 
 from zsd.cache import cache_teacher
-from zsd.evaluate import evaluate, student_embeddings, zero_shot_classifier
+from zsd.classes import zero_shot_classifier
+from zsd.evaluate import evaluate, student_embeddings
 from zsd.sources import RowReader
 from zsd.store import open_store
 from zsd.student import load_student

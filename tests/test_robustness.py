@@ -7,9 +7,9 @@ from conftest import make_image
 from student_helpers import make_student
 
 from zsd.cache import cache_teacher
+from zsd.classes import zero_shot_classifier
 from zsd.cli import main
 from zsd.errors import ZsdError
-from zsd.evaluate import zero_shot_classifier
 from zsd.robustness import (CORRUPTIONS, corrupt_image, model_input, parse_corruptions, parse_severities, render,
                             robustness)
 from zsd.store import open_store

@@ -17,11 +17,12 @@ import torch
 from conftest import cli
 from student_helpers import make_student
 from test_write_errors import TRAIN, _can_mount_tmpfs, error_lines, leftovers
+from zsd.classes import TEXT
 from zsd.errors import RUN_FILES, ZsdError
 from zsd.evaluate import student_embeddings
 from zsd.store import LOCK, open_store
 from zsd.student import CONFIG, EMA_PREFIX, WEIGHTS
-from zsd.train import LOG, STATE, TEXT, TrainConfig, train
+from zsd.train import LOG, STATE, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

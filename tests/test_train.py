@@ -418,6 +418,7 @@ def test_clip_and_mp_use_cached_class_prompt_embeddings(store, tmp_path, tiny_te
 def test_clip_with_class_prototypes_from_a_store(store, tmp_path, monkeypatch, capsys):
     """--class-embeddings-from: the clip/mp class embeddings are the prototypes of another labelled
     store (classes matched by name, view 0, written rows only), and the teacher is never rebuilt."""
+    import zsd.classes
     import zsd.train
     from conftest import random_store, unit
 
@@ -444,7 +445,7 @@ def test_clip_with_class_prototypes_from_a_store(store, tmp_path, monkeypatch, c
         raise AssertionError("the teacher was rebuilt")
 
     monkeypatch.setattr(zsd.train, "Criterion", Spy)
-    monkeypatch.setattr(zsd.train, "rebuild_teacher", no_teacher)
+    monkeypatch.setattr(zsd.classes, "rebuild_teacher", no_teacher)
     run = tmp_path / "run"
     fit([store], run, steps=2, losses={"clip": 1.0, "mp": 0.5}, class_embeddings_from=str(protos.path))
     np.testing.assert_allclose(seen[0].numpy(), expected, atol=1e-6)

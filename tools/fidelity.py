@@ -43,9 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from zsd.cache import cache_teacher  # noqa: E402
+from zsd.classes import prototype_classifier  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
-from zsd.evaluate import prototype_classifier, student_embeddings  # noqa: E402
+from zsd.evaluate import student_embeddings  # noqa: E402
 from zsd.store import WRITTEN, cache_dir, create_store, open_store  # noqa: E402
 from zsd.student import Student  # noqa: E402
 from zsd.teachers import create_teacher  # noqa: E402

@@ -41,10 +41,10 @@ sys.path.insert(0, str(ROOT / "tools"))
 from fidelity import (RECIPE, bootstrap_ci, command_line, report_header, run_one, seeds_interval,  # noqa: E402
                       shown, val_metrics)
 from zsd.cache import cache_teacher  # noqa: E402
+from zsd.classes import build_classifier  # noqa: E402
 from zsd.coverage import coverage  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
-from zsd.evaluate import build_classifier  # noqa: E402
 from zsd.store import cache_dir, open_store  # noqa: E402
 from zsd.train import TrainConfig  # noqa: E402
 

@@ -51,9 +51,10 @@ from fidelity import (RECIPE, TEACHER, WEIGHTS, bootstrap_ci, command_line, repo
                       run_one, seeds_interval, shown, val_metrics)
 from proxy_experiment import paired_difference  # noqa: E402
 from zsd.cache import cache_teacher  # noqa: E402
+from zsd.classes import prototype_classifier  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
 from zsd.errors import ZsdError  # noqa: E402
-from zsd.evaluate import prototype_classifier, student_embeddings  # noqa: E402
+from zsd.evaluate import student_embeddings  # noqa: E402
 from zsd.spurious import make_spurious  # noqa: E402
 from zsd.store import cache_dir, open_store  # noqa: E402
 from zsd.train import TrainConfig  # noqa: E402

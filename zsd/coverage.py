@@ -28,10 +28,13 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from zsd.classes import build_classifier, select_classes
 from zsd.errors import ZsdError, atomic_file, check_at_least
+from zsd.evaluate import check_student_teacher, student_embeddings
 from zsd.sources import class_key
 from zsd.store import Store, open_store
-from zsd.teachers import same_teacher
+from zsd.student import StudentRef, load_student, resolve_student
+from zsd.teachers import resolve_device, same_teacher
 
 DEFAULT_BLOCK_ROWS = 65536
 DUP_THRESHOLD = 1e-2  # teacher-space L2 distance below which a train image counts as a copy of a test image
@@ -157,7 +160,7 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
              log=print) -> dict:
     """The audit as a JSON-ready dict: per-image `images` records plus aggregates.
 
-    The teacher margins use the class embeddings of `zsd.evaluate.build_classifier`: prototypes
+    The teacher margins use the class embeddings of `zsd.classes.build_classifier`: prototypes
     from the labelled store `classes_from`, or the teacher's zero-shot classifier.
     """
     for flag, value in (("-k", k), ("--block-rows", block_rows), ("--batch-size", batch_size)):
@@ -165,10 +168,7 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
     for flag, value in (("--dup-threshold", dup_threshold), ("--worst", worst), ("--workers", workers)):
         check_at_least(flag, value, 0)
     if student is not None:  # before the teacher-space search, not after it
-        from zsd.student import student_files
-        from zsd.teachers import resolve_device
-
-        student_files(student)
+        student = resolve_student(student)
         resolve_device(device)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
@@ -184,8 +184,6 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         notes.append(f"{test_store.rows - len(test_rows)} test rows failed in the teacher pass (or have non-finite "
                      "embeddings) and are left out")
     if classnames and test_store.classnames:  # audit the test images `zsd eval --classnames` scores, no others
-        from zsd.evaluate import select_classes
-
         inside = np.isin(test_store.labels()[test_rows], select_classes(test_store.classnames, classnames)[0])
         if not inside.all():
             notes.append(f"{int((~inside).sum())} test images of classes outside --classnames are left out (as in zsd eval)")
@@ -253,26 +251,22 @@ def _train_label_names(stores: list[Store]) -> list:
     return out
 
 
-def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t, k, block_rows, pretrained,
+def _student_certificates(student: StudentRef, train_stores, test_store, test_rows, T, nn_t, k, block_rows, pretrained,
                           templates, classnames, classes_from, device, batch_size, workers, progress, log,
                           notes) -> dict:
     """Witnesses, bounds and (for a labelled test set) margins and certificates per test row."""
-    from zsd.evaluate import build_classifier, check_student_teacher, student_embeddings
-    from zsd.student import load_student
-    from zsd.teachers import resolve_device
-
-    model, config = load_student(run_dir, resolve_device(device))
-    check_student_teacher(run_dir, config, test_store, log)
+    model, config = load_student(student, resolve_device(device))
+    check_student_teacher(student, config, test_store, log)
     dev = next(model.parameters()).device
     embed = dict(device=dev, batch_size=batch_size, workers=workers, progress=progress)
-    s_test = student_embeddings(run_dir, test_store, model, config, **embed)
-    s_train = [student_embeddings(run_dir, s, model, config, **embed) for s in train_stores]
+    s_test = student_embeddings(student, test_store, model, config, **embed)
+    s_train = [student_embeddings(student, s, model, config, **embed) for s in train_stores]
     if not s_test.written()[test_rows].all():
         raise ZsdError(f"the student could not embed every test image the teacher embedded ({s_test.path})")
     S = s_test.embeddings(view=0)[test_rows].astype(np.float32)
     log(f"student embeddings: {s_test.path} and {len(s_train)} train store(s) in {s_test.path.parent}")
 
-    out = {"student": {"run_dir": str(run_dir), "model": config["student"], "weights": s_test.teacher["weights"],
+    out = {"student": {"run_dir": student.spec, "model": config["student"], "weights": s_test.teacher["weights"],
                        "test_embeddings": str(s_test.path), "train_embeddings": [str(s.path) for s in s_train]}}
     out.update(witnesses(T, S, nn_t, train_stores, s_train, k, block_rows, progress))
     if not test_store.classnames and not classnames:

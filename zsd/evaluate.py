@@ -4,11 +4,8 @@ The teacher's image embeddings come from the test store (view 0: its determinist
 transform). A student's come from a store of the same format that `student_embeddings`
 writes into the student's run folder (RUN_DIR/embeddings/<test>.zarr), computed with the
 student's own deterministic eval transform; `zsd coverage` reuses those stores.
-Both are classified against the same class embeddings: the teacher's zero-shot classifier
-(CLIP_benchmark's procedure: per class, embed every template, normalise, average, renormalise;
-or a timm teacher's classifier rows looked up by ImageNet class name), or prototypes: per class,
-the normalised mean of the teacher's normalised embeddings of that class's images in a labelled
-store, which needs no text tower, no class head and no teacher rebuild.
+Both are classified against the same class embeddings (`zsd.classes.build_classifier`): the
+teacher's zero-shot classifier, or the class prototypes of a labelled store.
 """
 
 from __future__ import annotations
@@ -18,157 +15,19 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from zsd.cache import cache_teacher, embed_rows
+from zsd.classes import Classifier, build_classifier, check_labelled, dataset_name
 from zsd.cpu import tune_allocator
-from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
-from zsd.open_clip_folder import is_open_clip_folder
-from zsd.sources import PackedKeys, class_key
-from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
-from zsd.student import load_student, student_files, student_fingerprint, student_location
-from zsd.teachers import (DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, resolve_precision,
-                           same_teacher, teacher_id)
-from zsd.templates import resolve_templates
+from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
+from zsd.sources import PackedKeys
+from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.student import StudentRef, load_student, resolve_student, student_fingerprint
+from zsd.teachers import DEFAULT_TEACHER, resolve_device, resolve_precision, same_teacher, teacher_id
 from zsd.views import Preprocess, ViewDataset
-
-
-# ---------------------------------------------------------------- classes and classifier
-
-def prompt_name(folder_name: str) -> str:
-    return folder_name.replace("_", " ")
-
-
-def select_classes(store_classnames: list[str], classnames_file: str | None) -> tuple[list[int], list[str], str]:
-    """(store class indices to evaluate, their names for the classifier, a note on dropped classes).
-
-    The file is a JSON list (one name per store class, in store order), or a JSON object mapping
-    store class name -> name or -> {"imagenet_name": ...}; classes missing from a mapping are
-    left out of the evaluation. Comma-separated synonym lists ("Siamese cat, Siamese") keep the first.
-    """
-    if not classnames_file:
-        if not store_classnames:
-            raise ZsdError("the test store has no class names (unlabelled images): pass --classnames FILE "
-                           "or a labelled test set")
-        return list(range(len(store_classnames))), [prompt_name(c) for c in store_classnames], ""
-    path = Path(classnames_file)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ZsdError(f"cannot read --classnames {path} as JSON ({e})") from None
-    if isinstance(data, list):
-        if len(data) != len(store_classnames):
-            raise ZsdError(f"--classnames {path} lists {len(data)} names but the test store has "
-                           f"{len(store_classnames)} classes")
-        return list(range(len(data))), [str(n).split(",")[0].strip() for n in data], ""
-    if not isinstance(data, dict):
-        raise ZsdError(f"--classnames {path} is neither a JSON list nor a JSON object")
-    keep, names = [], []
-    for i, folder in enumerate(store_classnames):
-        if folder not in data:
-            continue
-        entry = data[folder]
-        name = entry.get("imagenet_name") or entry.get("name") if isinstance(entry, dict) else entry
-        if not isinstance(name, str) or not name.strip():
-            raise ZsdError(f"--classnames {path}: entry {folder!r} has no name (a string or {{\"imagenet_name\": ...}})")
-        keep.append(i)
-        names.append(name.split(",")[0].strip())
-    if not keep:
-        raise ZsdError(f"--classnames {path} maps none of the test store's classes "
-                       f"({', '.join(store_classnames[:5])}, ...)")
-    dropped = len(store_classnames) - len(keep)
-    note = f"{dropped} of {len(store_classnames)} classes are not in {path.name} and are left out" if dropped else ""
-    return keep, names, note
-
-
-def zero_shot_classifier(teacher: Teacher, names: list[str], templates: list[str], cache: bool = True) -> np.ndarray:
-    """(K, D) float32 unit rows; cached per (teacher id, names, templates) in the cache dir."""
-    key = hashlib.sha256(json.dumps([teacher.id, names, templates]).encode()).hexdigest()[:20]
-    path = cache_dir() / "classifiers" / f"{key}.npy"
-    if cache and path.is_file():
-        return np.load(path)
-    z = teacher.classifier(names, templates).float().numpy().astype(np.float32)
-    if cache:
-        cache_folder("classifiers")
-        with atomic_file(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, z)
-    return z
-
-
-def prototype_labels(store: Store, classnames: list[str]) -> np.ndarray:
-    """Per row of `store`: the index in `classnames` of its class, or -1 (unlabelled, not written,
-    or a class not in `classnames`). Classes match by `class_key`; a missing one is an error."""
-    index = {}
-    for i, name in enumerate(classnames):
-        first = index.setdefault(class_key(name), i)
-        if first != i:
-            raise ZsdError(f"the test classes {classnames[first]!r} and {name!r} are one class by name "
-                           "(case, spaces, '_' and '-' do not count): prototypes cannot tell them apart")
-    # Several of the store's classes may share a key (merged sources spell a class differently): pooled.
-    to_test = np.array([index.get(class_key(name), -1) for name in store.classnames] + [-1])
-    labels = to_test[store.labels()]  # label -1 picks the trailing -1
-    labels[~store.written()] = -1
-    missing = [name for name, n in zip(classnames, np.bincount(labels[labels >= 0], minlength=len(classnames)))
-               if n == 0]
-    if missing:
-        raise ZsdError(f"{store.path} has no written images of {len(missing)} of the {len(classnames)} test "
-                       f"classes ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}): prototypes need "
-                       "every class")
-    return labels
-
-
-def prototype_classifier(store: Store, classnames: list[str]) -> np.ndarray:
-    """(K, D) float32 unit rows: per class, the normalised mean of the normalised view-0 embeddings
-    of the store's written rows of that class. Streams the store, so any size fits in memory."""
-    return _class_means(store, prototype_labels(store, classnames), len(classnames))
-
-
-def _class_means(store: Store, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    sums = np.zeros((n_classes, store.dim))
-    for start, block in store.iter_blocks(0):
-        rows = labels[start:start + len(block)]
-        ok = (rows >= 0) & np.isfinite(block).all(axis=1)  # a non-finite row would make its class NaN
-        emb = block[ok].astype(np.float64)
-        np.add.at(sums, rows[ok], emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    return (sums / np.linalg.norm(sums, axis=1, keepdims=True)).astype(np.float32)
-
-
-@dataclass
-class Classifier:
-    """The class embeddings a test store's images are scored against, and how they were made."""
-
-    keep: list[int]  # the test store's class indices, one per row of `weights`
-    names: list[str]
-    weights: np.ndarray  # (K, D) float32 unit rows
-    info: dict  # the results' "classifier" entry
-    note: str = ""  # classes left out, for the user
-
-
-def build_classifier(store: Store, *, classes_from: str | None = None, classnames: str | None = None,
-                    templates: str | None = None, pretrained: str | None = None, device: str = "auto") -> Classifier:
-    """Prototypes from the labelled store `classes_from`, or the rebuilt teacher's zero-shot classifier."""
-    if classes_from:
-        if classnames:
-            raise ZsdError("--classnames names classes for the text classifier, --classes-from matches the stores' "
-                           "own class names: pass one of them")
-        source = open_store(classes_from)
-        if source.teacher_id != store.teacher_id:
-            raise ZsdError(f"--classes-from {source.path} holds teacher {source.teacher_id}'s embeddings, the test "
-                           f"store {store.path} teacher {store.teacher_id}'s: prototypes need the same teacher")
-        names = store.classnames
-        labels = prototype_labels(source, names)
-        counts = np.bincount(labels[labels >= 0], minlength=len(names))
-        info = {"kind": "prototypes", "store": str(source.path), "teacher_id": source.teacher_id,
-                "images_per_class": dict(zip(names, counts.tolist()))}
-        return Classifier(list(range(len(names))), names, _class_means(source, labels, len(names)), info)
-    keep, names, note = select_classes(store.classnames, classnames)
-    teacher = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
-    template_source, template_list = resolve_templates(templates, dataset_name(store))
-    info = {"kind": "templates", "templates": template_source, "n_templates": len(template_list)}
-    return Classifier(keep, names, zero_shot_classifier(teacher, names, template_list), info, note)
 
 
 # ---------------------------------------------------------------- metrics
@@ -209,7 +68,7 @@ def embeddings_folder(run_folder: Path) -> Path:
         return cache_dir() / "student_embeddings" / f"{run_folder.resolve().name}-{tag}"
 
 
-def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, config: dict | None = None, *,
+def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, model=None, config: dict | None = None, *,
                        device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
     """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/
     (`ema_<store>` for the student RUN_DIR:ema), or in the cache dir for an exported open_clip folder
@@ -219,18 +78,18 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
     """
     device = resolve_device(device)  # "auto" is zsd's word, not torch's
+    ref = resolve_student(student)
     if model is None:
-        model, config = load_student(run_dir, device)
+        model, config = load_student(ref, device)
     if not store.complete():
         raise ZsdError(f"{store.path} is not complete: finish `zsd cache-teacher` before computing student embeddings")
-    fingerprint = student_fingerprint(run_dir, config)
+    fingerprint = student_fingerprint(ref, config)
     sid = teacher_id(fingerprint)
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
-    folder, prefix = student_location(run_dir)
-    if is_open_clip_folder(folder):  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
+    if ref.kind == "open_clip":  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
         out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
     else:
-        out = embeddings_folder(folder) / (prefix + store.path.name)
+        out = embeddings_folder(ref.folder) / (ref.prefix + store.path.name)
     keys = store.keys()
     if out.exists():
         try:
@@ -282,28 +141,17 @@ def prepare_test_store(test: str, teacher: str | None, pretrained: str | None, d
     return open_store(resolve_store(test))
 
 
-def dataset_name(store: Store) -> str:
-    return store.path.name.removesuffix(".zarr")
-
-
-def check_student_teacher(run_dir, config: dict, store: Store, log=print) -> None:
+def check_student_teacher(student: StudentRef, config: dict, store: Store, log=print) -> None:
     """A student is compared with the embeddings of its own teacher; a test store of the same teacher
     at another precision (fp32 on a CPU, bf16 on a GPU) is accepted with a note."""
     match = same_teacher(config.get("teacher_id"), config.get("teacher"), store.teacher_id, store.teacher)
     if match == "other":
-        raise ZsdError(f"student {run_dir} was distilled from teacher {config.get('teacher_id')}, but "
+        raise ZsdError(f"student {student} was distilled from teacher {config.get('teacher_id')}, but "
                        f"{store.path} holds teacher {store.teacher_id}'s embeddings")
     if match == "precision":
-        log(f"note: student {run_dir} learnt {config['teacher'].get('precision', 'fp32')} targets, {store.path} "
+        log(f"note: student {student} learnt {config['teacher'].get('precision', 'fp32')} targets, {store.path} "
             f"holds the same teacher's {store.teacher.get('precision', 'fp32')} embeddings: compared across "
             "precisions (they differ by rounding)")
-
-
-def check_labelled(store: Store) -> None:
-    if store.rows == 0:
-        raise ZsdError(f"{store.path} holds no images")
-    if not store.classnames or (store.labels() < 0).all():
-        raise ZsdError(f"{store.path} is unlabelled: zero-shot accuracy needs a labelled test set")
 
 
 def evaluated_rows(store: Store, classifier: Classifier, log=print) -> tuple[np.ndarray, np.ndarray, int]:
@@ -335,8 +183,7 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--workers", workers, 0)
     resolve_device(device)
-    for run_dir in students:  # a typo in the last --student fails before the teacher is run
-        student_files(run_dir)
+    refs = [resolve_student(s) for s in students]  # a typo in the last --student fails before the teacher is run
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     check_labelled(store)
     classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,
@@ -362,16 +209,16 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     metrics = classification_metrics(teacher_scores[rows], mapped[rows], teacher_pred[rows], confusion)
     results.append({"model": store.teacher["model"], "pretrained": store.teacher["weights"], "role": "teacher",
                     "metrics": metrics, "n_images": int(rows.sum()), "embeddings": str(store.path), **common})
-    for run_dir in students:
-        student, config = load_student(run_dir, resolve_device(device))
-        check_student_teacher(run_dir, config, store, log)
-        emb = student_embeddings(run_dir, store, student, config, device=next(student.parameters()).device,
+    for ref in refs:
+        student, config = load_student(ref, resolve_device(device))
+        check_student_teacher(ref, config, store, log)
+        emb = student_embeddings(ref, store, student, config, device=next(student.parameters()).device,
                                  batch_size=batch_size, workers=workers or 0, progress=progress)
         ok = rows & emb.written()
         scores = emb.embeddings(view=0).astype(np.float64) @ z.T
         metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)
         results.append({"model": config["student"], "pretrained": emb.teacher["weights"], "role": "student",
-                        "run_dir": str(run_dir), "metrics": metrics, "n_images": int(ok.sum()),
+                        "run_dir": ref.spec, "metrics": metrics, "n_images": int(ok.sum()),
                         "embeddings": str(emb.path), **common})
     if out_dir:
         write_results(results, out_dir)

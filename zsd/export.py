@@ -2,9 +2,9 @@
 
 The graph maps a batch of normalised pixels (n, 3, S, S) to the student's unit embeddings (n, D)
 and, when classes are given, their logits (n, K) = logit_scale * embedding @ classes.T, where the
-class embeddings are computed once here and frozen into the graph: the teacher's zero-shot
-classifier (text tower + templates, as `zsd eval` builds it) or prototypes of a labelled store
-(`--classes-from`). Without classes the graph is the encoder alone.
+class embeddings are computed once (`zsd.classes.class_head`) and frozen into the graph: the
+teacher's zero-shot classifier (text tower + templates, as `zsd eval` builds it) or prototypes of a
+labelled store (`--classes-from`). Without classes the graph is the encoder alone.
 
 The model's metadata (key `zsd`, JSON; repeated in a .json file beside the model) records what a
 runtime needs and what the model is: the exact eval preprocessing (the student's own, as `zsd
@@ -32,20 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
+from zsd.classes import class_head
 from zsd.errors import ZsdError, atomic_file, check_outputs, check_writable
-from zsd.evaluate import prototype_classifier, zero_shot_classifier
 from zsd.predict import METADATA_KEY, preprocess
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import open_store, resolve_store
-from zsd.student import load_student, student_files, student_fingerprint
-from zsd.teachers import rebuild_teacher
-from zsd.templates import resolve_templates
+from zsd.student import load_student, resolve_student, student_fingerprint
 from zsd.views import Preprocess, normalize, render_view
 
 DEFAULT_OPSET = 17
-# CLIP's logit scale after training (exp of the clamped log scale): used when the class embeddings
-# come from prototypes or a timm teacher's classifier rows, which have no scale of their own.
-CLIP_LOGIT_SCALE = 100.0
 # Default max abs embedding difference, torch fp32 vs onnxruntime: fp32 and fp16 weights.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
@@ -63,56 +58,6 @@ class ExportGraph(nn.Module):
         if self.classes is None:
             return z
         return z, self.logit_scale * z @ self.classes.T
-
-
-def class_head(config: dict, *, classes: str | None = None, classes_from: str | None = None,
-               templates: str | None = None, pretrained: str | None = None) -> tuple[list[str], torch.Tensor | None,
-                                                                                     float, dict | None]:
-    """(class names, (K, D) unit class embeddings, logit scale, how they were made) for the student's teacher."""
-    if classes and classes_from:
-        raise ZsdError("--classes names classes for the teacher's text classifier, --classes-from takes prototypes "
-                       "from a store: pass one of them")
-    if templates and not classes:
-        raise ZsdError("--templates needs --classes (the text classifier's class names)")
-    if classes_from:
-        store = open_store(classes_from)
-        if store.teacher_id != config.get("teacher_id"):
-            raise ZsdError(f"--classes-from {store.path} holds teacher {store.teacher_id}'s embeddings, the student "
-                           f"was distilled from teacher {config.get('teacher_id')}: prototypes need its teacher")
-        if not store.classnames:
-            raise ZsdError(f"--classes-from {store.path} is unlabelled: prototypes need a labelled store")
-        weights = prototype_classifier(store, store.classnames)
-        info = {"kind": "prototypes", "store": str(store.path), "teacher_id": store.teacher_id}
-        return list(store.classnames), torch.from_numpy(weights), CLIP_LOGIT_SCALE, info
-    if not classes:
-        return [], None, 1.0, None
-    names = read_classnames(classes)
-    teacher = rebuild_teacher(config["teacher"], config["teacher_id"], pretrained, "cpu")
-    source, template_list = resolve_templates(templates)
-    weights = zero_shot_classifier(teacher, names, template_list)
-    scale = getattr(getattr(teacher, "model", None), "logit_scale", None)  # open_clip's learned scale
-    info = {"kind": "templates", "templates": source, "n_templates": len(template_list),
-            "logit_scale": "teacher" if scale is not None else "CLIP's 100 (the teacher has none)"}
-    return names, torch.from_numpy(weights), float(scale.detach().exp()) if scale is not None else CLIP_LOGIT_SCALE, info
-
-
-def read_classnames(path: str) -> list[str]:
-    """A JSON list of class names, or an object with "classnames": [...]; of a comma-separated synonym
-    list ("Siamese cat, Siamese") the first is kept, as `zsd eval --classnames` does."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise ZsdError(f"cannot read --classes {path}: {e.strerror or e}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ZsdError(f"--classes {path} is not JSON ({e})") from None
-    names = data.get("classnames") if isinstance(data, dict) else data
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ZsdError(f"--classes {path} holds no class names (a JSON list of strings, or an object with "
-                       "\"classnames\": [...])")
-    names = [n.split(",")[0].strip() for n in names]
-    if len(set(names)) < len(names):
-        raise ZsdError(f"--classes {path} names a class twice")
-    return names
 
 
 def describe_preprocess(pre: Preprocess) -> str:
@@ -191,9 +136,10 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
     if out.suffix != ".onnx":
         raise ZsdError(f"--out {out}: name the model file *.onnx")
     side = out.with_suffix(".json")
-    check_outputs([out, side], [*student_files(run), classes, check_images_from])
+    ref = resolve_student(run)
+    check_outputs([out, side], [ref.config_file, ref.weights_file, classes, check_images_from])
     check_writable(out.parent, "--out")
-    student, config = load_student(run, "cpu")
+    student, config = load_student(ref, "cpu")
     pre = Preprocess.from_dict(config["preprocess"])
     names, weights, scale, info = class_head(config, classes=classes, classes_from=classes_from,
                                              templates=templates, pretrained=pretrained)
@@ -213,7 +159,7 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
             raise ZsdError(f"torch.onnx.export of {config['student']} at opset {opset} failed: "
                            f"{str(e).splitlines()[0][:200]}") from None
     model = onnx.load_from_string(buf.getvalue())
-    student_fp = student_fingerprint(run, config)
+    student_fp = student_fingerprint(ref, config)
     meta = {
         "format": "zsd-onnx/1",
         "zsd_version": __version__,

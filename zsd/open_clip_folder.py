@@ -1,4 +1,4 @@
-"""A student as an open_clip model folder: `zsd export --format open_clip`, and its way back into zsd.
+"""A student as an open_clip model folder: `zsd export --format open_clip` writes it.
 
 The folder is the layout open_clip's `local-dir:` schema and the Hugging Face hub read:
 `open_clip_config.json` (`model_cfg`, `preprocess_cfg`), `open_clip_model.safetensors`, tokenizer
@@ -15,7 +15,8 @@ parity check loads the written folder with open_clip itself and compares it with
 folder gets its name.
 
 `config["zsd"]` in the folder's config records the student as `student.json` does, so
-`load_student(DIR)` and with it `zsd eval --student DIR` take an exported folder as they take a run.
+`load_student(DIR)` and with it `zsd eval --student DIR` take an exported folder as they take a run
+(reading a folder back is zsd.student's: this module only writes).
 """
 
 from __future__ import annotations
@@ -33,18 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsd import __version__
+from zsd.classes import read_classnames
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, first_missing
+from zsd.export import check_images
 from zsd.hub import offline_unless_reachable
+from zsd.student import (OPEN_CLIP_CONFIG as CONFIG, OPEN_CLIP_FORMAT as FORMAT, OPEN_CLIP_WEIGHTS as WEIGHTS,
+                         load_student, resolve_student, student_fingerprint)
+from zsd.teachers import rebuild_teacher
 from zsd.views import Preprocess, normalize, render_view
 
-CONFIG, WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
-FORMAT = "zsd-open_clip/1"
 TOLERANCE = 1e-4  # max abs difference of unit image embeddings, zsd vs open_clip
 PARITY_CLASSES = ["dog", "cat", "car", "bird", "flower", "airplane", "food", "house"]
-
-
-def is_open_clip_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / CONFIG).is_file()
 
 
 # ---------------------------------------------------------------- the vision tower
@@ -198,16 +198,13 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                      pretrained: str | None = None, check: bool = True, check_images_from: str | None = None,
                      check_n: int = 64, tolerance: float | None = None, log=print) -> dict:
     """Write the open_clip folder OUT for the student of RUN; returns the folder's zsd record (with parity)."""
-    from zsd.export import check_images, read_classnames
-    from zsd.student import load_student, student_fingerprint, student_location
-    from zsd.teachers import rebuild_teacher
-
     check_at_least("--tolerance", tolerance, 0)
     out = Path(out)
     if out.exists():
         raise ZsdError(f"--out {out} already exists: name a new folder (an open_clip folder is written whole)")
     check_writable(out.parent, "--out")
-    student, config = load_student(run, "cpu")
+    ref = resolve_student(run)
+    student, config = load_student(ref, "cpu")
     if config["teacher"].get("backend") != "open_clip":
         raise ZsdError(f"the student of {run} was distilled from {config['teacher'].get('model')}, which has no text "
                        "tower: there is no CLIP model to export; use --format onnx (with --classes or --classes-from "
@@ -222,8 +219,8 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                        f"{config['embed_dim']}: not this student's teacher")
     names = read_classnames(classes) if classes else (config.get("classnames") or PARITY_CLASSES)[:16]
     images = check_images(check_images_from, check_n) if check else []
-    weights = student_fingerprint(run, config)["weights"]
-    record = {"format": FORMAT, "zsd_version": __version__, "run": str(run), "student_weights": weights, **config}
+    weights = student_fingerprint(ref, config)["weights"]
+    record = {"format": FORMAT, "zsd_version": __version__, "run": ref.spec, "student_weights": weights, **config}
     made = first_missing(out.parent)  # removed again on failure, as the folder itself
     try:
         with atomic_file(out) as tmp:  # the folder appears whole or not at all
@@ -239,7 +236,7 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
                     raise ZsdError(f"parity check failed, nothing written: open_clip vs zsd: {'; '.join(failed)} on "
                                    f"{report['images']} images")
                 _write_config(tmp, model_cfg, oc_preprocess, record)
-            (tmp / "README.md").write_text(model_card(config, record, run_results(student_location(run)[0], weights)))
+            (tmp / "README.md").write_text(model_card(config, record, run_results(ref.folder, weights)))
     except BaseException as e:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
@@ -348,31 +345,3 @@ def parity_text(report: dict) -> str:
             f"{report['max_abs_pixels']:.1e}), {report['max_abs_text']:.2e} (text embeddings; tokens "
             f"{'equal' if report['tokens_equal'] else 'DIFFER'}), {report['max_abs_logits']:.2e} (zero-shot logits), "
             f"top-1 agreement {100 * report['top1_agreement']:.1f} %")
-
-
-# ---------------------------------------------------------------- back into zsd
-
-def read_record(folder: str | os.PathLike) -> dict:
-    """The zsd record of an exported folder: what `student.json` holds for a run."""
-    folder = Path(folder)
-    try:
-        record = json.loads((folder / CONFIG).read_text()).get("zsd")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ZsdError(f"cannot read {folder / CONFIG} ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ZsdError(f"{folder} is an open_clip folder that `zsd export --format open_clip` did not write (no zsd "
-                       "record of its teacher in open_clip_config.json), so zsd cannot check it against a test store")
-    return record
-
-
-def student_state(folder_state: dict[str, torch.Tensor], student) -> dict[str, torch.Tensor]:
-    """An exported folder's image tower under the `Student`'s names: the inverse of `visual_state`."""
-    trunk = {k[len("visual.trunk."):]: v for k, v in folder_state.items() if k.startswith("visual.trunk.")}
-    own = set(student.backbone.state_dict())
-    head = sorted(set(trunk) - own)
-    if [k.rsplit(".", 1)[-1] for k in head] != ["bias", "weight"]:
-        raise ZsdError(f"the folder's image tower is not a {student.name} student with one projection "
-                       f"({len(head)} tensors outside its backbone)")
-    state = {f"backbone.{k}": v for k, v in trunk.items() if k in own}
-    state.update({f"proj.{k.rsplit('.', 1)[-1]}": trunk[k] for k in head})
-    return state

@@ -28,12 +28,13 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from zsd.classes import build_classifier, check_labelled, dataset_name
 from zsd.errors import ZsdError, atomic_file, reserve, write_atomic
-from zsd.evaluate import (build_classifier, check_labelled, check_student_teacher, classification_metrics,
-                          dataset_name, evaluated_rows, prepare_test_store, result_label)
+from zsd.evaluate import (check_student_teacher, classification_metrics, evaluated_rows, prepare_test_store,
+                          result_label)
 from zsd.sources import BadImage, RowReader
 from zsd.store import Store, cache_folder
-from zsd.student import load_student
+from zsd.student import load_student, resolve_student, student_config
 from zsd.teachers import rebuild_teacher, resolve_device
 from zsd.views import Preprocess, normalize
 
@@ -288,21 +289,20 @@ def robustness(test: str, students: list[str] = (), *, teacher: str | None = Non
     classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,
                                   pretrained=pretrained, device=device)
     mapped, rows, _ = evaluated_rows(store, classifier, log)
-    students = list(students)
-    for run_dir in students:  # before the long render: a student of another teacher is a typo
-        _, config = load_student(run_dir)
-        check_student_teacher(run_dir, config, store, log)
+    students = [resolve_student(s) for s in students]
+    for ref in students:  # before the long render: a student of another teacher is a typo
+        check_student_teacher(ref, student_config(ref), store, log)
     rendered = render(store, size=size, corruptions=corruptions, severities=severities, seed=seed, workers=workers,
                       progress=progress)
 
     t = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
     models = [Model({"model": store.teacher["model"], "pretrained": store.teacher["weights"], "role": "teacher"},
                     t.preprocess, t.encode_images)]
-    for run_dir in students:
-        student, config = load_student(run_dir, resolve_device(device))
+    for ref in students:
+        student, config = load_student(ref, resolve_device(device))
         dev = next(student.parameters()).device
-        models.append(Model({"model": config["student"], "pretrained": f"run:{Path(run_dir).resolve().name}",
-                             "role": "student", "run_dir": str(run_dir)},
+        models.append(Model({"model": config["student"], "pretrained": f"run:{Path(ref.spec).resolve().name}",
+                             "role": "student", "run_dir": ref.spec},
                             Preprocess.from_dict(config["preprocess"]),
                             lambda x, m=student, d=dev: m.encode_images(x.to(d))))
 

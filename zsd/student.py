@@ -5,7 +5,10 @@ A trained student is two files in its run folder: `student.safetensors` (weights
 distilled from, training config), so `load_student(RUN_DIR)` rebuilds it with one call. A run
 trained with an EMA of its weights also holds `ema_student.safetensors` + `ema_student.json`;
 the student spec `RUN_DIR:ema` names that one wherever a student is taken (load_student, eval,
-coverage).
+coverage). An open_clip folder that `zsd export --format open_clip` wrote is a student too: its config
+records the student as `student.json` does, and its image tower holds the student's weights.
+
+Every command resolves a student spec once (`resolve_student`) and passes the `StudentRef` on.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import difflib
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -23,10 +27,14 @@ from torch import nn
 
 from zsd.errors import ZsdError, atomic_file
 from zsd.hub import offline_unless_reachable
+from zsd.teachers import file_sha256
 from zsd.views import Preprocess, timm_preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
 EMA_PREFIX = "ema_"  # the EMA student's files: ema_student.safetensors, ema_student.json
+# An exported open_clip folder (zsd.open_clip_folder writes it): its files and the format of its zsd record.
+OPEN_CLIP_CONFIG, OPEN_CLIP_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+OPEN_CLIP_FORMAT = "zsd-open_clip/1"
 
 
 class Student(nn.Module):
@@ -140,17 +148,6 @@ def load_pretrained_backbone(model: Student, spec: str, image_size: int | None =
     model.backbone.load_state_dict(state, strict=False)
 
 
-def student_location(spec: str | os.PathLike) -> tuple[Path, str]:
-    """(run folder, file prefix) of a student spec: RUN_DIR or a file in it, or RUN_DIR:ema for its EMA."""
-    spec = str(spec)
-    if spec.endswith(":ema"):
-        return Path(spec[:-len(":ema")]), EMA_PREFIX
-    path = Path(spec)
-    if path.is_file():  # student.json or ema_student.safetensors, ...: the prefix is in the name
-        return path.parent, path.name.removesuffix(CONFIG).removesuffix(WEIGHTS)
-    return path, ""
-
-
 def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefix: str = "") -> None:
     """Write weights and config atomically (temp + rename), so a kill never leaves half a student."""
     from safetensors.torch import save
@@ -165,46 +162,111 @@ def save_student(run_dir: str | os.PathLike, model: Student, config: dict, prefi
         ct.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def student_files(spec: str | os.PathLike) -> tuple[Path, Path]:
-    """(config, weights) of a student spec; one line when the run folder holds none (checked before long work)."""
-    from zsd import open_clip_folder
+@dataclass(frozen=True)
+class StudentRef:
+    """A student spec resolved: where its files are and which form it has. Commands resolve `--student`
+    once and pass this on; every function that takes a spec also takes one."""
 
-    run_dir, prefix = student_location(spec)
-    if not prefix and open_clip_folder.is_open_clip_folder(run_dir):  # `zsd export --format open_clip` wrote it
-        return run_dir / open_clip_folder.CONFIG, run_dir / open_clip_folder.WEIGHTS
-    cfg_path, w_path = run_dir / (prefix + CONFIG), run_dir / (prefix + WEIGHTS)
+    spec: str  # as given: results and messages name the student by it
+    folder: Path  # the run folder, or the exported open_clip folder
+    kind: str  # "run", "ema" (RUN_DIR:ema) or "open_clip"
+    prefix: str  # of its files in the run folder, and of its embedding stores: "" or "ema_"
+    config_file: Path
+    weights_file: Path
+
+    def __str__(self) -> str:
+        return self.spec
+
+
+def resolve_student(spec: str | os.PathLike | StudentRef) -> StudentRef:
+    """RUN_DIR or a file in it, RUN_DIR:ema for its EMA, or an exported open_clip folder; one line when the
+    folder holds no student (checked before long work)."""
+    if isinstance(spec, StudentRef):
+        return spec
+    text = str(spec)
+    if text.endswith(":ema"):
+        folder, prefix = Path(text[:-len(":ema")]), EMA_PREFIX
+    elif Path(text).is_file():  # student.json or ema_student.safetensors, ...: the prefix is in the name
+        folder, prefix = Path(text).parent, Path(text).name.removesuffix(CONFIG).removesuffix(WEIGHTS)
+    else:
+        folder, prefix = Path(text), ""
+    if not prefix and (folder / OPEN_CLIP_CONFIG).is_file():  # `zsd export --format open_clip` wrote it
+        return StudentRef(text, folder, "open_clip", "", folder / OPEN_CLIP_CONFIG, folder / OPEN_CLIP_WEIGHTS)
+    cfg_path, w_path = folder / (prefix + CONFIG), folder / (prefix + WEIGHTS)
     if not cfg_path.is_file() or not w_path.is_file():
         hint = "runs trained with --ema-decay write it" if prefix else "pass a `zsd train` run folder"
-        raise ZsdError(f"{run_dir} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
+        raise ZsdError(f"{folder} holds no {'EMA' if prefix else 'trained'} student ({cfg_path.name} and "
                        f"{w_path.name}); {hint}")
-    return cfg_path, w_path
+    return StudentRef(text, folder, "ema" if prefix else "run", prefix, cfg_path, w_path)
 
 
-def load_student(spec: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[Student, dict]:
+def read_record(folder: str | os.PathLike) -> dict:
+    """The zsd record of an exported open_clip folder: what `student.json` holds for a run."""
+    folder = Path(folder)
+    try:
+        record = json.loads((folder / OPEN_CLIP_CONFIG).read_text()).get("zsd")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ZsdError(f"cannot read {folder / OPEN_CLIP_CONFIG} ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != OPEN_CLIP_FORMAT:
+        raise ZsdError(f"{folder} is an open_clip folder that `zsd export --format open_clip` did not write (no zsd "
+                       "record of its teacher in open_clip_config.json), so zsd cannot check it against a test store")
+    return record
+
+
+def student_config(spec: str | os.PathLike | StudentRef) -> dict:
+    """What the student is (its student.json, or an exported folder's record), without reading its weights."""
+    ref = resolve_student(spec)
+    if ref.kind == "open_clip":
+        return read_record(ref.folder)
+    try:
+        config = json.loads(ref.config_file.read_text())
+        if not isinstance(config, dict):
+            raise TypeError("not a JSON object")
+    except (OSError, ValueError, TypeError) as e:
+        raise _damaged(ref, e) from None
+    return config
+
+
+def _damaged(ref: StudentRef, e: Exception) -> ZsdError:
+    return ZsdError(f"{ref.config_file} is damaged or not a zsd student config ({type(e).__name__}: {e})")
+
+
+def student_state(folder_state: dict[str, torch.Tensor], student: Student) -> dict[str, torch.Tensor]:
+    """An exported folder's image tower under the `Student`'s names: the inverse of
+    `zsd.open_clip_folder.visual_state`."""
+    trunk = {k[len("visual.trunk."):]: v for k, v in folder_state.items() if k.startswith("visual.trunk.")}
+    own = set(student.backbone.state_dict())
+    head = sorted(set(trunk) - own)
+    if [k.rsplit(".", 1)[-1] for k in head] != ["bias", "weight"]:
+        raise ZsdError(f"the folder's image tower is not a {student.name} student with one projection "
+                       f"({len(head)} tensors outside its backbone)")
+    state = {f"backbone.{k}": v for k, v in trunk.items() if k in own}
+    state.update({f"proj.{k.rsplit('.', 1)[-1]}": trunk[k] for k in head})
+    return state
+
+
+def load_student(spec: str | os.PathLike | StudentRef, device: str | torch.device = "cpu") -> tuple[Student, dict]:
     """Load a student from its run folder (or a file inside it); `RUN_DIR:ema` loads its EMA weights, and
     an open_clip folder that `zsd export --format open_clip` wrote loads the student it holds."""
     from safetensors.torch import load
 
-    from zsd import open_clip_folder
-
-    cfg_path, w_path = student_files(spec)
-    exported = cfg_path.name == open_clip_folder.CONFIG
+    ref = resolve_student(spec)
+    config = student_config(ref)
+    try:
+        config["preprocess"] = eval_preprocess(config).to_dict()
+        model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(ref, e) from None
     # The weights are read once, and hashed from the bytes loaded: a trainer that renames a new
     # checkpoint into place meanwhile cannot make the student's caches name other weights.
     try:
-        config = open_clip_folder.read_record(cfg_path.parent) if exported else json.loads(cfg_path.read_text())
-        config["preprocess"] = eval_preprocess(config).to_dict()
-        model = Student(config["student"], config["embed_dim"], config["preprocess"]["size"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ZsdError(f"{cfg_path} is damaged or not a zsd student config ({type(e).__name__}: {e})") from None
-    try:
-        data = w_path.read_bytes()
+        data = ref.weights_file.read_bytes()
         state = load(data)
-        model.load_state_dict(open_clip_folder.student_state(state, model) if exported else state)
+        model.load_state_dict(student_state(state, model) if ref.kind == "open_clip" else state)
     except ZsdError:
         raise
     except Exception as e:  # safetensors' header errors, a state of another student
-        raise ZsdError(f"{w_path} is damaged or does not fit {cfg_path.name} "
+        raise ZsdError(f"{ref.weights_file} is damaged or does not fit {ref.config_file.name} "
                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
     config["weights_sha256"] = hashlib.sha256(data).hexdigest()
     return model.to(device).eval(), config
@@ -215,12 +277,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile
 
 
-def student_fingerprint(spec: str | os.PathLike, config: dict) -> dict:
+def student_fingerprint(spec: str | os.PathLike | StudentRef, config: dict) -> dict:
     """A student in the teacher-fingerprint shape, for stores of student embeddings: its weights'
     hash is that of the bytes `load_student` loaded (`config["weights_sha256"]`)."""
-    from zsd.teachers import file_sha256
-
-    weights = config.get("weights_sha256") or file_sha256(student_files(spec)[1])  # the loaded bytes' hash
+    weights = config.get("weights_sha256") or file_sha256(resolve_student(spec).weights_file)
     return {"backend": "zsd-student", "model": config["student"],
             "weights": "sha256:" + weights, "preprocess": config["preprocess"],
             "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}

@@ -40,20 +40,19 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from zsd.classes import class_prototype_embeddings, class_text_embeddings
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, torchrun_env
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
-from zsd.evaluate import prototype_classifier
 from zsd.losses import LOSSES, NEEDS_TEXT, Criterion
 from zsd.student import (EMA_PREFIX, Student, _unwrap, check_student_name, load_pretrained_backbone, load_student,
                          save_student, student_preprocess)
-from zsd.store import LOCK, folder_lock, open_store
-from zsd.teachers import rebuild_teacher, resolve_device
+from zsd.store import LOCK, folder_lock
+from zsd.teachers import resolve_device
 from zsd.views import Preprocess, normalize
 
-STATE, LOG, TEXT = "train_state.pt", "log.jsonl", "text_embeddings.pt"
-PROMPT = "a photo of a {c}, a type of {superclass}."
+STATE, LOG = "train_state.pt", "log.jsonl"
 
 
 def parse_losses(specs) -> dict[str, float]:
@@ -172,45 +171,6 @@ def resume_conflicts(saved: dict, now: dict) -> str:
     """'lr 0.001 -> 0.002, seed 0 -> 1' for every field of two run definitions that differs."""
     return ", ".join(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in {**saved, **now}
                      if saved.get(k) != now.get(k))
-
-
-# --- class embeddings of the clip/mp losses: class prototypes, or prompts (the one place the teacher is used)
-
-def class_prototype_embeddings(targets: TrainTargets, store: str) -> torch.Tensor:
-    """(K, D) per class of the targets: the normalised mean of the normalised view-0 teacher
-    embeddings of that class's rows in the labelled `store` (as `zsd eval --classes-from`)."""
-    if not targets.classnames:
-        raise ZsdError("the clip and mp losses need class labels, but the --targets stores have no classes")
-    source = open_store(store)
-    if source.teacher_id != targets.teacher_id:
-        raise ZsdError(f"--class-embeddings-from {source.path} holds teacher {source.teacher_id}'s embeddings, the "
-                       f"targets teacher {targets.teacher_id}'s: prototypes need the same teacher")
-    return torch.from_numpy(prototype_classifier(source, targets.classnames))
-
-
-def class_text_embeddings(targets: TrainTargets, superclass: str, run_dir: Path,
-                          pretrained: str | None = None, log=print) -> torch.Tensor:
-    """(K, D) teacher embeddings of "a photo of a {class}, a type of {superclass}." per class.
-
-    Cached in RUN_DIR/text_embeddings.pt keyed by teacher id and prompts. timm teachers have no
-    text tower: their classifier rows (looked up by class name) are the class embeddings.
-    """
-    if not targets.classnames:
-        raise ZsdError("the clip and mp losses need class labels, but the --targets stores have no classes")
-    names = [c.replace("_", " ") for c in targets.classnames]
-    template = PROMPT.replace("{superclass}", superclass)
-    key = {"teacher_id": targets.teacher_id, "template": template, "classes": names}
-    path = run_dir / TEXT
-    if path.is_file():
-        cached = torch.load(path, weights_only=True)
-        if cached["key"] == key:
-            return cached["embeddings"]
-    teacher = rebuild_teacher(targets.teacher, targets.teacher_id, pretrained, "cpu")
-    log(f"computing {len(names)} class-prompt embeddings with the teacher {teacher.model_name}")
-    emb = teacher.classifier(names, [template]).float()
-    with atomic_file(path) as tmp, open(tmp, "wb") as f:  # Python's write: a full disk raises OSError
-        torch.save({"key": key, "embeddings": emb}, f)
-    return emb
 
 
 # --- checkpoints
