@@ -8,7 +8,7 @@ from conftest import cli
 from scipy.stats import beta, binom
 from student_helpers import make_student
 
-from zsd.calibrate import (calibrate_arrays, certify, compute_score, cp_upper, fit_combined, min_count,
+from zsd.calibrate import (_planned, calibrate_arrays, certify, compute_score, cp_upper, fit_combined, min_count,
                            restrict_options)
 from zsd.errors import ZsdError
 
@@ -38,22 +38,29 @@ def synthetic(rng, n, k=5, strength=6.0):
 
 @pytest.mark.parametrize("score", ["margin", "auto"])
 def test_the_guarantee_holds_over_many_draws_at_the_promised_rate(score):
+    """300 calibration sets of 600 photos: the population disagreement among the accepted exceeds alpha in
+    at most about delta of them (auto: the score and the start planned on a third, tested on the rest)."""
     alpha, delta, draws = 0.05, 0.1, 300
     rng = np.random.default_rng(1)
-    big_cos, big_teacher = synthetic(rng, 400_000)  # the population the guarantee speaks of
+    big_cos, big_teacher = synthetic(rng, 100_000)  # the population the guarantee speaks of
+    big_loss = big_cos.argmax(1) != big_teacher
+    fixed = {name: compute_score({"name": name}, big_cos) for name in ("margin", "msp")}  # scored once
     violations, accepted = 0, []
     for d in range(draws):
         cos, teacher = synthetic(rng, 600)
-        report = calibrate_arrays([str(i) for i in range(600)], cos, teacher, None, list("abcde"), alpha=alpha,
-                                  delta=delta, score=score, holdout=0.0, seed=d)
-        r = report["result"]
+        agree = cos.argmax(1) == teacher
+        if score == "auto":
+            spec, r, _ = _planned(cos, agree, (~agree).astype(float), alpha, delta, seed=d)
+        else:
+            spec = {"name": "margin"}
+            r = certify(compute_score(spec, cos), ~agree, alpha, delta)
         accepted.append(r["accepted_fraction"])
         if r["certified"]:
-            acc = compute_score(report["score"], big_cos) >= r["threshold"]
-            violations += (big_cos.argmax(1) != big_teacher)[acc].mean() > alpha
+            big = fixed[spec["name"]] if spec["name"] in fixed else compute_score(spec, big_cos)
+            violations += big_loss[big >= r["threshold"]].mean() > alpha
     # violations ~ Binomial(draws, <= delta): more than its 99.9 % quantile would refute the guarantee
     assert violations <= binom.ppf(0.999, draws, delta), violations
-    assert np.mean(accepted) > 0.2  # and it accepts something: a test of a procedure that never accepts could not fail
+    assert np.mean(accepted) > 0.1  # and it accepts something: a procedure that never accepts could not fail
 
 
 def test_an_uncertifiable_student_accepts_nothing():

@@ -56,6 +56,16 @@ def cp_upper(k: int, n: int, delta: float) -> float:
     return 1.0 if k >= n else float(beta.ppf(1 - delta, k + 1, n - k))
 
 
+def cp_upper_many(k: np.ndarray, n: np.ndarray, delta: float) -> np.ndarray:
+    """`cp_upper` of many (k, n) pairs at once."""
+    from scipy.stats import beta
+
+    k, n = np.asarray(k), np.asarray(n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = beta.ppf(1 - delta, k + 1, np.maximum(n - k, 1))
+    return np.where(k >= n, 1.0, out)
+
+
 def min_count(alpha: float, delta: float) -> int:
     """The fewest accepted photos whose bound can be <= alpha: all of them agreeing, (1 - alpha)^n <= delta."""
     return math.ceil(math.log(delta) / math.log1p(-alpha) - 1e-12)
@@ -163,19 +173,18 @@ def certify(scores: np.ndarray, losses: np.ndarray, alpha: float, delta: float,
     order = np.argsort(-scores, kind="stable")
     sorted_scores, cum = scores[order], np.cumsum(losses[order])
     start = start_count(alpha, delta, n, tolerance) if start is None else min(max(start, m0), n)
-    counts = sorted(set(range(start, n + 1, max(1, round(step * n)))) | {n})
-    steps, best = [], None
-    for m in counts:
-        threshold = sorted_scores[m - 1]
-        accepted = int(np.searchsorted(-sorted_scores, -threshold, side="right"))  # ties at the threshold too
-        if steps and accepted == steps[-1]["accepted"]:
-            continue
-        k = int(cum[accepted - 1])
-        bound = cp_upper(k, accepted, delta)
-        steps.append({"threshold": float(threshold), "accepted": accepted, "risk": k / accepted, "bound": bound})
-        if bound > alpha:
-            break
-        best = steps[-1]
+    counts = np.unique(np.r_[np.arange(start, n + 1, max(1, round(step * n))), n])
+    thresholds = sorted_scores[counts - 1]
+    accepted = np.searchsorted(-sorted_scores, -thresholds, side="right")  # ties at a threshold are accepted too
+    keep = np.r_[True, accepted[1:] != accepted[:-1]]
+    thresholds, accepted = thresholds[keep], accepted[keep]
+    k = cum[accepted - 1].astype(int)
+    bounds = cp_upper_many(k, accepted, delta)
+    fails = np.flatnonzero(bounds > alpha)
+    stop = int(fails[0]) if len(fails) else len(bounds)  # the first failure is the last step tested
+    steps = [{"threshold": float(t), "accepted": int(a), "risk": float(e / a), "bound": float(u)}
+             for t, a, e, u in zip(thresholds[:stop + 1], accepted[:stop + 1], k[:stop + 1], bounds[:stop + 1])]
+    best = steps[stop - 1] if stop > 0 else None
     out = {"n": n, "alpha": alpha, "delta": delta, "start": start, "steps": steps, "certified": best is not None}
     if best is None:
         out.update(threshold=math.inf, accepted=0, accepted_fraction=0.0, risk=0.0, bound=None)
@@ -217,7 +226,7 @@ def plan(fit_scores: np.ndarray, fit_losses: np.ndarray, n_test: int, alpha: flo
     if not len(counts) or not len(risk):
         return {"start": None, "fraction": 0.0}
     top = np.clip(np.ceil(counts / n_test * len(risk)).astype(int), 1, len(risk)) - 1
-    bounds = np.array([cp_upper(math.ceil(risk[t] * m), m, delta) for t, m in zip(top, counts)])
+    bounds = cp_upper_many(np.ceil(risk[top] * counts - 1e-9), counts, delta)
     best = int(np.argmin(bounds))
     if bounds[best] > alpha:
         return {"start": None, "fraction": 0.0}
