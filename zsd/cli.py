@@ -302,6 +302,68 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
             click.echo(f"{run_dir}: embeddings of {name} in {emb.path}", err=True)
 
 
+@cli.command("calibrate")
+@click.argument("test")
+@click.option("--student", required=True, type=click.Path(file_okay=False),
+              help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights); its calibration.json records the guarantee.")
+@click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Largest risk promised among accepted photos.")
+@click.option("--delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Chance that the calibration photos mislead: the promise holds with probability >= 1 - delta.")
+@click.option("--risk", type=click.Choice(["disagreement", "error"]), default="disagreement", show_default=True,
+              help="disagreement: top-1 differs from the teacher's (no labels needed); error: top-1 differs from the label.")
+@click.option("--score", type=click.Choice(["auto", "margin", "msp", "combined"]), default="auto", show_default=True,
+              help="The student's confidence: top-1 - top-2 cosine, max softmax probability, a logistic fit of both "
+                   "and the predicted class (fitted on a third of the calibration photos), or auto: the best of them "
+                   "planned on that third.")
+@click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="Fraction of the photos kept out of the calibration to check the promise on (0: none).")
+@click.option("--seed", default=0, show_default=True, help="Seeds the holdout split and the fit part.")
+@click.option("--json", "json_out", type=JSON_PATH, default=None,
+              help="Write the full report (every photo's key, part, score, accepted, agree) here ('-': standard output).")
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the risk-coverage curve as a PNG.")
+@click.option("--no-record", is_flag=True, help="Do not write the guarantee into the student's run folder.")
+@click.option("--options", "options_path", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="The options file of the student's synthetic prompts: with --next-options, the classes to "
+                   "generate next are written as an options file for `zsd prompts`.")
+@click.option("--next-options", default=None, type=click.Path(dir_okay=False),
+              help="Write the options of the classes accepted least here (needs --options).")
+@click.option("--templates", default=None, help="As in `zsd eval`.")
+@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
+@click.option("--classes-from", default=None, metavar="STORE", help="As in `zsd eval`: class prototypes from this labelled store.")
+@click.option("--pretrained", default=None, help="As in `zsd eval`.")
+@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
+@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_out, plot, no_record, options_path,
+                  next_options, templates, classnames, classes_from, pretrained, teacher, device, batch_size, workers):
+    """Certify which of a student's predictions agree with its teacher: a threshold on its own confidence
+    such that, with probability >= 1 - delta, the disagreement among accepted photos is <= alpha.
+
+    TEST is a labelled store or image folder of real photos like those the student will see
+    (Learn-then-Test: fixed-sequence testing with exact Clopper-Pearson bounds). Nothing certified
+    means every prediction abstains. See docs/evaluation.md.
+    """
+    from zsd.calibrate import calibrate, calibration_text, plot_calibration, restrict_options
+
+    if next_options and not options_path:
+        raise ZsdError("--next-options needs --options (the options file of the student's prompts)")
+    report = calibrate(test, student, alpha=alpha, delta=delta, risk=risk, score=score, holdout=holdout, seed=seed,
+                       record=not no_record, templates=templates, classnames=classnames, classes_from=classes_from,
+                       pretrained=pretrained, teacher=teacher, device=device, batch_size=batch_size, workers=workers,
+                       log=lambda m: click.echo(m, err=True))
+    hint = f"--options {next_options}" if next_options else "RECIPE --options OPTIONS.json"
+    if next_options and report["next_to_generate"]:
+        restrict_options(options_path, report["next_to_generate"], next_options)
+    if json_out:
+        _write_json(json_out, report)
+    if plot:
+        plot_calibration(report, plot)
+    if json_out != "-":
+        click.echo(calibration_text(report, hint))
+
+
 @cli.command("robustness")
 @click.argument("test")
 @click.option("--student", "students", multiple=True, help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights) "

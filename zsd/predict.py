@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from zsd.calibrate import abstains, applies
 from zsd.errors import ZsdError
 from zsd.sources import IMAGE_EXTS, BadImage, load_rgb
 
@@ -124,6 +125,9 @@ class ExportedModel:
         except (ValueError, KeyError, TypeError) as e:
             raise ZsdError(f"{path}: its {METADATA_KEY!r} metadata is damaged ({type(e).__name__}: {e}); "
                            "export the model again") from None
+        # A guarantee (`zsd calibrate`) speaks only for the classes it was calibrated with.
+        record = self.meta.get("calibration")
+        self.calibration: dict | None = record if self.classnames and applies(record, self.classnames) else None
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
@@ -145,6 +149,8 @@ class ExportedModel:
             x = np.stack([preprocess(read_image(im) if isinstance(im, (str, os.PathLike)) else im.convert("RGB"),
                                      self.preprocess) for im in chunk])
             emb, logits = self.run(x)
+            if self.calibration is not None:
+                abstain = abstains(self.calibration, logits.astype(np.float64) / self.meta["logit_scale"])
             for j, im in enumerate(chunk):
                 result = {"image": str(im) if isinstance(im, (str, os.PathLike)) else f"<image {start + j}>"}
                 if logits is not None:
@@ -154,6 +160,8 @@ class ExportedModel:
                     order = np.argsort(-z, kind="stable")[:top_k]
                     result["top"] = [{"class": self.classnames[c], "prob": float(prob[c]), "logit": float(z[c])}
                                      for c in order]
+                    if self.calibration is not None:
+                        result["abstained"] = bool(abstain[j])
                 result["embedding"] = emb[j].tolist()
                 results.append(result)
         return results
@@ -172,7 +180,8 @@ def predictions_text(results: list[dict]) -> str:
     lines = []
     for r in results:
         if "top" in r:
-            lines.append(f"{r['image']}: " + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
+            lines.append(f"{r['image']}: " + ("ABSTAINED (below the calibrated threshold): " if r.get("abstained")
+                                               else "") + ", ".join(f"{t['class']} {t['prob']:.3f}" for t in r["top"]))
         else:
             lines.append(f"{r['image']}: {len(r['embedding'])}-d embedding (the model has no classes; --json prints it)")
     return "\n".join(lines)

@@ -1,0 +1,194 @@
+"""zsd calibrate: the Clopper-Pearson bound, the guarantee over many draws, the CLI end to end, predict's abstention."""
+
+import json
+
+import numpy as np
+import pytest
+from conftest import cli
+from scipy.stats import beta, binom
+from student_helpers import make_student
+
+from zsd.calibrate import (_planned, calibrate_arrays, certify, compute_score, cp_upper, fit_combined, min_count,
+                           restrict_options)
+from zsd.errors import ZsdError
+
+
+def test_clopper_pearson_bound_equals_the_beta_quantile_and_the_binomial_tail():
+    for k, n, delta in [(0, 12, 0.1), (3, 50, 0.05), (10, 400, 0.1), (0, 45, 0.1), (7, 7, 0.05)]:
+        want = 1.0 if k == n else beta.ppf(1 - delta, k + 1, n - k)
+        assert cp_upper(k, n, delta) == pytest.approx(want, rel=1e-12)
+        if k < n:  # the defining property, independently: P(Binomial(n, bound) <= k) = delta
+            assert binom.cdf(k, n, cp_upper(k, n, delta)) == pytest.approx(delta, rel=1e-6)
+    assert cp_upper(0, 12, 0.1) == pytest.approx(1 - 0.1 ** (1 / 12))  # the issue's 0.17
+    assert cp_upper(0, 12, 0.1) > 0.17
+    m = min_count(0.05, 0.1)  # the first count at which no disagreement passes alpha
+    assert cp_upper(0, m, 0.1) <= 0.05 < cp_upper(0, m - 1, 0.1)
+
+
+def synthetic(rng, n, k=5, strength=6.0):
+    """Student cosines whose top-1 margin predicts agreement with the teacher through a logistic link."""
+    pred = rng.integers(0, k, n)
+    conf = rng.random(n)
+    cos = rng.normal(0, 0.01, (n, k))
+    cos[np.arange(n), pred] += 0.05 + 0.2 * conf
+    agree = rng.random(n) < 1 / (1 + np.exp(-strength * (conf - 0.2)))
+    teacher = np.where(agree, pred, (pred + 1 + rng.integers(0, k - 1, n)) % k)
+    return cos, teacher
+
+
+@pytest.mark.parametrize("score", ["margin", "auto"])
+def test_the_guarantee_holds_over_many_draws_at_the_promised_rate(score):
+    """300 calibration sets of 600 photos: the population disagreement among the accepted exceeds alpha in
+    at most about delta of them (auto: the score and the start planned on a third, tested on the rest)."""
+    alpha, delta, draws = 0.05, 0.1, 300
+    rng = np.random.default_rng(1)
+    big_cos, big_teacher = synthetic(rng, 100_000)  # the population the guarantee speaks of
+    big_loss = big_cos.argmax(1) != big_teacher
+    fixed = {name: compute_score({"name": name}, big_cos) for name in ("margin", "msp")}  # scored once
+    violations, accepted = 0, []
+    for d in range(draws):
+        cos, teacher = synthetic(rng, 600)
+        agree = cos.argmax(1) == teacher
+        if score == "auto":
+            spec, r, _ = _planned(cos, agree, (~agree).astype(float), alpha, delta, seed=d)
+        else:
+            spec = {"name": "margin"}
+            r = certify(compute_score(spec, cos), ~agree, alpha, delta)
+        accepted.append(r["accepted_fraction"])
+        if r["certified"]:
+            big = fixed[spec["name"]] if spec["name"] in fixed else compute_score(spec, big_cos)
+            violations += big_loss[big >= r["threshold"]].mean() > alpha
+    # violations ~ Binomial(draws, <= delta): more than its 99.9 % quantile would refute the guarantee
+    assert violations <= binom.ppf(0.999, draws, delta), violations
+    assert np.mean(accepted) > 0.1  # and it accepts something: a procedure that never accepts could not fail
+
+
+def test_an_uncertifiable_student_accepts_nothing():
+    rng = np.random.default_rng(0)
+    cos, _ = synthetic(rng, 2000)
+    teacher = rng.integers(0, 5, 2000)  # the scores say nothing about agreement (20 %)
+    for score in ["margin", "msp", "combined", "auto"]:
+        report = calibrate_arrays(range(2000), cos, teacher, None, list("abcde"), score=score, holdout=0.5)
+        assert report["result"]["certified"] is False and report["result"]["threshold"] == np.inf
+        assert not any(r["accepted"] for r in report["records"]) and report["holdout"]["accepted"] == 0
+
+
+def test_too_few_photos_is_one_line_naming_the_minimum():
+    rng = np.random.default_rng(0)
+    cos, teacher = synthetic(rng, 60)
+    with pytest.raises(ZsdError, match=r"at least 59 are needed") as e:  # 0.05, 0.05: (0.95)^59 <= 0.05
+        calibrate_arrays(range(60), cos, teacher, None, list("abcde"), alpha=0.05, delta=0.05, score="margin")
+    assert "\n" not in str(e.value) and min_count(0.05, 0.05) == 59
+    with pytest.raises(ZsdError, match="--risk error needs labelled photos"):
+        calibrate_arrays(range(60), cos, teacher, None, list("abcde"), risk="error", holdout=0.0)
+
+
+def test_certify_stops_at_the_first_failure_and_starts_past_a_handful():
+    scores = np.arange(1000, 0, -1, dtype=float)  # photo i has the i-th highest score
+    losses = np.zeros(1000)
+    losses[150] = losses[151] = losses[152] = losses[153] = 1  # a burst of disagreement ...
+    losses[600:] = 1  # ... and a bad tail
+    r = certify(scores, losses, 0.05, 0.1, tolerance=0.0)
+    assert r["start"] == min_count(0.05, 0.1)
+    assert r["certified"] and r["accepted"] < 600
+    # the result is the last passing step before the first failure, each bound recomputed independently
+    for s in r["steps"]:
+        k = int(losses[:s["accepted"]].sum())
+        assert s["bound"] == pytest.approx(beta.ppf(0.9, k + 1, s["accepted"] - k))
+    assert all(s["bound"] <= 0.05 for s in r["steps"][:-1]) and r["bound"] == r["steps"][-2]["bound"]
+    assert r["steps"][-1]["bound"] > 0.05
+
+
+def test_combined_score_is_fitted_and_ranks_agreement():
+    rng = np.random.default_rng(0)
+    cos, teacher = synthetic(rng, 3000)
+    agree = cos.argmax(1) == teacher
+    spec = fit_combined(cos[:1000], agree[:1000])
+    json.dumps(spec)  # recordable
+    s = compute_score(spec, cos[1000:])
+    top = np.argsort(-s)[:400]
+    assert agree[1000:][top].mean() > agree[1000:].mean() + 0.1
+
+
+@pytest.fixture
+def run(store, tmp_path):
+    make_student(tmp_path / "run", store, steps=30)
+    return tmp_path / "run"
+
+
+def test_cli_end_to_end_json_recomputed_and_guarantee_recorded(store, run, tmp_path, capsys):
+    out, png = tmp_path / "cal.json", tmp_path / "cal.png"
+    code, stdout, err = cli(["calibrate", store, "--student", run, "--classes-from", store, "--alpha", "0.5",
+                             "--delta", "0.5", "--holdout", "0.25", "--score", "margin", "--json", out, "--plot", png,
+                             "--device", "cpu"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    recs = report["records"]
+    assert len(recs) == 12 and {r["part"] for r in recs} == {"calibration", "holdout"}
+    assert sum(r["part"] == "holdout" for r in recs) == 3
+    thr = report["result"]["threshold"]
+    assert all(r["accepted"] == (r["score"] >= thr) for r in recs)
+    cal = [r for r in recs if r["part"] == "calibration"]
+    acc = [r for r in cal if r["accepted"]]
+    assert report["result"]["accepted"] == len(acc)
+    if acc:
+        assert report["result"]["risk"] == pytest.approx(np.mean([not r["agree"] for r in acc]))
+    assert all(r["agree"] == (r["student"] == r["teacher"]) for r in recs)
+    hold = [r for r in recs if r["part"] == "holdout" and r["accepted"]]
+    assert report["holdout"]["accepted"] == len(hold)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert "scores (each alone" in stdout and "per class" in stdout
+    recorded = json.loads((run / "calibration.json").read_text())
+    assert recorded == report["guarantee"] and recorded["score"]["name"] == "margin"
+    assert recorded["classnames"] == ["cat", "dog", "fish_tank"] and recorded["n_calibration"] == 9
+
+    code, _, err = cli(["calibrate", store, "--student", run, "--classes-from", store, "--device", "cpu"], capsys)
+    assert code == 1 and "too few" in err and "at least" in err and len(err.strip().splitlines()) == 1
+
+
+def test_restrict_options_keeps_only_the_classes_to_generate(tmp_path):
+    src = tmp_path / "options.json"
+    src.write_text(json.dumps({"classes": {"cat": {"pose": ["sitting"]}, "fish_tank": {"pose": ["lit"]},
+                                           "dog": {"pose": ["running"]}}}))
+    restrict_options(str(src), ["fish tank", "dog"], str(tmp_path / "next.json"))
+    assert json.loads((tmp_path / "next.json").read_text()) == {"classes": {"fish_tank": {"pose": ["lit"]},
+                                                                            "dog": {"pose": ["running"]}}}
+
+
+def test_predict_abstains_below_the_recorded_threshold(store, run, image_folder, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from zsd.predict import predict
+
+    model = tmp_path / "model.onnx"
+    code, _, err = cli(["export", run, "--out", model, "--classes-from", store], capsys)
+    assert code == 0, err
+    m = onnx.load(str(model))
+    entry = next(p for p in m.metadata_props if p.key == "zsd")
+    meta = json.loads(entry.value)
+    plain = predict(model, [image_folder])
+    assert all("abstained" not in r for r in plain)
+    margins = sorted(r["top"][0]["logit"] - r["top"][1]["logit"] for r in predict(model, [image_folder], top_k=2))
+    threshold = (margins[5] + margins[6]) / 2 / meta["logit_scale"]  # between the 6th and 7th margin (cosines)
+
+    def with_record(record):
+        meta["calibration"] = record
+        entry.value = json.dumps(meta)
+        onnx.save(m, str(model))
+
+    with_record({"score": {"name": "margin"}, "threshold": threshold, "classnames": meta["classnames"]})
+    results = predict(model, [image_folder], top_k=2)
+    for r in results:
+        margin = (r["top"][0]["logit"] - r["top"][1]["logit"]) / meta["logit_scale"]
+        assert r["abstained"] == (margin < threshold) and len(r["top"]) == 2
+    assert sum(r["abstained"] for r in results) == 6
+    code, out, _ = cli(["predict", model, image_folder, "--top-k", "2"], capsys)
+    assert out.count("ABSTAINED") == 6
+    code, out, _ = cli(["predict", model, image_folder, "--json", "-"], capsys)
+    assert sum(r["abstained"] for r in json.loads(out)) == 6
+
+    # nothing certified: every prediction abstains; other classes: nothing is claimed
+    with_record({"score": {"name": "margin"}, "threshold": None, "classnames": meta["classnames"]})
+    assert all(r["abstained"] for r in predict(model, [image_folder]))
+    with_record({"score": {"name": "margin"}, "threshold": threshold, "classnames": ["a", "b", "c"]})
+    assert all("abstained" not in r for r in predict(model, [image_folder]))
