@@ -8,8 +8,8 @@ from conftest import cli
 from scipy.stats import beta, binom
 from student_helpers import make_student
 
-from zsd.calibrate import (_planned, calibrate_arrays, certify, compute_score, cp_upper, fit_combined, min_count,
-                           restrict_options)
+from zsd.calibrate import restrict_options
+from zsd.guarantee import _planned, calibrate_arrays, certify, compute_score, cp_upper, fit_combined, min_count
 from zsd.errors import ZsdError
 
 
@@ -122,12 +122,12 @@ def test_cli_end_to_end_json_recomputed_and_guarantee_recorded(store, run, tmp_p
                              "--delta", "0.5", "--holdout", "0.25", "--score", "margin", "--json", out, "--plot", png,
                              "--device", "cpu"], capsys)
     assert code == 0, err
-    report = json.loads(out.read_text())
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not strict JSON"))
     recs = report["records"]
     assert len(recs) == 12 and {r["part"] for r in recs} == {"calibration", "holdout"}
     assert sum(r["part"] == "holdout" for r in recs) == 3
-    thr = report["result"]["threshold"]
-    assert all(r["accepted"] == (r["score"] >= thr) for r in recs)
+    thr = report["result"]["threshold"]  # null (strict JSON) where nothing was certified: nothing accepted
+    assert all(r["accepted"] == (thr is not None and r["score"] >= thr) for r in recs)
     cal = [r for r in recs if r["part"] == "calibration"]
     acc = [r for r in cal if r["accepted"]]
     assert report["result"]["accepted"] == len(acc)
@@ -192,3 +192,66 @@ def test_predict_abstains_below_the_recorded_threshold(store, run, image_folder,
     assert all(r["abstained"] for r in predict(model, [image_folder]))
     with_record({"score": {"name": "margin"}, "threshold": threshold, "classnames": ["a", "b", "c"]})
     assert all("abstained" not in r for r in predict(model, [image_folder]))
+
+
+def test_the_guarantee_ships_with_the_student_and_only_for_its_weights_and_classes(store, run, image_folder, tmp_path,
+                                                                                  capsys):
+    """calibrate records it; eval reports selective accuracy with it; the ONNX file and the open_clip
+    folder carry it; other classes or weights trained further claim nothing."""
+    pytest.importorskip("onnxruntime")
+    from zsd.evaluate import evaluate
+    from zsd.predict import predict
+    from zsd.store import open_store
+
+    code, _, err = cli(["calibrate", store, "--student", run, "--classes-from", store, "--alpha", "0.5", "--delta",
+                        "0.5", "--holdout", "0.25", "--score", "margin", "--device", "cpu"], capsys)
+    assert code == 0, err
+    record = json.loads((run / "calibration.json").read_text())
+    # the student's own margins on the store's photos, computed independently of zsd's classifier code
+    results = evaluate(store, [str(run)], classes_from=store, device="cpu", progress=False, log=lambda m: None)
+    emb = open_store(results[1]["embeddings"]).embeddings(view=0).astype(np.float64)
+    src = open_store(store)
+    t = src.embeddings(view=0).astype(np.float64)
+    labels = src.labels()
+    protos = np.stack([t[labels == c].mean(0) for c in range(len(src.classnames))])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    cos = (emb / np.linalg.norm(emb, axis=1, keepdims=True)) @ protos.T
+    top2 = np.sort(cos, axis=1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    record["threshold"] = float(np.median(margin))  # a threshold that splits the photos, whatever was certified
+    (run / "calibration.json").write_text(json.dumps(record))
+    want = margin >= record["threshold"]
+    results = evaluate(store, [str(run)], classes_from=store, device="cpu", progress=False, log=lambda m: None)
+    sel = results[1]["metrics"]["selective"]
+    assert sel["n_accepted"] == want.sum() and sel["accepted_fraction"] == pytest.approx(want.mean())
+    pred, tpred = cos.argmax(1), (t @ protos.T).argmax(1)
+    assert sel["agreement_with_teacher"] == pytest.approx((pred[want] == tpred[want]).mean())
+    assert sel["acc1"] == pytest.approx((pred[want] == labels[want]).mean())
+
+    model = tmp_path / "m.onnx"
+    code, out, err = cli(["export", run, "--out", model, "--classes-from", store], capsys)
+    assert code == 0, err
+    meta = json.loads(model.with_suffix(".json").read_text())
+    assert meta["calibration"] == record and "guarantee goes with it" in err
+    got = predict(model, [image_folder], top_k=2)
+    assert sum(r["abstained"] for r in got) == (~want).sum()
+    folder = tmp_path / "oc"
+    code, _, err = cli(["export", run, "--format", "open_clip", "--out", folder, "--no-check"], capsys)
+    assert code == 0, err
+    assert json.loads((folder / "open_clip_config.json").read_text())["zsd"]["calibration"] == record
+    assert "## Calibrated guarantee" in (folder / "README.md").read_text()
+
+    # other classes (the teacher's text classifier): the ONNX file carries no guarantee, and says why
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["cat", "dog"]))
+    code, out, err = cli(["export", run, "--out", tmp_path / "other.onnx", "--classes", names], capsys)
+    assert code == 0, err
+    assert "calibration" not in json.loads((tmp_path / "other.json").read_text())
+    assert "calibrated for other classes" in err
+    # weights trained on after calibration: nothing is claimed anywhere
+    record["student_weights"] = "sha256:" + "0" * 64
+    (run / "calibration.json").write_text(json.dumps(record))
+    notes = []
+    results = evaluate(store, [str(run)], classes_from=store, device="cpu", progress=False, log=notes.append)
+    assert "selective" not in results[1]["metrics"]
+    assert any("calibrated on other weights" in n for n in notes)

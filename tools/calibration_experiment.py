@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 from fidelity import command_line, report_header, shown  # noqa: E402
 
-from zsd.calibrate import SCORES, calibrate_arrays, compute_score, oracle  # noqa: E402
+from zsd.guarantee import SCORES, calibrate_arrays, compute_score, oracle  # noqa: E402
 from zsd.cpu import describe_machine  # noqa: E402
 from zsd.classes import prototype_classifier  # noqa: E402
 from zsd.evaluate import student_embeddings  # noqa: E402

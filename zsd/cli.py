@@ -345,7 +345,7 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
     (Learn-then-Test: fixed-sequence testing with exact Clopper-Pearson bounds). Nothing certified
     means every prediction abstains. See docs/evaluation.md.
     """
-    from zsd.calibrate import calibrate, calibration_text, plot_calibration, restrict_options
+    from zsd.calibrate import calibrate, calibration_text, json_ready, plot_calibration, restrict_options
 
     if next_options and not options_path:
         raise ZsdError("--next-options needs --options (the options file of the student's prompts)")
@@ -357,7 +357,7 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
     if next_options and report["next_to_generate"]:
         restrict_options(options_path, report["next_to_generate"], next_options)
     if json_out:
-        _write_json(json_out, report)
+        _write_json(json_out, json_ready(report))
     if plot:
         plot_calibration(report, plot)
     if json_out != "-":

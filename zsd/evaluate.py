@@ -23,6 +23,7 @@ from zsd.cache import cache_teacher, embed_rows
 from zsd.classes import Classifier, build_classifier, check_labelled, dataset_name
 from zsd.cpu import tune_allocator
 from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
+from zsd.guarantee import abstains, shipped_guarantee
 from zsd.sources import PackedKeys
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import StudentRef, load_student, resolve_student, student_fingerprint
@@ -52,6 +53,20 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, teacher_pred:
         np.add.at(matrix, (labels, pred), 1)
         out["confusion_matrix"] = matrix.tolist()
     return out
+
+
+def selective_metrics(guarantee: dict, scores: np.ndarray, labels: np.ndarray, teacher_pred: np.ndarray,
+                      norms: np.ndarray) -> dict:
+    """The predictions the student's calibrated guarantee accepts (`zsd calibrate`): their fraction, top-1
+    and agreement with the teacher; the others abstain."""
+    accepted = ~abstains(guarantee, scores / norms[:, None])  # the score is defined on cosines
+    pred = scores.argmax(axis=1)
+    n = int(accepted.sum())
+    return {"accepted_fraction": float(accepted.mean()) if len(accepted) else 0.0, "n_accepted": n,
+            "acc1": float((pred[accepted] == labels[accepted]).mean()) if n else None,
+            "agreement_with_teacher": float((pred[accepted] == teacher_pred[accepted]).mean()) if n else None,
+            "score": guarantee["score"]["name"], "threshold": guarantee["threshold"], "alpha": guarantee["alpha"],
+            "delta": guarantee["delta"], "risk": guarantee["risk"]}
 
 
 # ---------------------------------------------------------------- student embeddings
@@ -217,6 +232,13 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
         ok = rows & emb.written()
         scores = emb.embeddings(view=0).astype(np.float64) @ z.T
         metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)
+        guarantee, why = shipped_guarantee(ref, emb.teacher["weights"], names, info)
+        if guarantee:
+            metrics["selective"] = selective_metrics(guarantee, scores[ok], mapped[ok], teacher_pred[ok],
+                                                     np.linalg.norm(emb.embeddings(view=0)[ok].astype(np.float64),
+                                                                    axis=1))
+        elif why:
+            log(f"note: {why}")
         results.append({"model": config["student"], "pretrained": emb.teacher["weights"], "role": "student",
                         "run_dir": ref.spec, "metrics": metrics, "n_images": int(ok.sum()),
                         "embeddings": str(emb.path), **common})
@@ -246,11 +268,21 @@ def results_table(results: list[dict]) -> str:
     head = f"{'model':<28} {'acc1':>7} {'acc5':>7} {'mpcr':>7} {'agree':>7} {'n':>7}"
     info = results[0]["classifier"]
     how = f"prototypes from {info['store']}" if info["kind"] == "prototypes" else f"templates {info['templates']}"
-    lines = [f"{results[0]['dataset']}: zero-shot, {how}", head, "-" * len(head)]
+    lines = [f"{results[0]['dataset']}: zero-shot, {how}",
+             "(acc1/acc5: top-1/top-5 accuracy %; mpcr: mean per-class recall %; agree: % of photos whose top-1 is "
+             "the teacher's; n: photos scored)", head, "-" * len(head)]
     for r in results:
         m = r["metrics"]
         name = "teacher " + r["model"] if r["role"] == "teacher" else result_label(r)
         lines.append(f"{name[:28]:<28} {100 * m['acc1']:>7.2f} {100 * m['acc5']:>7.2f} "
                      f"{100 * m['mean_per_class_recall']:>7.2f} {100 * m['agreement_with_teacher']:>7.2f} "
                      f"{r['n_images']:>7}")
+    for r in results:
+        sel = r["metrics"].get("selective")
+        if sel:
+            got = (f"top-1 {100 * sel['acc1']:.2f} %, agreement {100 * sel['agreement_with_teacher']:.2f} %"
+                   if sel["n_accepted"] else "nothing accepted")
+            lines.append(f"{result_label(r)}: its calibrated guarantee ({sel['risk']} <= {sel['alpha']}, "
+                         f"confidence {1 - sel['delta']:.0%}) accepts {100 * sel['accepted_fraction']:.1f} % "
+                         f"({sel['n_accepted']} photos): {got}")
     return "\n".join(lines)

@@ -34,6 +34,7 @@ from torch import nn
 from zsd import __version__
 from zsd.classes import class_head
 from zsd.errors import ZsdError, atomic_file, check_outputs, check_writable
+from zsd.guarantee import shipped_guarantee
 from zsd.predict import METADATA_KEY, preprocess
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import open_store, resolve_store
@@ -179,6 +180,13 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
         "opset": opset,
         "dynamic_batch": dynamic_batch,
     }
+    if names:  # `zsd predict` abstains below the threshold of a guarantee made for exactly these classes
+        calibration, why = shipped_guarantee(ref, student_fp["weights"], names, info)
+        if calibration:
+            meta["calibration"] = calibration
+            log(f"the calibrated guarantee goes with it: {calibration['statement']}")
+        elif why:
+            log(f"note: {why}; the model carries no guarantee")
     _set_metadata(model, meta)
     data = model.SerializeToString()
     if check:

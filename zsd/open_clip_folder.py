@@ -37,6 +37,7 @@ from zsd import __version__
 from zsd.classes import read_classnames
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, first_missing
 from zsd.export import check_images
+from zsd.guarantee import shipped_guarantee
 from zsd.hub import offline_unless_reachable
 from zsd.student import (OPEN_CLIP_CONFIG as CONFIG, OPEN_CLIP_FORMAT as FORMAT, OPEN_CLIP_WEIGHTS as WEIGHTS,
                          load_student, resolve_student, student_fingerprint)
@@ -171,6 +172,15 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
         lines += [f"| {r['dataset']} | {100 * r['metrics']['acc1']:.1f} | {100 * r['metrics']['acc5']:.1f} | "
                   f"{100 * r['metrics'].get('agreement_with_teacher', float('nan')):.1f} |" for r in results]
         lines.append("")
+    calibration = record.get("calibration")
+    if calibration:
+        lines += ["## Calibrated guarantee (`zsd calibrate`)", "",
+                  f"With the {calibration['score']['name']} score at threshold {calibration['threshold']}, measured on "
+                  f"{calibration['n_calibration']} calibration photos: {calibration['statement']}. It "
+                  f"{calibration['scope']} ({len(calibration['classnames'])} classes: "
+                  f"{', '.join(calibration['classnames'][:10])}{', ...' if len(calibration['classnames']) > 10 else ''}). "
+                  "Predictions whose score is below the threshold abstain; the record is in `open_clip_config.json` "
+                  "under `zsd.calibration`.", ""]
     parity = record.get("parity")
     if parity:
         lines += ["## Parity with zsd", "",
@@ -221,6 +231,11 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
     images = check_images(check_images_from, check_n) if check else []
     weights = student_fingerprint(ref, config)["weights"]
     record = {"format": FORMAT, "zsd_version": __version__, "run": ref.spec, "student_weights": weights, **config}
+    calibration, why = shipped_guarantee(ref, weights)  # open_clip classifies any names: the record says which it holds for
+    if calibration:
+        record["calibration"] = calibration
+    elif why:
+        log(f"note: {why}; the folder carries no guarantee")
     made = first_missing(out.parent)  # removed again on failure, as the folder itself
     try:
         with atomic_file(out) as tmp:  # the folder appears whole or not at all

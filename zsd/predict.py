@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zsd.calibrate import abstains, applies
+from zsd.guarantee import abstains, applies
 from zsd.errors import ZsdError
 from zsd.sources import IMAGE_EXTS, BadImage, load_rgb
 
