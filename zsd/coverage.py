@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, atomic_file, check_at_least
 from zsd.sources import class_key
 from zsd.store import Store, open_store
@@ -166,7 +167,6 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         check_at_least(flag, value, 0)
     if student is not None:  # before the teacher-space search, not after it
         from zsd.student import student_files
-        from zsd.teachers import resolve_device
 
         student_files(student)
         resolve_device(device)
@@ -259,7 +259,6 @@ def _student_certificates(run_dir, train_stores, test_store, test_rows, T, nn_t,
     """Witnesses, bounds and (for a labelled test set) margins and certificates per test row."""
     from zsd.evaluate import build_classifier, check_student_teacher, student_embeddings
     from zsd.student import load_student
-    from zsd.teachers import resolve_device
 
     model, config = load_student(run_dir, resolve_device(device))
     check_student_teacher(run_dir, config, test_store, log)

@@ -25,13 +25,13 @@ import numpy as np
 
 from zsd.cache import cache_teacher, embed_rows
 from zsd.cpu import tune_allocator
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
 from zsd.open_clip_folder import is_open_clip_folder
 from zsd.sources import PackedKeys, class_key
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, cache_folder, create_store, open_store, resolve_store
 from zsd.student import load_student, student_files, student_fingerprint, student_location
-from zsd.teachers import (DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_device, resolve_precision,
-                           same_teacher, teacher_id)
+from zsd.teachers import DEFAULT_TEACHER, Teacher, rebuild_teacher, resolve_precision, same_teacher, teacher_id
 from zsd.templates import resolve_templates
 from zsd.views import Preprocess, ViewDataset
 

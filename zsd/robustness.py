@@ -34,7 +34,8 @@ from zsd.evaluate import (build_classifier, check_labelled, check_student_teache
 from zsd.sources import BadImage, RowReader
 from zsd.store import Store, cache_folder
 from zsd.student import load_student
-from zsd.teachers import rebuild_teacher, resolve_device
+from zsd.dist import resolve_device
+from zsd.teachers import rebuild_teacher
 from zsd.views import Preprocess, normalize
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
