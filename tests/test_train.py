@@ -283,7 +283,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
         calls["n"] += 1
         return real(s, t) * (float("nan") if calls["n"] == 4 else 1.0)
 
-    monkeypatch.setattr(zsd.losses, "l2_loss", poisoned)
+    monkeypatch.setitem(zsd.losses.LOSSES, "l2", zsd.losses.Loss(poisoned))
     run = tmp_path / "run"
     with pytest.raises(ZsdError, match=r"loss became nan at step 4.*last good checkpoint \(step 2\)"):
         fit([store], run, steps=6, save_every=2)
@@ -292,7 +292,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
     assert torch.load(run / STATE, weights_only=False)["step"] == 2
     assert (run / "log.jsonl").read_text().count('"loss"') == 3  # step 3 was logged, not saved
     # resuming after the crash continues from step 2; the log forgets what came after it
-    monkeypatch.setattr(zsd.losses, "l2_loss", real)
+    monkeypatch.setitem(zsd.losses.LOSSES, "l2", zsd.losses.Loss(real))
     fit([store], run, steps=6, save_every=2, resume=True)
     logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
     assert logged == [1, 2, 3, 4, 5, 6]
