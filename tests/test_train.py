@@ -182,6 +182,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
         fit([store], tmp_path / "parts", resume=True, **args)
 
 
+def test_resume_takes_the_default_precision_as_the_one_it_resolves_to(store, tmp_path):
+    """A run that named bf16 (as `zsd train` did before it shared the library's default) continues
+    with the default (bf16 on a CPU); fp32 is another run."""
+    args = dict(steps=2, precision="bf16")
+    fit([store], tmp_path / "run", stop_after=1, **args)
+    with pytest.raises(ZsdError, match="precision 'bf16' -> 'fp32'"):
+        fit([store], tmp_path / "run", resume=True, **{**args, "precision": "fp32"})
+    assert fit([store], tmp_path / "run", resume=True, **{**args, "precision": None})["steps"] == 2
+
+
 def test_ema_of_the_weights_is_saved_and_used_when_asked(store, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
     one, two = tmp_path / "one", tmp_path / "two"
