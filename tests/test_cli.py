@@ -206,3 +206,26 @@ def test_json_into_a_missing_folder_is_made_and_an_unwritable_one_refused_before
         folder = tmp_path / "new" / args[0]
         assert check(json.loads((folder / "report.json").read_text())), args[0]
         assert [p.name for p in folder.iterdir()] == ["report.json"]  # written whole: no temporary file left
+
+
+def test_train_options_are_the_config_fields():
+    """`zsd train` builds its options from TrainConfig: every field is an option with the field's
+    default (repeatable ones and the CLI-required --out aside), and the options parse into a config
+    equal to the library's defaults."""
+    from dataclasses import MISSING, fields
+
+    from zsd.cli import cli
+    from zsd.train import TrainConfig
+
+    params = {p.name: p for p in cli.commands["train"].params}
+    assert set(params) == {f.name for f in fields(TrainConfig)} | {"resume", "stop_after", "json_out"}
+    for f in fields(TrainConfig):
+        if not (f.metadata.get("multiple") or f.metadata.get("required")) and f.default is not MISSING:
+            assert params[f.name].default == f.default, f.name
+    assert params["precision"].default is None  # device-dependent, as in the library
+    ctx = cli.commands["train"].make_context("zsd train", ["--targets", "a", "--targets", "b", "--out", "r",
+                                                           "--loss", "l2", "--loss", "clip=0.5"])
+    given = {k: v for k, v in ctx.params.items() if k not in ("resume", "stop_after", "json_out")}
+    config = TrainConfig(**given)
+    assert config == TrainConfig(["a", "b"], run_dir="r", losses={"l2": 1.0, "clip": 0.5})
+    assert TrainConfig(**{**given, "losses": ()}).losses == {"l2": 1.0}

@@ -182,6 +182,16 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(store, tmp_path):
         fit([store], tmp_path / "parts", resume=True, **args)
 
 
+def test_resume_takes_the_default_precision_as_the_one_it_resolves_to(store, tmp_path):
+    """A run that named bf16 (as `zsd train` did before it shared the library's default) continues
+    with the default (bf16 on a CPU); fp32 is another run."""
+    args = dict(steps=2, precision="bf16")
+    fit([store], tmp_path / "run", stop_after=1, **args)
+    with pytest.raises(ZsdError, match="precision 'bf16' -> 'fp32'"):
+        fit([store], tmp_path / "run", resume=True, **{**args, "precision": "fp32"})
+    assert fit([store], tmp_path / "run", resume=True, **{**args, "precision": None})["steps"] == 2
+
+
 def test_ema_of_the_weights_is_saved_and_used_when_asked(store, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZSD_CACHE", str(tmp_path / "cache"))
     one, two = tmp_path / "one", tmp_path / "two"
@@ -283,7 +293,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
         calls["n"] += 1
         return real(s, t) * (float("nan") if calls["n"] == 4 else 1.0)
 
-    monkeypatch.setattr(zsd.losses, "l2_loss", poisoned)
+    monkeypatch.setitem(zsd.losses.LOSSES, "l2", zsd.losses.Loss(poisoned))
     run = tmp_path / "run"
     with pytest.raises(ZsdError, match=r"loss became nan at step 4.*last good checkpoint \(step 2\)"):
         fit([store], run, steps=6, save_every=2)
@@ -292,7 +302,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store, tmp_path, monk
     assert torch.load(run / STATE, weights_only=False)["step"] == 2
     assert (run / "log.jsonl").read_text().count('"loss"') == 3  # step 3 was logged, not saved
     # resuming after the crash continues from step 2; the log forgets what came after it
-    monkeypatch.setattr(zsd.losses, "l2_loss", real)
+    monkeypatch.setitem(zsd.losses.LOSSES, "l2", zsd.losses.Loss(real))
     fit([store], run, steps=6, save_every=2, resume=True)
     logged = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines() if "\"loss\"" in x]
     assert logged == [1, 2, 3, 4, 5, 6]

@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from zsd import train as train_module
 from zsd.cache import cache_teacher
+from zsd.dist import all_ranks
 from zsd.loader import TrainTargets
 from zsd.store import open_store
 from zsd.train import TrainConfig, train
@@ -157,7 +157,7 @@ def test_all_ranks_puts_the_value_on_the_given_device(monkeypatch):
     seen = []
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: seen.append((t.device, t.dtype, op)))
     with pytest.raises(NotImplementedError):  # .tolist() of a meta tensor: the reduction itself was recorded
-        train_module.all_ranks([1.0, True], dist.ReduceOp.MIN, torch.device("meta"))
+        all_ranks([1.0, True], dist.ReduceOp.MIN, torch.device("meta"))
     assert seen == [(torch.device("meta"), torch.float32, dist.ReduceOp.MIN)]
 
 

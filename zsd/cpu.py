@@ -30,7 +30,7 @@ import shutil
 import torch
 
 from zsd.errors import ZsdError
-from zsd.teachers import resolve_device
+from zsd.dist import resolve_device
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 MAX_THRESHOLD = 2**31 - 1  # mallopt takes an int

@@ -1,12 +1,18 @@
 """This process's place among several: the one reader of torchrun's RANK, WORLD_SIZE and LOCAL_RANK.
 
 The teacher pass and `zsd synth` split their work into shards (torchrun's ranks, or a SLURM array
-with --num-shards/--shard-index); the trainer joins a process group. All ask here.
+with --num-shards/--shard-index); the trainer joins a process group (`Ranks`). All ask here, and
+every command resolves its --device here.
 """
 
+from __future__ import annotations
+
 import os
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 from zsd.errors import ZsdError
 
@@ -27,6 +33,24 @@ def shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     return num_shards, shard_index
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """--device: auto (cuda if there is one), cpu, cuda, cuda:N, ...; a typo or an absent GPU is one line."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ZsdError(f"--device {device}: not a torch device; pass auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
+        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                       "pass cpu or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ZsdError(f"--device {device}: MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ZsdError(f"--device {device}: zsd runs on cpu, cuda or mps")
+    return dev
+
+
 def local_device(device: str | torch.device = "auto") -> torch.device:
     """This process's compute device, made current on CUDA (`torch.cuda.set_device`).
 
@@ -35,8 +59,6 @@ def local_device(device: str | torch.device = "auto") -> torch.device:
     each, and an error on exclusive-process GPUs). An explicit cuda:N is kept: the way to run where
     each process sees only its own GPU (srun --gpus-per-task).
     """
-    from zsd.teachers import resolve_device  # zsd.teachers imports more than this module needs
-
     dev = resolve_device(device)
     if dev.type != "cuda":
         return dev
@@ -50,3 +72,91 @@ def local_device(device: str | torch.device = "auto") -> torch.device:
         dev = torch.device("cuda", local)
     torch.cuda.set_device(dev)
     return dev
+
+
+# Ranks that wait for rank 0 (rendering the pixel cache, loading a teacher for the class prompts)
+# wait in this gloo group: NCCL's default timeout (10 minutes) would abort a long render.
+SETUP_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """The trainer's place in its process group; one process alone is `Ranks(device=...)`.
+
+    `setup`: a gloo group for the CPU-side collectives, with a timeout long enough for rank 0's
+    pixel cache; `started`: this process initialised the default group, so `end` destroys it.
+    """
+
+    device: torch.device
+    world: int = 1
+    rank: int = 0
+    distributed: bool = False
+    started: bool = False
+    setup: object = None  # torch.distributed.ProcessGroup
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier(group=self.setup)
+
+    def rank0_says(self, message: str | None) -> str | None:
+        """Rank 0's `message` on every rank (None: go on). The other ranks learn so that rank 0 refused
+        the run, instead of waiting for it in a collective until the job is killed."""
+        if not self.distributed:
+            return message
+        box = [message]
+        dist.broadcast_object_list(box, src=0, group=self.setup)
+        return box[0]
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if not self.distributed:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def all_agree(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank; reduced in the gloo group, without waiting for the GPU."""
+        if not self.distributed:
+            return flag
+        return bool(all_ranks([flag], dist.ReduceOp.MIN, torch.device("cpu"), self.setup)[0])
+
+    def mean(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` averaged over the ranks, in place (on its own device: NCCL reduces only CUDA tensors)."""
+        if self.distributed:
+            dist.all_reduce(t)
+            t /= self.world
+        return t
+
+    def end(self) -> None:
+        """Close the groups `join_ranks` opened (the default one only where it started it)."""
+        if self.distributed:
+            dist.destroy_process_group(self.setup)
+            if self.started:
+                dist.destroy_process_group()
+
+
+def join_ranks(device: str) -> Ranks:
+    """This process's `Ranks`. A process group the caller initialised is joined; otherwise torchrun's
+    WORLD_SIZE/RANK start one (gloo on CPU, nccl on GPUs). The device is the rank's own GPU
+    (LOCAL_RANK), made current."""
+    dev = local_device(device)
+    if torchrun_env()[1] == 1 and not dist.is_initialized():
+        return Ranks(dev)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    return Ranks(dev, dist.get_world_size(), dist.get_rank(), True, started, setup)
+
+
+def all_ranks(values: list[float], op, dev: torch.device, group=None) -> list[float]:
+    """`values` reduced elementwise over all ranks with `op`, in one collective. The tensor lives on
+    `dev`: NCCL reduces only CUDA tensors, gloo (`group`) CPU ones without waiting for the GPU."""
+    t = torch.tensor([float(v) for v in values], device=dev)
+    dist.all_reduce(t, op=op, group=group)
+    return t.tolist()

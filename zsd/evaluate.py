@@ -22,12 +22,13 @@ import numpy as np
 from zsd.cache import cache_teacher, embed_rows
 from zsd.classes import Classifier, build_classifier, check_labelled, dataset_name
 from zsd.cpu import tune_allocator
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
 from zsd.guarantee import abstains, shipped_guarantee
 from zsd.sources import PackedKeys
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import StudentRef, load_student, resolve_student, student_fingerprint
-from zsd.teachers import DEFAULT_TEACHER, resolve_device, resolve_precision, same_teacher, teacher_id
+from zsd.teachers import DEFAULT_TEACHER, resolve_precision, same_teacher, teacher_id
 from zsd.views import Preprocess, ViewDataset
 
 

@@ -22,13 +22,13 @@ Learnable temperatures are `logit_scale = log(1/tau)` parameters initialised lik
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-LOSSES = ("l2", "mse", "cosine", "contrastive-image", "clip", "mp")
-NEEDS_TEXT = ("clip", "mp")
 CLIP_LOGIT_SCALE_INIT = math.log(1 / 0.07)
 MAX_LOGIT_SCALE = 100.0
 
@@ -61,6 +61,29 @@ def mp_loss(s: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, scale: to
     return -(p * log_q).sum() / text.shape[0]
 
 
+@dataclass(frozen=True)
+class Loss:
+    fn: Callable[..., torch.Tensor]  # (s, t) or, with needs_text, (s, text, labels); then the scale if scaled
+    needs_text: bool = False  # compares with the class embeddings (and needs labels), not the teacher's
+    scaled: bool = False  # takes a learnable temperature
+
+
+# Every loss `--loss` accepts, in the order its help and errors list them.
+LOSSES = {
+    "l2": Loss(l2_loss),
+    "mse": Loss(mse_loss),
+    "cosine": Loss(cosine_loss),
+    "contrastive-image": Loss(contrastive_image_loss, scaled=True),
+    "clip": Loss(clip_loss, needs_text=True, scaled=True),
+    "mp": Loss(mp_loss, needs_text=True, scaled=True),
+}
+
+
+def needs_text(weights) -> bool:
+    """Whether any of these losses needs class embeddings."""
+    return any(LOSSES[name].needs_text for name in weights)
+
+
 class Criterion(nn.Module):
     """A weighted sum of losses; holds the learnable temperatures and the class-prompt embeddings."""
 
@@ -71,7 +94,7 @@ class Criterion(nn.Module):
         self.weights = dict(weights)
         self.logit_scales = nn.ParameterDict({
             name.replace("-", "_"): nn.Parameter(torch.tensor(CLIP_LOGIT_SCALE_INIT))
-            for name in weights if name in ("contrastive-image", "clip", "mp")})
+            for name in weights if LOSSES[name].scaled})
         self.register_buffer("text", text if text is not None else torch.zeros(0), persistent=False)
 
     def scale(self, name: str) -> torch.Tensor:
@@ -83,17 +106,8 @@ class Criterion(nn.Module):
         t = F.normalize(teacher.float(), dim=-1)
         terms = {}
         for name in self.weights:
-            if name == "l2":
-                terms[name] = l2_loss(s, t)
-            elif name == "mse":
-                terms[name] = mse_loss(s, t)
-            elif name == "cosine":
-                terms[name] = cosine_loss(s, t)
-            elif name == "contrastive-image":
-                terms[name] = contrastive_image_loss(s, t, self.scale(name))
-            elif name == "clip":
-                terms[name] = clip_loss(s, self.text, labels, self.scale(name))
-            elif name == "mp":
-                terms[name] = mp_loss(s, self.text, labels, self.scale(name))
+            loss = LOSSES[name]
+            args = (s, self.text, labels) if loss.needs_text else (s, t)
+            terms[name] = loss.fn(*args, self.scale(name)) if loss.scaled else loss.fn(*args)
         total = sum(self.weights[n] * v for n, v in terms.items())
         return total, terms

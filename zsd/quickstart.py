@@ -26,7 +26,7 @@ from zsd.evaluate import evaluate, results_table
 from zsd.errors import check_at_least, write_atomic
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
-from zsd.teachers import resolve_device
+from zsd.dist import resolve_device
 from zsd.train import STATE, TrainConfig, train
 
 DATA = Path(__file__).parent / "data" / "pets37"

@@ -29,13 +29,14 @@ from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
 from zsd.classes import build_classifier, check_labelled, dataset_name
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, atomic_file, reserve, write_atomic
 from zsd.evaluate import (check_student_teacher, classification_metrics, evaluated_rows, prepare_test_store,
                           result_label)
 from zsd.sources import BadImage, RowReader
 from zsd.store import Store, cache_folder
 from zsd.student import load_student, resolve_student, student_config
-from zsd.teachers import rebuild_teacher, resolve_device
+from zsd.teachers import rebuild_teacher
 from zsd.views import Preprocess, normalize
 
 CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from zsd import DEFAULT_PRETRAINED, DEFAULT_TEACHER
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError
 from zsd.hub import offline_unless_reachable
 from zsd.sources import class_key
@@ -49,24 +50,6 @@ def teacher_id(fingerprint: dict) -> str:
     if fingerprint.get("precision", "fp32") != "fp32":
         core["precision"] = fingerprint["precision"]
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """--device: auto (cuda if there is one), cpu, cuda, cuda:N, ...; a typo or an absent GPU is one line."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ZsdError(f"--device {device}: not a torch device; pass auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not (torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count()):
-        raise ZsdError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
-                       "pass cpu or auto")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ZsdError(f"--device {device}: MPS is not available here")
-    if dev.type not in ("cpu", "cuda", "mps"):
-        raise ZsdError(f"--device {device}: zsd runs on cpu, cuda or mps")
-    return dev
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
