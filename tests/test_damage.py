@@ -259,6 +259,25 @@ def test_cache_teacher_recomputes_every_row_verify_rejects(image_folder, tmp_pat
     assert verify(str(hurt))["problems"] == []
 
 
+def test_a_store_metadata_written_over_is_restored_by_cache_teacher(image_folder, tmp_path, tiny_teacher_name,
+                                                                   capsys):
+    ref = tmp_path / "ref.zarr"
+    run_cache([image_folder], ref, tiny_teacher_name)
+    hurt = tmp_path / "hurt.zarr"
+    shutil.copytree(ref, hurt)
+    (hurt / "zarr.json").write_text(json.dumps({"rows": 12}))  # what `zsd info --json STORE/zarr.json` wrote before #32
+    code, _, err = run_cli(capsys, "info", hurt)
+    assert code == 1 and "is not a zsd store" in err and "rerun `zsd cache-teacher`" in err, err
+    with pytest.raises(Exception, match="another teacher"):  # the copy is checked against the run, as any store
+        run_cache([image_folder], hurt, "timm:test_resnet")
+    logs = []
+    summary = run_cache([image_folder], hurt, tiny_teacher_name, log=logs.append)
+    assert summary["processed"] == 0 and summary["complete"]  # no row recomputed: the arrays were intact
+    assert any("restoring it from the copy in emb/zarr.json" in m for m in logs)
+    assert json.loads((hurt / "zarr.json").read_text()) == json.loads((ref / "zarr.json").read_text())
+    assert verify(str(hurt))["problems"] == []
+
+
 def test_verify_recomputes_sampled_rows_and_finds_a_wrong_embedding(image_folder, tmp_path, tiny_teacher_name,
                                                                      capsys):
     path = tmp_path / "s.zarr"

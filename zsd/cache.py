@@ -24,7 +24,7 @@ from zsd.dist import local_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import PackedKeys, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
-                       open_store, resolve_store, store_lock)
+                       open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher, resolve_device
 from zsd.views import ViewDataset, normalize
 
@@ -103,6 +103,7 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         create_store(path, keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
                      teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
                      sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
+    restore_metadata(path, log)  # a zarr.json written over: checked against this run below
     open_store(path)  # a folder that is no store is refused before the lock leaves a file in it
     with store_lock(path):  # other shard processes may be appending the same sources
         store = open_store(path, mode="r+")  # as the last holder of the lock left it

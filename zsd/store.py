@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 import shutil
 import uuid
@@ -58,7 +59,7 @@ import numpy as np
 import zarr
 
 from zsd import DEFAULT_CHUNK_ROWS, __version__
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, write_atomic
 from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
@@ -486,9 +487,7 @@ class Store:
     def write_index(self, rows: slice, keys, labels, locs):
         """Rewrite key, label and loc of `rows` (written at creation; this repairs a damaged chunk of them)."""
         with self.locked():
-            self.group["key"][rows] = np.asarray(keys, dtype=str)
-            write_labels(self.group, rows, labels)
-            self.group["loc"][rows] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            write_index_rows(self.group, rows.start, keys, labels, locs)
 
     def append_rows(self, start: int, keys, labels, locs, descs: list[dict], classnames: list[str]):
         """Set the rows from `start` on (the first row of the new sources) and record the sources.
@@ -503,12 +502,12 @@ class Store:
                 for name in ARRAYS:
                     arr = self.group[name]
                     arr.resize((new, *arr.shape[1:]))
-                self.group["key"][start:] = np.asarray(keys, dtype=str)
-                write_labels(self.group, slice(start, None), labels)
-                self.group["loc"][start:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
-                self.group["status"][start - start % self.chunk_rows:] = PENDING
+                write_index_rows(self.group, start, keys, labels, locs)
+                first = start - start % self.chunk_rows
+                write_rows(self.group["status"], first, np.full(new - first, PENDING, np.uint8))
                 attrs = {**self.group.attrs["zsd"], "sources": descs, "classnames": classnames}
-                self.group.attrs["zsd"] = attrs  # last: the commit mark of the append
+                self.group.attrs["zsd"] = attrs  # the commit mark of the append
+                self.group["emb"].attrs["zsd"] = attrs  # the copy `restore_metadata` reads
         except OSError as e:
             raise ZsdError(f"cannot add the new sources' rows to {self.path} ({e.strerror}); "
                            "make room and rerun the same command") from None
@@ -557,11 +556,26 @@ class Store:
         }
 
 
-def write_labels(group: zarr.Group, rows: slice, labels) -> None:
-    """Labels of `rows`, every chunk as a file, an unlabelled one (all -1, the fill value) too: a
-    missing chunk of labels is then damage, never read as "unlabelled" (`chunk_problem`)."""
+def write_rows(arr: zarr.Array, start: int, values: np.ndarray) -> None:
+    """arr[start:start + len(values)] = values, one chunk at a time: a failed write (a full disk) then
+    leaves no other write of zarr's running on, into a folder being removed, and no asyncio pages
+    ("Task exception was never retrieved") printed at exit."""
+    cr = arr.chunks[0]
+    a = 0
+    while a < len(values):
+        b = min(len(values), (start + a) // cr * cr + cr - start)  # to the end of this chunk
+        arr[start + a:start + b] = values[a:b]
+        a = b
+
+
+def write_index_rows(group: zarr.Group, start: int, keys, labels, locs) -> None:
+    """key, label and loc of the rows from `start` on. Every chunk of labels becomes a file, an
+    unlabelled one (all -1, the fill value) too: a missing one is then damage (`chunk_problem`),
+    never read as "unlabelled"."""
+    write_rows(group["key"], start, np.asarray(keys, dtype=str))
     with zarr.config.set({"array.write_empty_chunks": True}):
-        group["label"][rows] = np.asarray(labels, dtype=np.int32)
+        write_rows(group["label"], start, np.asarray(labels, dtype=np.int32))
+    write_rows(group["loc"], start, np.asarray(locs, dtype=np.int64).reshape(-1, 4))
 
 
 def damage_text(damaged: list[dict]) -> str:
@@ -579,6 +593,10 @@ def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
         group = zarr.open_group(str(path), mode=mode)
         attrs = group.attrs["zsd"]
     except Exception:
+        if metadata_copy(path):
+            raise ZsdError(f"{path} is not a zsd store as it stands: its zarr.json is damaged or overwritten, and "
+                           "the copy in emb/zarr.json is whole: rerun `zsd cache-teacher` with the store's sources "
+                           "and settings to restore it") from None
         raise ZsdError(f"{path} is not a zsd store") from None
     if attrs.get("format_version") != FORMAT_VERSION:
         raise ZsdError(f"{path} has store format {attrs.get('format_version')}; this zsd reads format {FORMAT_VERSION}")
@@ -586,6 +604,31 @@ def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
     if problem:
         raise ZsdError(f"{path} is damaged: {problem}")
     return Store(path, group)
+
+
+def metadata_copy(path: Path) -> dict | None:
+    """The copy of a store's attributes that emb/zarr.json keeps (None where there is none): a
+    zarr.json written over (a report, a copy cut short) is restored from it (`restore_metadata`)."""
+    try:
+        copy = json.loads((Path(path) / "emb" / "zarr.json").read_text())["attributes"]["zsd"]
+        return copy if copy.get("format_version") == FORMAT_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def restore_metadata(path: Path, log=print) -> None:
+    """Rewrite the zarr.json of the store at `path` from its copy when it is no zsd store's (the
+    arrays are intact; the caller then checks the copy against its own teacher and sources)."""
+    try:
+        zarr.open_group(str(path), mode="r").attrs["zsd"]
+        return
+    except Exception:
+        copy = metadata_copy(path)
+    if copy is None:
+        return
+    log(f"warning: {path}/zarr.json is damaged or overwritten: restoring it from the copy in emb/zarr.json")
+    write_atomic(Path(path) / "zarr.json", json.dumps({"attributes": {"zsd": copy}, "zarr_format": 3,
+                                                       "node_type": "group"}, indent=2), flag="--out")
 
 
 def _structure_problem(group: zarr.Group, attrs: dict) -> str | None:
@@ -624,6 +667,8 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
         return open_store(path, mode="r+")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if len(os.fsencode(tmp.name)) > 255:  # a legal name plus the suffix may pass the file system's limit
+        tmp = path.with_name(f".zsd-store-{uuid.uuid4().hex[:8]}.tmp")
     n = len(keys)
     c = max(1, int(chunk_rows))
     try:
@@ -638,9 +683,7 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
         g.create_array("error", shape=(n,), chunks=(c,), dtype=str, compressors=None)
         g.create_array("status", shape=(n,), chunks=(c,), dtype="uint8", fill_value=PENDING, compressors=None)
         if n:
-            g["key"][:] = np.asarray(keys, dtype=str)
-            write_labels(g, slice(None), labels)
-            g["loc"][:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            write_index_rows(g, 0, keys, labels, locs)
         g.attrs["zsd"] = {
             "format_version": FORMAT_VERSION,
             "zsd_version": __version__,
@@ -656,6 +699,7 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),
         }
+        g["emb"].attrs["zsd"] = g.attrs["zsd"]  # the copy `restore_metadata` reads
         try:
             os.rename(tmp, path)
         except OSError:  # lost a creation race: the other process's store stands
