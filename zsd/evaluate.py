@@ -225,7 +225,10 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
         raise ZsdError(f"{store.path} is not complete: finish `zsd cache-teacher` before computing student embeddings")
     fingerprint = student_fingerprint(run_dir, config)
     sid = teacher_id(fingerprint)
-    source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
+    # which store, as it stands: a store rebuilt at the same path (other failed rows, other images) is another
+    status = store.status()
+    source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows,
+              "created": store.attrs.get("created"), "status": hashlib.sha256(status.tobytes()).hexdigest()[:16]}
     folder, prefix = student_location(run_dir)
     if is_open_clip_folder(folder):  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
         out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
@@ -250,7 +253,7 @@ def student_embeddings(run_dir: str | os.PathLike, store: Store, model=None, con
                              chunk_rows=store.chunk_rows, extra={"embeds": source})
 
     # Rows the teacher could not embed are recorded as failed here too, without being read.
-    status, errors = store.status(), store.errors()
+    errors = store.errors()
     skip = {int(r): str(errors[r]) or "not embedded by the teacher" for r in np.flatnonzero(status != WRITTEN)}
     dataset = ViewDataset(store.sources, PackedKeys(keys), store.locs(), Preprocess.from_dict(config["preprocess"]))
     model = model.to(device).eval()
