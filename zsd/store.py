@@ -242,13 +242,13 @@ class Store:
             if c // step != block:
                 block = c // step
                 try:
-                    status = self._read("status", slice(block * step * cr, (block + 1) * step * cr), checked=False)
+                    status = self._read_files("status", slice(block * step * cr, (block + 1) * step * cr))
                 except ZsdError:
                     status = None
             first = c * cr - block * step * cr  # the chunk's first row in the block
             status_problem = self.chunk_problem("status", c)
             st = None if status_problem else status[first:first + cr] if status is not None \
-                else self._read("status", slice(c * cr, (c + 1) * cr), checked=False)  # not chunk_slice: `rows` reads metadata
+                else self._read_files("status", slice(c * cr, (c + 1) * cr))  # not chunk_slice: `rows` reads metadata
             status_problem = status_problem or self.value_problem("status", st)
             if status_problem:
                 st = None
@@ -298,9 +298,24 @@ class Store:
         return ZsdError(f"{self.path} is damaged: {name} rows {sl.start}..{sl.stop - 1}: {problem}; "
                         "rerun `zsd cache-teacher` on it to recompute them (`zsd verify` lists all damage)")
 
-    def _read(self, name: str, rows: slice = slice(None), *index, checked: bool = True) -> np.ndarray:
-        """array[rows, *index] after checking the chunk files of those rows, and (`checked`) the values
-        read (`value_problem`); damage is one ZsdError."""
+    def _read(self, name: str, rows: slice = slice(None), *index) -> np.ndarray:
+        """array[rows, *index] after checking the chunk files of those rows and the values read
+        (`value_problem`); damage is one ZsdError."""
+        data = self._read_files(name, rows, *index)
+        start, stop, _ = rows.indices(self.rows)
+        cr = self.chunk_rows
+        if not index and name in ("status", "label", "loc", "view"):
+            status = self._read_files("status", rows) if name == "view" else None
+            for c in range(start // cr, -(-stop // cr)):
+                a, b = max(c * cr, start) - start, min((c + 1) * cr, stop) - start
+                problem = self.value_problem(name, data[a:b], None if status is None else status[a:b])
+                if problem:
+                    raise self.damaged_error(name, c, problem)
+        return data
+
+    def _read_files(self, name: str, rows: slice = slice(None), *index) -> np.ndarray:
+        """array[rows, *index] after checking the chunk files of those rows (not the values: reports that
+        list garbled values read them so)."""
         start, stop, _ = rows.indices(self.rows)
         status = self._read("status", slice(start, stop)) if name in ("emb", "view", "error") else None
         cr = self.chunk_rows
@@ -310,7 +325,7 @@ class Store:
             if problem:
                 raise self.damaged_error(name, c, problem)
         try:
-            data = self.group[name][(slice(start, stop), *index)]
+            return self.group[name][(slice(start, stop), *index)]
         except Exception:  # a chunk of the right size that does not decode: find and name it
             for c in range(start // self.chunk_rows, -(-stop // self.chunk_rows)):
                 try:
@@ -318,13 +333,6 @@ class Store:
                 except Exception as e:
                     raise self.damaged_error(name, c, f"cannot decode ({type(e).__name__}: {e})") from None
             raise
-        if checked and not index and name in ("status", "label", "loc", "view"):
-            for c in range(start // cr, -(-stop // cr)):
-                a, b = max(c * cr, start) - start, min((c + 1) * cr, stop) - start
-                problem = self.value_problem(name, data[a:b], None if status is None else status[a:b])
-                if problem:
-                    raise self.damaged_error(name, c, problem)
-        return data
 
     # --- per-row arrays (small: loaded whole)
     def _scattered(self, name: str, rows: np.ndarray) -> list:
@@ -355,7 +363,7 @@ class Store:
         return np.asarray(self._read("error"), dtype=object)
 
     def status(self, rows: slice = slice(None), checked: bool = True) -> np.ndarray:
-        return self._read("status", rows, checked=checked)
+        return self._read("status", rows) if checked else self._read_files("status", rows)
 
     def blocks(self, name: str, rows: slice = slice(None), block_rows: int | None = None, checked: bool = True):
         """(first row, array[a:b]) over `rows` (default all), whole chunks of about `block_rows`
@@ -364,7 +372,7 @@ class Store:
         start, stop, _ = rows.indices(self.rows)
         step = max(1, (block_rows or BLOCK_ROWS) // self.chunk_rows) * self.chunk_rows
         for a in range(start, stop, step):
-            yield a, self._read(name, slice(a, min(a + step, stop)), checked=checked)
+            yield a, (self._read if checked else self._read_files)(name, slice(a, min(a + step, stop)))
 
     def status_per_chunk(self, status: np.ndarray | None = None) -> np.ndarray:
         """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, from the status
@@ -529,8 +537,10 @@ class Store:
         pending, written, failed = counts.tolist()
         shown = np.array(shown, np.int64)
         health = self.embedding_health() if full and not damaged else None
-        # a damaged store's failed rows may be garbled statuses: listed once it is repaired
-        keys, errors = ([], []) if damaged else (self._scattered("key", shown), self._scattered("error", shown))
+        # failed rows of chunks whose status, error or key is damaged are listed once it is repaired
+        hurt = [d["rows"][0] // self.chunk_rows for d in damaged if d["array"] in ("status", "error", "key")]
+        shown = shown[~np.isin(shown // self.chunk_rows, hurt)]
+        keys, errors = self._scattered("key", shown), self._scattered("error", shown)
         return {
             "path": str(self.path),
             "format_version": self.attrs["format_version"],
