@@ -12,6 +12,7 @@ import zsd.cache
 from conftest import random_store, unit
 from test_cache import direct_embeddings, run_cache
 from zsd.cli import main
+from zsd.errors import ZsdError
 from zsd.loader import TrainTargets
 from zsd.store import FAILED, WRITTEN, Store, open_store
 from zsd.teachers import create_teacher
@@ -51,6 +52,14 @@ DAMAGE = {  # name -> (damage the store, what the error says)
                           "key rows 0..7: chunk file key/c/0 says it holds 1918985989 strings, not 8"),
     "undecodable key chunk": (lambda p: truncate(p / "key/c/0", 10), "key rows 0..7: cannot decode"),
     "deleted view chunk": (lambda p: (p / "view/c/3/0/0").unlink(), "view rows 24..29: chunk file view/c/3/0/0 is missing"),
+    # bytes of the right size that no store holds (issue #32): found by their values
+    "garbled status chunk": (lambda p: (p / "status/c/2").write_bytes(bytes(range(200, 208))),
+                             "status rows 16..23: 8 value(s) are impossible: statuses other than 0"),
+    "deleted label chunk": (lambda p: (p / "label/c/1").unlink(), "label rows 8..15: chunk file label/c/1 is missing"),
+    "garbled label chunk": (lambda p: (p / "label/c/1").write_bytes(b"\x7f" * 32),
+                            "label rows 8..15: 8 value(s) are impossible: labels outside -1..2"),
+    "garbled loc chunk": (lambda p: (p / "loc/c/1/0").write_bytes(b"\xff" * 256), "loc rows 8..15: 8 value(s)"),
+    "garbled view chunk": (lambda p: (p / "view/c/1/0/0").write_bytes(b"\xff" * 320), "view rows 8..15: 8 value(s)"),
     "garbage store metadata": (lambda p: (p / "zarr.json").write_text("{garbage"), "is not a zsd store"),
     "garbage array metadata": (lambda p: (p / "emb/zarr.json").write_text('{"zarr_format": 3, "node_type": "array"}'),
                                "is damaged: array emb is missing or its metadata emb/zarr.json is unreadable"),
@@ -59,7 +68,7 @@ DAMAGE = {  # name -> (damage the store, what the error says)
 
 ALL = {"info", "verify", "train", "eval", "coverage"}
 # the commands that read each array; info, verify and train check every chunk file (stat calls)
-READERS = {"key": ALL - {"eval"}, "view": {"info", "verify", "train"}}
+READERS = {"key": ALL - {"eval"}, "view": {"info", "verify", "train"}, "loc": {"info", "verify", "train"}}
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
@@ -223,6 +232,50 @@ def test_cache_teacher_repairs_damaged_chunks_to_the_bytes_of_a_clean_run(image_
     assert any("rewriting the keys, labels and locations of rows 4..7" in m for m in logs)
     assert "8 rows of damaged chunks repaired" in logs[-1]
     _same_files(hurt, ref)
+    assert verify(str(hurt))["problems"] == []
+
+
+def test_cache_teacher_recomputes_every_row_verify_rejects(image_folder, tmp_path, tiny_teacher_name, capsys):
+    """Bytes of the right size (issue #32): verify rejects them, and the documented repair repairs them."""
+    ref = tmp_path / "ref.zarr"
+    run_cache([image_folder], ref, tiny_teacher_name)  # 12 rows, 3 chunks of 4, 3 classes
+    hurt = tmp_path / "hurt.zarr"
+    shutil.copytree(ref, hurt)
+    rng = np.random.default_rng(0)
+    emb = hurt / "emb/c/0/0/0"
+    emb.write_bytes(rng.integers(0, 256, emb.stat().st_size, dtype=np.uint8).tobytes())
+    (hurt / "status/c/1").write_bytes(b"\x09" * 4)
+    labels = np.frombuffer((ref / "label/c/2").read_bytes(), np.int32)
+    (hurt / "label/c/2").write_bytes(((labels + 1) % 3).astype(np.int32).tobytes())  # in range, but wrong
+    (hurt / "label/c/0").unlink()
+    assert run_cli(capsys, "verify", hurt)[0] == 1
+    damaged = [(d["array"], d["rows"]) for d in verify(str(hurt))["damaged_chunks"]]
+    assert damaged == [("label", [0, 3]), ("status", [4, 7])]
+    logs = []
+    summary = run_cache([image_folder], hurt, tiny_teacher_name, log=logs.append)
+    assert summary["repaired"] == 8 and summary["complete"], logs
+    assert any("rewriting the keys, labels and locations of rows 8..11" in m for m in logs)  # found by the rescan
+    assert any("emb rows 0..3: embeddings" in m and "(garbled)" in m for m in logs), logs
+    _same_files(hurt, ref)
+    assert verify(str(hurt))["problems"] == []
+
+
+def test_a_store_metadata_written_over_is_restored_by_cache_teacher(image_folder, tmp_path, tiny_teacher_name,
+                                                                   capsys):
+    ref = tmp_path / "ref.zarr"
+    run_cache([image_folder], ref, tiny_teacher_name)
+    hurt = tmp_path / "hurt.zarr"
+    shutil.copytree(ref, hurt)
+    (hurt / "zarr.json").write_text(json.dumps({"rows": 12}))  # what `zsd info --json STORE/zarr.json` wrote before #32
+    code, _, err = run_cli(capsys, "info", hurt)
+    assert code == 1 and "is not a zsd store" in err and "rerun `zsd cache-teacher`" in err, err
+    logs = []
+    with pytest.raises(ZsdError, match="another teacher"):  # the copy is checked against the run, as any store
+        run_cache([image_folder], hurt, tiny_teacher_name, precision="bf16", log=logs.append)
+    assert any("restoring it from the copy in emb/zarr.json" in m for m in logs)
+    summary = run_cache([image_folder], hurt, tiny_teacher_name)
+    assert summary["processed"] == 0 and summary["complete"]  # no row recomputed: the arrays were intact
+    assert json.loads((hurt / "zarr.json").read_text()) == json.loads((ref / "zarr.json").read_text())
     assert verify(str(hurt))["problems"] == []
 
 

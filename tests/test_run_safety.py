@@ -20,7 +20,7 @@ from test_write_errors import TRAIN, _can_mount_tmpfs, error_lines, leftovers
 from zsd.classes import TEXT
 from zsd.errors import RUN_FILES, ZsdError
 from zsd.evaluate import student_embeddings
-from zsd.store import LOCK, open_store
+from zsd.store import LOCK, WRITTEN, open_store
 from zsd.student import CONFIG, EMA_PREFIX, WEIGHTS
 from zsd.train import LOG, STATE, TrainConfig, train
 
@@ -332,3 +332,28 @@ def test_info_on_a_damaged_store_says_so(store, capsys):
     assert code == 1 and "-> DAMAGED" in out and "complete" not in out
     assert "is damaged: 1 damaged chunk file(s) (first: emb rows 4..7" in one_error(err)
     assert "rerun `zsd cache-teacher`" in err
+
+
+def test_eval_does_not_reuse_student_embeddings_of_a_store_since_rebuilt(image_folder, tmp_path, tiny_teacher_name):
+    """Rebuilt at the same path with the same rows, a store whose failed row now has its image (issue #32)."""
+    from zsd.cache import cache_teacher
+
+    photo = image_folder / "cat" / "cat_0.png"
+    good = photo.read_bytes()
+    photo.write_bytes(b"not an image")
+    path = tmp_path / "t.zarr"
+
+    def build():
+        cache_teacher([str(image_folder)], str(path), teacher=tiny_teacher_name, chunk_rows=4, workers=0,
+                      progress=False, log=lambda m: None)
+        return open_store(path)
+
+    run = tmp_path / "run"
+    build()
+    make_student(run, str(path))
+    assert (student_embeddings(run, open_store(path), progress=False).status() == WRITTEN).sum() == 11
+    shutil.rmtree(path)
+    photo.write_bytes(good)
+    rebuilt = build()
+    assert rebuilt.written().all()
+    assert student_embeddings(run, rebuilt, progress=False).written().all()  # all 12, not the stale 11

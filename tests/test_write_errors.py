@@ -214,3 +214,28 @@ def test_a_really_full_and_a_read_only_file_system(image_folder, tmp_path, tiny_
     ref = tmp_path / "ref.zarr"
     cli_main(cache_args(image_folder, ref, tiny_teacher_name))
     np.testing.assert_array_equal(store.embeddings()[done], open_store(ref).embeddings()[done])
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user namespace to mount a small tmpfs")
+def test_a_store_that_does_not_fit_leaves_no_temporary_folder_and_no_asyncio_pages(tmp_path):
+    """Its creation writes 80 chunks of keys, labels and locations; the 64 KiB tmpfs takes a few (issue #32)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    create = ("import numpy as np, sys\nfrom zsd.store import create_store\nn = 20000\n"
+              f"create_store('{mnt}/s.zarr', keys=[f'k{{i:032d}}' for i in range(n)], labels=np.zeros(n), "
+              "locs=np.zeros((n, 4)), views=1, dim=8, teacher={}, teacher_id='x', classnames=['a'], sources=[], "
+              "chunk_rows=256)\n")
+    (tmp_path / "create.py").write_text(create)
+    script = f"mount -t tmpfs -o size=64k tmpfs {mnt} || exit 99\n{sys.executable} {tmp_path}/create.py; ls -A {mnt}"
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert "cannot create" in done.stderr and "No space left on device" in done.stderr, done.stderr
+    assert "Task" not in done.stderr and "never retrieved" not in done.stderr, done.stderr  # no asyncio pages
+    assert done.stdout == ""  # `ls -A`: not even a hidden temporary folder
+
+
+def test_a_store_name_at_the_file_systems_limit(image_folder, tmp_path, tiny_teacher_name, capsys):
+    out = tmp_path / ("s" * 250 + ".zarr")  # 255 bytes: a temporary name with a suffix would not fit
+    cli_main(["cache-teacher", str(image_folder), "--out", str(out), "--teacher", tiny_teacher_name,
+              "--chunk-rows", "4", "--workers", "0"])
+    assert open_store(out).complete() and leftovers(tmp_path) == []

@@ -24,7 +24,7 @@ from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
 from zsd.sources import PackedKeys, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
-                       open_store, resolve_store, store_lock)
+                       open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
 from zsd.views import ViewDataset, normalize
 
@@ -103,6 +103,7 @@ def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows
         create_store(path, keys=scan.keys, labels=scan.labels, locs=scan.locs, views=views, dim=teacher.dim,
                      teacher=teacher.fingerprint, teacher_id=teacher.id, classnames=scan.classnames,
                      sources=scan.descs, view_seed=view_seed, crop_scale=crop_scale, chunk_rows=chunk_rows)
+    restore_metadata(path, log)  # a zarr.json written over: checked against this run below
     open_store(path)  # a folder that is no store is refused before the lock leaves a file in it
     with store_lock(path):  # other shard processes may be appending the same sources
         store = open_store(path, mode="r+")  # as the last holder of the lock left it
@@ -131,15 +132,30 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
         raise ZsdError(f"{path} was made from other sources ({', '.join(_describe(d) for d in old)}): "
                        "pass the same sources, more sources after them to append, or another --out")
     n_old = int(sum(1 for loc in scan.locs if loc[0] < len(old)))
-    for c in sorted({c for _, c, _ in store.damage(arrays=("key", "label", "loc"))}):  # written from the scan
-        sl = store.chunk_slice(c)
-        log(f"warning: {path}: rewriting the keys, labels and locations of rows {sl.start}..{sl.stop - 1} from the sources")
-        store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
+    # written from the scan: damaged chunks, then any whose labels or locations differ from it (garbled in range)
+    for damaged in (lambda: {c for _, c, _ in store.damage(arrays=("key", "label", "loc"), values=True)},
+                    lambda: _differing_chunks(store, scan, n_old)):
+        for c in sorted(damaged()):
+            sl = store.chunk_slice(c)
+            log(f"warning: {path}: rewriting the keys, labels and locations of rows {sl.start}..{sl.stop - 1} "
+                "from the sources")
+            store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
     # rows after n_old, if any, are those of a killed append: append_rows replaces them
     if store.rows < n_old or not same_keys(store, scan.keys, n_old):
         raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
     return n_old
+
+
+def _differing_chunks(store: Store, scan, n: int) -> set[int]:
+    """The chunks of the first `n` rows whose stored labels or locations are not the scan's."""
+    found = set()
+    for name, want in (("label", np.asarray(scan.labels[:n])), ("loc", np.asarray(scan.locs[:n]).reshape(-1, 4))):
+        for a, block in store.blocks(name, slice(0, n)):
+            differ = block != want[a:a + len(block)]
+            rows = a + np.flatnonzero(differ if differ.ndim == 1 else differ.any(axis=1))
+            found |= set((rows // store.chunk_rows).tolist())
+    return found
 
 
 def same_keys(store: Store, keys: list[str], n: int) -> bool:
@@ -189,14 +205,19 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     index.save()  # now that the store exists: a first pass keeps its scan for the resumes
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
-    damage = store.damage(mine, CHUNK_WRITES)  # before trusting a commit: a cut-short copy must not read as zeros
-    damaged = sorted({c for _, c, _ in damage})
-    repaired = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
-    if damaged:
-        name, c, why = damage[0]
-        log(f"warning: {store.path}: recomputing {repaired} rows of {len(damaged)} damaged chunk(s); first: "
-            f"{name} rows {store.chunk_slice(c).start}..{store.chunk_slice(c).stop - 1}: {why}")
-        store.uncommit(damaged)
+    # before trusting a commit: a cut-short copy must not read as zeros, garbled bytes not as embeddings;
+    # the rows verify rejects in whole files are looked for once the damaged chunks are pending
+    repaired = 0
+    for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine)):
+        damage = find()
+        damaged = sorted({c for _, c, _ in damage})
+        rows = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
+        if damaged:
+            name, c, why = damage[0]
+            log(f"warning: {store.path}: recomputing {rows} rows of {len(damaged)} damaged chunk(s); first: "
+                f"{name} rows {store.chunk_slice(c).start}..{store.chunk_slice(c).stop - 1}: {why}")
+            store.uncommit(damaged)
+        repaired += rows
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = default_workers(model.device)
@@ -219,6 +240,20 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     }
     log(_summary_text(summary))
     return summary
+
+
+def _rejected_rows(store: Store, chunks: list[int]) -> list[tuple[str, int, str]]:
+    """(array, chunk, problem) of the chunks whose rows `zsd verify` rejects although their files are
+    whole (`Store.embedding_health`): embeddings not finite or off unit norm (bytes of the right size
+    but garbled), failed rows without a reason. Reads the embeddings of `chunks` once."""
+    written = store.status_per_chunk()[:, 1:].any(axis=1)
+    health = store.embedding_health([c for c in chunks if written[c]])
+    found = {}
+    for key, what in (("unexplained", "failed rows without a reason"), ("off_norm", "embeddings off unit norm"),
+                      ("nonfinite", "embeddings that are not finite")):
+        for r in health[key]:
+            found[int(r) // store.chunk_rows] = ("error" if key == "unexplained" else "emb", f"{what} (garbled)")
+    return [(name, c, why) for c, (name, why) in found.items()]
 
 
 def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *, images_per_batch: int,

@@ -119,7 +119,52 @@ def _write_json(path: str, data) -> None:
     write_atomic(path, text, flag="--json")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# The options through which a command writes, and what an existing path there may be: "store" (the
+# store it writes), "run" (its run folder); anything else must not be a store, a run's file or inside
+# an input. Every other option naming an existing path is an input.
+OUTPUT_PARAMS = frozenset({"out", "out_dir", "json_out", "plot"})
+OUTPUT_KINDS = {("cache-teacher", "out"): "store", ("train", "out"): "run"}
+
+
+def _input_paths(value) -> list[str]:
+    """The existing paths an option's value names: itself, STORE=W's STORE, RUN:ema's RUN, a bare store name."""
+    if not isinstance(value, str) or value == "-":
+        return []
+    found = []
+    for name in {value, value.rsplit("=", 1)[0], value.rsplit(":", 1)[0]}:
+        if Path(name).exists():
+            found.append(name)
+        else:
+            from zsd.store import resolve_store  # here: `zsd predict` never imports zarr
+
+            found += [str(p) for p in [resolve_store(name)] if p.exists()]
+    return found
+
+
+class CheckedCommand(click.Command):
+    """Checks every output option against every input before the command runs (`check_outputs`):
+    no command writes into a store, over a run's file or inside the images it reads."""
+
+    def invoke(self, ctx):
+        outputs = {name: v for name, v in ctx.params.items() if name in OUTPUT_PARAMS and v not in (None, "-")}
+        inputs = [p for name, v in ctx.params.items() if name not in outputs
+                  for item in (v if isinstance(v, tuple) else (v,)) for p in _input_paths(item)]
+        flags = {p.name: p.opts[0] for p in self.params}
+        for name, value in outputs.items():
+            kind = OUTPUT_KINDS.get((self.name, name))
+            if kind == "store":
+                from zsd.store import resolve_store
+
+                value = resolve_store(value)
+            check_outputs([value], inputs, flag=flags[name], may_be=kind)
+        return super().invoke(ctx)
+
+
+class CheckedGroup(click.Group):
+    command_class = CheckedCommand
+
+
+@click.group(cls=CheckedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="zsd")
 def cli():
     """zsd: distil a CLIP image encoder into a small student from cached teacher embeddings.

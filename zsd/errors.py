@@ -6,6 +6,7 @@ Anything else that escapes is a bug and keeps its traceback.
 """
 
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -63,19 +64,60 @@ RUN_FILES = frozenset({"student.safetensors", "student.json", "ema_student.safet
                        "train_state.pt", "log.jsonl", "text_embeddings.pt", "zsd.lock"})
 
 
-def check_outputs(outputs, inputs=(), flag: str = "--out") -> None:
-    """Refuse, in one line and before any work, to write an output over one of the command's own
-    `inputs` (files, or folders such as stores that it reads) or over a file of a zsd run folder."""
+def is_run_folder(folder) -> bool:
+    return (Path(folder) / "student.json").is_file() or (Path(folder) / "train_state.pt").is_file()
+
+
+def check_outputs(outputs, inputs=(), flag: str = "--out", may_be: str | None = None) -> None:
+    """Refuse, in one line and before any work, an output path that would damage data:
+
+    - one of the command's own `inputs` (files, or folders such as stores that it reads), or a
+      path inside an input folder (an image source, a store) or inside an image source recorded
+      by an input store;
+    - a path inside (or equal to) a Zarr hierarchy such as a zsd store: a report written over
+      its zarr.json or a chunk destroys it;
+    - a file of a zsd run folder.
+
+    `may_be`: "store" when the output is itself a store the command writes (cache-teacher --out),
+    "run" when it is a run folder (train --out: new, empty or a run folder; never a store or a
+    folder of other files such as images).
+    """
     ins = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    ins += [Path(root) for p in ins for root in store_source_roots(p)]
     for out in map(Path, outputs):
-        folder = out.resolve().parent
-        if out.name in RUN_FILES and ((folder / "student.json").is_file() or (folder / "train_state.pt").is_file()):
+        target = out.resolve()
+        folder = target.parent
+        if out.name in RUN_FILES and is_run_folder(folder):
             raise ZsdError(f"{flag}: writing {out} would overwrite {out.name} of the run in {folder}: "
                            "choose another path")
+        for place in [target, *target.parents]:
+            if (place / "zarr.json").is_file() and not (may_be == "store" and place == target):
+                raise ZsdError(f"{flag}: {out} is {'' if place == target else 'inside '}the store {place}; "
+                               "writing there would damage it: choose a path outside it")
         for given in ins:
-            if out.resolve() == given.resolve() or (out.exists() and os.path.samefile(out, given)):  # links too
+            if target == given.resolve() or (out.exists() and os.path.samefile(out, given)):  # links too
                 raise ZsdError(f"{flag}: writing {out} would overwrite {given}, an input of this command: "
                                "choose another path")
+            if given.is_dir() and given.resolve() in target.parents and not is_run_folder(given):  # RUN/eval is fine
+                raise ZsdError(f"{flag}: {out} is inside {given}, an input of this command (images or a store) "
+                               "that writing there would change: choose a path outside it")
+        if may_be == "run" and target.is_dir() and not RUN_FILES & set(os.listdir(target)) \
+                and any(not name.startswith(".") for name in os.listdir(target)):
+            raise ZsdError(f"{flag}: {out} holds other files and is no zsd run folder: choose a new or empty "
+                           "folder (or an earlier run's, to continue it)")
+
+
+def store_source_roots(path) -> list[str]:
+    """The image folders, manifests and shards recorded in the zsd store at `path` (none if it is no
+    store): a command that reads the store reads them too. A manifest's folder is left out: it may be
+    any working folder."""
+    try:
+        sources = json.loads((Path(path) / "zarr.json").read_text())["attributes"]["zsd"]["sources"]
+        return [str(p) for d in sources
+                for p in ([d["root"]] if d["kind"] in ("folder", "flat") else [d.get("path")] + d.get("shards", []))
+                if p]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def temp_path(path) -> Path:

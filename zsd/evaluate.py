@@ -101,7 +101,10 @@ def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, mo
         raise ZsdError(f"{store.path} is not complete: finish `zsd cache-teacher` before computing student embeddings")
     fingerprint = student_fingerprint(ref, config)
     sid = teacher_id(fingerprint)
-    source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows}
+    # which store, as it stands: a store rebuilt at the same path (other failed rows, other images) is another
+    status = store.status()
+    source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows,
+              "created": store.attrs.get("created"), "status": hashlib.sha256(status.tobytes()).hexdigest()[:16]}
     if ref.kind == "open_clip":  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
         out = cache_dir() / "student_embeddings" / f"{sid}-{store.path.name}"
     else:
@@ -125,7 +128,7 @@ def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, mo
                              chunk_rows=store.chunk_rows, extra={"embeds": source})
 
     # Rows the teacher could not embed are recorded as failed here too, without being read.
-    status, errors = store.status(), store.errors()
+    errors = store.errors()
     skip = {int(r): str(errors[r]) or "not embedded by the teacher" for r in np.flatnonzero(status != WRITTEN)}
     dataset = ViewDataset(store.sources, PackedKeys(keys), store.locs(), Preprocess.from_dict(config["preprocess"]))
     model = model.to(device).eval()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import json
 import os
 import shutil
 import uuid
@@ -58,7 +59,7 @@ import numpy as np
 import zarr
 
 from zsd import DEFAULT_CHUNK_ROWS, __version__
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, write_atomic
 from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
@@ -213,9 +214,10 @@ class Store:
         except FileNotFoundError:
             st = np.zeros(0) if status is None else status
             needed = {"emb": (st == WRITTEN).any(), "view": (st == WRITTEN).any(), "error": (st == FAILED).any(),
-                      "key": True, "loc": True}.get(name, False)
+                      "key": True, "loc": True, "label": bool(self.attrs["classnames"])}.get(name, False)
             why = {"emb": "status says rows are written", "view": "status says rows are written",
-                   "error": "status says rows failed"}.get(name, "every row has one")
+                   "error": "status says rows failed",
+                   "label": "the store has classes, and every chunk of labels is written"}.get(name, "every row has one")
             return f"chunk file {f.relative_to(self.path)} is missing ({why})" if needed else None
         if size is not None and actual != size:
             return f"chunk file {f.relative_to(self.path)} is {actual} bytes, not {size} (truncated or damaged)"
@@ -226,10 +228,11 @@ class Store:
                 return f"chunk file {f.relative_to(self.path)} says it holds {count} strings, not {self.chunk_rows}"
         return None
 
-    def damage(self, chunks=None, arrays=ARRAYS) -> list[tuple[str, int, str]]:
+    def damage(self, chunks=None, arrays=ARRAYS, values: bool = False) -> list[tuple[str, int, str]]:
         """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls and
-        the status, no other reads. The status is read BLOCK_ROWS rows at a time: a read per chunk
-        costs minutes at DataComp scale, and all rows at once a GB."""
+        the status (its values too), and with `values` a read of the labels, locations and view
+        boxes of every chunk (`value_problem`). The status is read BLOCK_ROWS rows at a time: a read
+        per chunk costs minutes at DataComp scale, and all rows at once a GB."""
         chunks = range(self.n_chunks) if chunks is None else chunks
         cr = self.chunk_rows
         step = max(1, BLOCK_ROWS // cr)  # chunks per status block
@@ -239,23 +242,56 @@ class Store:
             if c // step != block:
                 block = c // step
                 try:
-                    status = self._read("status", slice(block * step * cr, (block + 1) * step * cr))
+                    status = self._read_files("status", slice(block * step * cr, (block + 1) * step * cr))
                 except ZsdError:
                     status = None
-            status_problem = self.chunk_problem("status", c)
-            if status_problem and "status" in arrays:
-                found.append(("status", c, status_problem))
             first = c * cr - block * step * cr  # the chunk's first row in the block
+            status_problem = self.chunk_problem("status", c)
             st = None if status_problem else status[first:first + cr] if status is not None \
-                else self._read("status", slice(c * cr, (c + 1) * cr))  # not chunk_slice: `rows` reads metadata
-            found += [(name, c, p) for name in arrays if name != "status"
-                      for p in [self.chunk_problem(name, c, st)] if p]
+                else self._read_files("status", slice(c * cr, (c + 1) * cr))  # not chunk_slice: `rows` reads metadata
+            status_problem = status_problem or self.value_problem("status", st)
+            if status_problem:
+                st = None
+                if "status" in arrays:
+                    found.append(("status", c, status_problem))
+            for name in arrays:
+                if name == "status":
+                    continue
+                p = self.chunk_problem(name, c, st)
+                if not p and values and name in ("label", "loc", "view"):
+                    try:
+                        p = self.value_problem(name, self.group[name][self.chunk_slice(c)], st)
+                    except Exception as e:
+                        p = f"cannot decode ({type(e).__name__}: {e})"
+                if p:
+                    found.append((name, c, p))
         return found
 
-    def damaged_chunks(self) -> list[dict]:
+    def damaged_chunks(self, values: bool = True) -> list[dict]:
         """`damage()` as {"array", "rows": [first, last], "problem"} per damaged chunk file (reports)."""
         return [{"array": a, "rows": [self.chunk_slice(c).start, self.chunk_slice(c).stop - 1], "problem": p}
-                for a, c, p in self.damage()]
+                for a, c, p in self.damage(values=values)]
+
+    def value_problem(self, name: str, data: np.ndarray, status: np.ndarray | None = None) -> str | None:
+        """Why the values `data` of one chunk of `name` cannot be a store's (garbled bytes of the right
+        size), or None. `status`: the chunk's status, for the view boxes of written rows."""
+        if name == "status":
+            bad = data > FAILED
+            what = "statuses other than 0 (pending), 1 (written) and 2 (failed)"
+        elif name == "label":
+            bad = (data < -1) | ((data >= len(self.classnames)) if self.classnames else False)
+            what = f"labels outside -1..{len(self.classnames) - 1}"
+        elif name == "loc":
+            bad = (data[:, :2] < 0).any(axis=1) | (data[:, 2:] < -1).any(axis=1)
+            what = "negative source indices, parts or offsets"
+        elif name == "view" and status is not None:
+            box = data[: len(status)][status == WRITTEN]
+            bad = ((box[..., :2] < 0) | (box[..., 2:4] < 1)).any(axis=(1, 2)) | ~np.isin(box[..., 4], (0, 1)).all(axis=1)
+            what = "written rows with a crop box that is no box (negative place, empty size or a flip not 0/1)"
+        else:
+            return None
+        n = int(np.count_nonzero(bad))
+        return f"{n} value(s) are impossible: {what} (garbled)" if n else None
 
     def damaged_error(self, name: str, c: int, problem: str) -> ZsdError:
         sl = self.chunk_slice(c)
@@ -263,7 +299,23 @@ class Store:
                         "rerun `zsd cache-teacher` on it to recompute them (`zsd verify` lists all damage)")
 
     def _read(self, name: str, rows: slice = slice(None), *index) -> np.ndarray:
-        """array[rows, *index] after checking the chunk files of those rows; damage is one ZsdError."""
+        """array[rows, *index] after checking the chunk files of those rows and the values read
+        (`value_problem`); damage is one ZsdError."""
+        data = self._read_files(name, rows, *index)
+        start, stop, _ = rows.indices(self.rows)
+        cr = self.chunk_rows
+        if not index and name in ("status", "label", "loc", "view"):
+            status = self._read_files("status", rows) if name == "view" else None
+            for c in range(start // cr, -(-stop // cr)):
+                a, b = max(c * cr, start) - start, min((c + 1) * cr, stop) - start
+                problem = self.value_problem(name, data[a:b], None if status is None else status[a:b])
+                if problem:
+                    raise self.damaged_error(name, c, problem)
+        return data
+
+    def _read_files(self, name: str, rows: slice = slice(None), *index) -> np.ndarray:
+        """array[rows, *index] after checking the chunk files of those rows (not the values: reports that
+        list garbled values read them so)."""
         start, stop, _ = rows.indices(self.rows)
         status = self._read("status", slice(start, stop)) if name in ("emb", "view", "error") else None
         cr = self.chunk_rows
@@ -310,17 +362,17 @@ class Store:
     def errors(self) -> np.ndarray:
         return np.asarray(self._read("error"), dtype=object)
 
-    def status(self, rows: slice = slice(None)) -> np.ndarray:
-        return self._read("status", rows)
+    def status(self, rows: slice = slice(None), checked: bool = True) -> np.ndarray:
+        return self._read("status", rows) if checked else self._read_files("status", rows)
 
-    def blocks(self, name: str, rows: slice = slice(None), block_rows: int | None = None):
+    def blocks(self, name: str, rows: slice = slice(None), block_rows: int | None = None, checked: bool = True):
         """(first row, array[a:b]) over `rows` (default all), whole chunks of about `block_rows`
         (default BLOCK_ROWS) at a time: per-row arrays of a DataComp-scale store are read without
-        holding them whole."""
+        holding them whole. `checked=False`: garbled values are returned, for reports that list them."""
         start, stop, _ = rows.indices(self.rows)
         step = max(1, (block_rows or BLOCK_ROWS) // self.chunk_rows) * self.chunk_rows
         for a in range(start, stop, step):
-            yield a, self._read(name, slice(a, min(a + step, stop)))
+            yield a, (self._read if checked else self._read_files)(name, slice(a, min(a + step, stop)))
 
     def status_per_chunk(self, status: np.ndarray | None = None) -> np.ndarray:
         """(n_chunks, 3) int64: each chunk's count of pending, written and failed rows, from the status
@@ -380,15 +432,19 @@ class Store:
         for start in range(0, self.rows, step):
             yield start, self.embeddings(view, slice(start, start + step))
 
-    def embedding_health(self) -> dict:
-        """One streaming pass over the written rows' embeddings (all views).
+    def embedding_health(self, chunks=None) -> dict:
+        """One streaming pass over the written rows' embeddings (all views), of `chunks` (default all).
 
         Returns the rows whose embeddings are not finite (NaN or inf: the trainer drops them), the
-        finite rows with a view whose norm is off 1 by more than NORM_TOLERANCE, and view 0's norms.
+        finite rows with a view whose norm is off 1 by more than NORM_TOLERANCE, view 0's norms, and
+        the failed rows without a reason: what `zsd verify` rejects beyond the chunk files, and
+        `zsd cache-teacher` recomputes.
         """
         written = self.written()
-        nonfinite, off_norm, norms = [], [], []
-        for start, block in self.iter_blocks(view=None):
+        nonfinite, off_norm, norms, unexplained = [], [], [], []
+        blocks = self.iter_blocks(view=None) if chunks is None else \
+            ((self.chunk_slice(c).start, self.embeddings(rows=self.chunk_slice(c))) for c in chunks)
+        for start, block in blocks:
             rows = start + np.flatnonzero(written[start:start + len(block)])
             emb = block[rows - start].astype(np.float32)
             finite = np.isfinite(emb).all(axis=(1, 2))
@@ -396,9 +452,15 @@ class Store:
             nonfinite.append(rows[~finite])
             off_norm.append(rows[finite][(np.abs(n - 1) > NORM_TOLERANCE).any(axis=1)])
             norms.append(n[:, 0])
+        status = self.status()
+        for c in range(self.n_chunks) if chunks is None else chunks:
+            sl = self.chunk_slice(c)
+            if (status[sl] == FAILED).any():
+                errors = np.asarray(self._read("error", sl), dtype=object)
+                unexplained.append(sl.start + np.flatnonzero((status[sl] == FAILED) & (errors == "")))
         join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
         norms = join(norms)
-        return {"nonfinite": join(nonfinite), "off_norm": join(off_norm),
+        return {"nonfinite": join(nonfinite), "off_norm": join(off_norm), "unexplained": join(unexplained),
                 "norm_view0": ({"mean": float(norms.mean()), "min": float(norms.min()), "max": float(norms.max())}
                                if len(norms) else None)}
 
@@ -433,9 +495,7 @@ class Store:
     def write_index(self, rows: slice, keys, labels, locs):
         """Rewrite key, label and loc of `rows` (written at creation; this repairs a damaged chunk of them)."""
         with self.locked():
-            self.group["key"][rows] = np.asarray(keys, dtype=str)
-            self.group["label"][rows] = np.asarray(labels, dtype=np.int32)
-            self.group["loc"][rows] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            write_index_rows(self.group, rows.start, keys, labels, locs)
 
     def append_rows(self, start: int, keys, labels, locs, descs: list[dict], classnames: list[str]):
         """Set the rows from `start` on (the first row of the new sources) and record the sources.
@@ -450,12 +510,12 @@ class Store:
                 for name in ARRAYS:
                     arr = self.group[name]
                     arr.resize((new, *arr.shape[1:]))
-                self.group["key"][start:] = np.asarray(keys, dtype=str)
-                self.group["label"][start:] = np.asarray(labels, dtype=np.int32)
-                self.group["loc"][start:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
-                self.group["status"][start - start % self.chunk_rows:] = PENDING
+                write_index_rows(self.group, start, keys, labels, locs)
+                first = start - start % self.chunk_rows
+                write_rows(self.group["status"], first, np.full(new - first, PENDING, np.uint8))
                 attrs = {**self.group.attrs["zsd"], "sources": descs, "classnames": classnames}
-                self.group.attrs["zsd"] = attrs  # last: the commit mark of the append
+                self.group.attrs["zsd"] = attrs  # the commit mark of the append
+                self.group["emb"].attrs["zsd"] = attrs  # the copy `restore_metadata` reads
         except OSError as e:
             raise ZsdError(f"cannot add the new sources' rows to {self.path} ({e.strerror}); "
                            "make room and rerun the same command") from None
@@ -469,14 +529,17 @@ class Store:
     def info(self, full: bool = False) -> dict:
         """Counts and attributes from the per-row status, labels and the failed rows' keys; the
         embeddings (view-0 norm statistics) are read only with `full` (a DataComp store: ~130 GB)."""
+        damaged = self.damaged_chunks()  # every array: stat calls, the status and the other per-row values
         counts, shown = np.zeros(3, np.int64), []  # pending, written, failed; the first 100 failed rows
-        for a, st in self.blocks("status"):
+        for a, st in self.blocks("status", checked=not damaged):  # garbled values are not counted
             counts += np.bincount(st, minlength=3)[:3]
             shown.extend((a + np.flatnonzero(st == FAILED)[:100 - len(shown)]).tolist())
         pending, written, failed = counts.tolist()
         shown = np.array(shown, np.int64)
-        damaged = self.damaged_chunks()  # stat calls, as `zsd verify` and `zsd train` check before they read
         health = self.embedding_health() if full and not damaged else None
+        # failed rows of chunks whose status, error or key is damaged are listed once it is repaired
+        hurt = [d["rows"][0] // self.chunk_rows for d in damaged if d["array"] in ("status", "error", "key")]
+        shown = shown[~np.isin(shown // self.chunk_rows, hurt)]
         keys, errors = self._scattered("key", shown), self._scattered("error", shown)
         return {
             "path": str(self.path),
@@ -492,7 +555,7 @@ class Store:
             "teacher": self.teacher,
             "teacher_id": self.teacher_id,
             "classnames": self.classnames,
-            "labelled": sum(int((lab >= 0).sum()) for _, lab in self.blocks("label")),
+            "labelled": sum(int((lab >= 0).sum()) for _, lab in self.blocks("label", checked=not damaged)),
             "sources": self.sources,
             "bytes": self.bytes_on_disk(),
             "norm_view0": health["norm_view0"] if health else None,
@@ -501,6 +564,28 @@ class Store:
             "failures": [{"key": str(k), "reason": str(e)} for k, e in zip(keys, errors)],
             "zsd_version": self.attrs.get("zsd_version"),
         }
+
+
+def write_rows(arr: zarr.Array, start: int, values: np.ndarray) -> None:
+    """arr[start:start + len(values)] = values, one chunk at a time: a failed write (a full disk) then
+    leaves no other write of zarr's running on, into a folder being removed, and no asyncio pages
+    ("Task exception was never retrieved") printed at exit."""
+    cr = arr.chunks[0]
+    a = 0
+    while a < len(values):
+        b = min(len(values), (start + a) // cr * cr + cr - start)  # to the end of this chunk
+        arr[start + a:start + b] = values[a:b]
+        a = b
+
+
+def write_index_rows(group: zarr.Group, start: int, keys, labels, locs) -> None:
+    """key, label and loc of the rows from `start` on. Every chunk of labels becomes a file, an
+    unlabelled one (all -1, the fill value) too: a missing one is then damage (`chunk_problem`),
+    never read as "unlabelled"."""
+    write_rows(group["key"], start, np.asarray(keys, dtype=str))
+    with zarr.config.set({"array.write_empty_chunks": True}):
+        write_rows(group["label"], start, np.asarray(labels, dtype=np.int32))
+    write_rows(group["loc"], start, np.asarray(locs, dtype=np.int64).reshape(-1, 4))
 
 
 def damage_text(damaged: list[dict]) -> str:
@@ -518,6 +603,10 @@ def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
         group = zarr.open_group(str(path), mode=mode)
         attrs = group.attrs["zsd"]
     except Exception:
+        if metadata_copy(path):
+            raise ZsdError(f"{path} is not a zsd store as it stands: its zarr.json is damaged or overwritten, and "
+                           "the copy in emb/zarr.json is whole: rerun `zsd cache-teacher` with the store's sources "
+                           "and settings to restore it") from None
         raise ZsdError(f"{path} is not a zsd store") from None
     if attrs.get("format_version") != FORMAT_VERSION:
         raise ZsdError(f"{path} has store format {attrs.get('format_version')}; this zsd reads format {FORMAT_VERSION}")
@@ -525,6 +614,31 @@ def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
     if problem:
         raise ZsdError(f"{path} is damaged: {problem}")
     return Store(path, group)
+
+
+def metadata_copy(path: Path) -> dict | None:
+    """The copy of a store's attributes that emb/zarr.json keeps (None where there is none): a
+    zarr.json written over (a report, a copy cut short) is restored from it (`restore_metadata`)."""
+    try:
+        copy = json.loads((Path(path) / "emb" / "zarr.json").read_text())["attributes"]["zsd"]
+        return copy if copy.get("format_version") == FORMAT_VERSION else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def restore_metadata(path: Path, log=print) -> None:
+    """Rewrite the zarr.json of the store at `path` from its copy when it is no zsd store's (the
+    arrays are intact; the caller then checks the copy against its own teacher and sources)."""
+    try:
+        zarr.open_group(str(path), mode="r").attrs["zsd"]
+        return
+    except Exception:
+        copy = metadata_copy(path)
+    if copy is None:
+        return
+    log(f"warning: {path}/zarr.json is damaged or overwritten: restoring it from the copy in emb/zarr.json")
+    write_atomic(Path(path) / "zarr.json", json.dumps({"attributes": {"zsd": copy}, "zarr_format": 3,
+                                                       "node_type": "group"}, indent=2), flag="--out")
 
 
 def _structure_problem(group: zarr.Group, attrs: dict) -> str | None:
@@ -563,6 +677,8 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
         return open_store(path, mode="r+")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if len(os.fsencode(tmp.name)) > 255:  # a legal name plus the suffix may pass the file system's limit
+        tmp = path.with_name(f".zsd-store-{uuid.uuid4().hex[:8]}.tmp")
     n = len(keys)
     c = max(1, int(chunk_rows))
     try:
@@ -577,9 +693,7 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
         g.create_array("error", shape=(n,), chunks=(c,), dtype=str, compressors=None)
         g.create_array("status", shape=(n,), chunks=(c,), dtype="uint8", fill_value=PENDING, compressors=None)
         if n:
-            g["key"][:] = np.asarray(keys, dtype=str)
-            g["label"][:] = np.asarray(labels, dtype=np.int32)
-            g["loc"][:] = np.asarray(locs, dtype=np.int64).reshape(-1, 4)
+            write_index_rows(g, 0, keys, labels, locs)
         g.attrs["zsd"] = {
             "format_version": FORMAT_VERSION,
             "zsd_version": __version__,
@@ -595,6 +709,7 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             **(extra or {}),
         }
+        g["emb"].attrs["zsd"] = g.attrs["zsd"]  # the copy `restore_metadata` reads
         try:
             os.rename(tmp, path)
         except OSError:  # lost a creation race: the other process's store stands

@@ -28,23 +28,23 @@ def verify(name: str, recompute: int = 0, *, tolerance: float | None = None, pre
            device: str = "auto", seed: int = 0, batch_size: int = 64, log=print) -> dict:
     """The report as a JSON-ready dict; `problems` lists one sentence per failed check (empty: all good)."""
     store = open_store(name)  # the structure; a store that does not open is one ZsdError
-    status = store.status()
+    damaged = store.damaged_chunks()  # every array's chunk files and impossible values
+    status = store.status(checked=not damaged)
     report = {"store": str(store.path), "rows": store.rows, "chunks": store.n_chunks,
               "written": int((status == WRITTEN).sum()), "failed": int((status == FAILED).sum()),
               "pending": int((status == PENDING).sum()), "problems": []}
     problems = report["problems"]
 
-    report["damaged_chunks"] = store.damaged_chunks()
+    report["damaged_chunks"] = damaged
     if report["damaged_chunks"]:
         problems.append(damage_text(report["damaged_chunks"]))
         return report  # the embeddings of damaged chunks cannot be read
 
-    keys, errors = store.keys(), store.errors()
-    unexplained = np.flatnonzero((status == FAILED) & (errors == ""))
+    keys = store.keys()
+    health = store.embedding_health()
+    unexplained = health["unexplained"]
     if len(unexplained):
         problems.append(f"{len(unexplained)} failed rows have no reason (first: {keys[unexplained[0]]})")
-
-    health = store.embedding_health()
     report["norm_view0"] = health["norm_view0"]
     report["nonfinite"] = [str(keys[r]) for r in health["nonfinite"]]
     report["off_norm"] = [str(keys[r]) for r in health["off_norm"]]
