@@ -255,3 +255,46 @@ def test_the_guarantee_ships_with_the_student_and_only_for_its_weights_and_class
     results = evaluate(store, [str(run)], classes_from=store, device="cpu", progress=False, log=notes.append)
     assert "selective" not in results[1]["metrics"]
     assert any("calibrated on other weights" in n for n in notes)
+
+
+def test_unlabelled_photos_calibrate_the_disagreement(store, run, image_folder, tmp_path, tiny_teacher_name, capsys):
+    """The paper's user has real photos without labels: agreement with the teacher needs none. Classes come
+    from --classes-from (prototypes) or --classnames (the teacher's text classifier); --risk error is refused."""
+    import shutil
+
+    from zsd.cache import cache_teacher
+    from zsd.calibrate import load_predictions
+    from zsd.store import open_store
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted(image_folder.rglob("*.*")):
+        shutil.copyfile(f, flat / f.name)
+    cache_teacher([str(flat)], str(tmp_path / "u.zarr"), teacher=tiny_teacher_name, views=1, workers=0,
+                  progress=False, log=lambda m: None)
+    unlabelled = open_store(tmp_path / "u.zarr")
+    assert not unlabelled.classnames
+    p = load_predictions(str(unlabelled.path), str(run), classes_from=store, device="cpu", progress=False,
+                         log=lambda m: None)
+    assert p["labels"] is None and len(p["keys"]) == 12 and p["classnames"] == ["cat", "dog", "fish_tank"]
+    # the teacher's top-1 against the prototypes, independently
+    src = open_store(store)
+    t = src.embeddings(view=0).astype(np.float64)
+    protos = np.stack([t[src.labels() == c].mean(0) for c in range(3)])
+    protos /= np.linalg.norm(protos, axis=1, keepdims=True)
+    order = [list(map(str, unlabelled.keys())).index(k) for k in p["keys"]]
+    u = unlabelled.embeddings(view=0).astype(np.float64)[order]
+    assert np.array_equal(p["teacher_pred"], (u @ protos.T).argmax(1))
+
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps(["cat", "dog", "fish tank"]))
+    out = tmp_path / "u.json"
+    code, _, err = cli(["calibrate", str(unlabelled.path), "--student", run, "--classnames", names, "--alpha", "0.5",
+                        "--delta", "0.5", "--holdout", "0.25", "--score", "margin", "--json", out, "--no-record",
+                        "--device", "cpu"], capsys)
+    assert code == 0, err
+    recs = json.loads(out.read_text())["records"]
+    assert len(recs) == 12 and all("label" not in r for r in recs)
+    code, _, err = cli(["calibrate", str(unlabelled.path), "--student", run, "--classes-from", store, "--risk", "error",
+                        "--device", "cpu"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "label" in err

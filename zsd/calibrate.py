@@ -14,8 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
+from zsd.classes import build_classifier
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, check_at_least, write_atomic
+from zsd.evaluate import check_student_teacher, evaluated_rows, prepare_test_store, student_embeddings
 from zsd.guarantee import calibrate_arrays, check_level, guarantee, write_guarantee
+from zsd.student import load_student, resolve_student, student_fingerprint
 
 
 # ---------------------------------------------------------------- reading a test set and a student
@@ -26,16 +30,15 @@ def load_predictions(test: str, student: str, *, teacher: str | None = None, pre
                      log=print) -> dict:
     """Per test photo, as `zsd eval` computes them: keys, labels (None when unlabelled), the teacher's
     top-1 and the student's cosines to the class embeddings, and the store, classifier and student."""
-    from zsd.classes import build_classifier
-    from zsd.evaluate import check_student_teacher, evaluated_rows, prepare_test_store, student_embeddings
-    from zsd.student import load_student, resolve_student, student_fingerprint
-    from zsd.teachers import resolve_device
-
     student = resolve_student(student)  # a typo fails before the teacher runs
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     classifier = build_classifier(store, classes_from=classes_from, classnames=classnames, templates=templates,
                                   pretrained=pretrained, device=device)
-    mapped, rows, _ = evaluated_rows(store, classifier, log)
+    labelled = bool(store.classnames) and bool((store.labels() >= 0).any())
+    if labelled:
+        mapped, rows, _ = evaluated_rows(store, classifier, log)
+    else:  # the disagreement with the teacher needs no labels: every written photo counts
+        mapped, rows = None, store.written()
     z = classifier.weights.astype(np.float64)
     model, config = load_student(student, resolve_device(device))
     check_student_teacher(student, config, store, log)
@@ -45,7 +48,8 @@ def load_predictions(test: str, student: str, *, teacher: str | None = None, pre
     s = emb.embeddings(view=0).astype(np.float64)
     rows &= emb.written() & np.isfinite(t).all(axis=1) & np.isfinite(s).all(axis=1)
     s = s[rows] / np.linalg.norm(s[rows], axis=1, keepdims=True)  # as the exported graph normalises
-    return {"keys": [str(k) for k in store.keys()[rows]], "labels": mapped[rows], "teacher_pred": (t[rows] @ z.T).argmax(1),
+    return {"keys": [str(k) for k in store.keys()[rows]], "labels": mapped[rows] if labelled else None,
+            "teacher_pred": (t[rows] @ z.T).argmax(1),
             "student_cos": s @ z.T, "classnames": classifier.names, "classifier": classifier.info, "store": store,
             "config": config, "weights": student_fingerprint(student, config)["weights"]}
 

@@ -60,7 +60,7 @@ def select_classes(store_classnames: list[str], classnames_file: str | None) -> 
     if not classnames_file:
         if not store_classnames:
             raise ZsdError("the test store has no class names (unlabelled images): pass --classnames FILE "
-                           "or a labelled test set")
+                           "(a JSON list of class names) or --classes-from STORE, or a labelled test set")
         return list(range(len(store_classnames))), [prompt_name(c) for c in store_classnames], ""
     path = Path(classnames_file)
     try:
@@ -68,6 +68,8 @@ def select_classes(store_classnames: list[str], classnames_file: str | None) -> 
     except (OSError, json.JSONDecodeError) as e:
         raise ZsdError(f"cannot read --classnames {path} as JSON ({e})") from None
     if isinstance(data, list):
+        if not store_classnames:  # unlabelled photos (`zsd calibrate`): the list is the classifier's classes
+            return [], [_first_synonym(str(n)) for n in data], ""
         if len(data) != len(store_classnames):
             raise ZsdError(f"--classnames {path} lists {len(data)} names but the test store has "
                            f"{len(store_classnames)} classes")
@@ -235,13 +237,14 @@ def build_classifier(store: Store, *, classes_from: str | None = None, classname
         if classnames:
             raise ZsdError("--classnames names classes for the text classifier, --classes-from matches the stores' "
                            "own class names: pass one of them")
-        names = store.classnames
-        source, labels, weights = class_prototypes("--classes-from", classes_from, names, store.teacher_id,
-                                                   store.teacher, f"the test store {store.path} holds")
+        # an unlabelled test store (`zsd calibrate`) is scored against the source's own classes
+        source, labels, weights = class_prototypes("--classes-from", classes_from, store.classnames or None,
+                                                   store.teacher_id, store.teacher, f"the test store {store.path} holds")
+        names = store.classnames or source.classnames
         counts = np.bincount(labels[labels >= 0], minlength=len(names))
         info = {"kind": "prototypes", "store": str(source.path), "teacher_id": source.teacher_id,
                 "images_per_class": dict(zip(names, counts.tolist()))}
-        return Classifier(list(range(len(names))), names, weights, info)
+        return Classifier(list(range(len(store.classnames))), names, weights, info)
     keep, names, note = select_classes(store.classnames, classnames)
     teacher = rebuild_teacher(store.teacher, store.teacher_id, pretrained, device)
     template_source, template_list = resolve_templates(templates, dataset_name(store))
