@@ -141,6 +141,10 @@ def preprocess_cfg(pre: Preprocess) -> dict:
             "interpolation": pre.interpolation, "resize_mode": pre.resize_mode, "fill_color": 0}
 
 
+def _section(title: str, text: str) -> list[str]:
+    return [f"## {title}", "", text, ""]
+
+
 def model_card(config: dict, record: dict, results: list[dict]) -> str:
     teacher = config["teacher"]
     train = config.get("train_config") or {}
@@ -174,20 +178,21 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
         lines.append("")
     calibration = record.get("calibration")
     if calibration:
-        lines += ["## Calibrated guarantee (`zsd calibrate`)", "",
-                  f"With the {calibration['score']['name']} score at threshold {calibration['threshold']}, measured on "
-                  f"{calibration['n_calibration']} calibration photos: {calibration['statement']}. It "
-                  f"{calibration['scope']} ({len(calibration['classnames'])} classes: "
-                  f"{', '.join(calibration['classnames'][:10])}{', ...' if len(calibration['classnames']) > 10 else ''}). "
-                  "Predictions whose score is below the threshold abstain; the record is in `open_clip_config.json` "
-                  "under `zsd.calibration`.", ""]
+        names = calibration["classnames"]
+        lines += _section("Calibrated guarantee (`zsd calibrate`)",
+                          f"With the {calibration['score']['name']} score at threshold {calibration['threshold']}, "
+                          f"measured on {calibration['n_calibration']} calibration photos: {calibration['statement']}. "
+                          f"It {calibration['scope']} ({len(names)} classes: {', '.join(names[:10])}"
+                          f"{', ...' if len(names) > 10 else ''}). Predictions whose score is below the threshold "
+                          "abstain; the record is in `open_clip_config.json` under `zsd.calibration`.")
     parity = record.get("parity")
     if parity:
-        lines += ["## Parity with zsd", "",
-                  f"Checked at export on {parity['images']} images: max abs difference of unit image embeddings "
-                  f"{parity['max_abs_embedding']:.1e} (same pixels), {parity['max_abs_embedding_own_transform']:.1e} "
-                  f"(each with its own transform); text embeddings {parity['max_abs_text']:.1e}; zero-shot top-1 "
-                  f"agreement {100 * parity['top1_agreement']:.1f} %.", ""]
+        lines += _section("Parity with zsd",
+                          f"Checked at export on {parity['images']} images: max abs difference of unit image "
+                          f"embeddings {parity['max_abs_embedding']:.1e} (same pixels), "
+                          f"{parity['max_abs_embedding_own_transform']:.1e} (each with its own transform); text "
+                          f"embeddings {parity['max_abs_text']:.1e}; zero-shot top-1 agreement "
+                          f"{100 * parity['top1_agreement']:.1f} %.")
     return "\n".join(lines)
 
 
