@@ -360,9 +360,9 @@ def calibrate_arrays(keys, student_cos: np.ndarray, teacher_pred: np.ndarray, la
     }
     where = hold if holdout > 0 else ~hold
     report["per_class"] = per_class(group[where], accepted[where], losses[where], classnames, group_by)
-    report["next_to_generate"] = [row["class"] for row in sorted(report["per_class"]["classes"],
-                                                                  key=lambda r: (r["accepted_fraction"], -r["n"]))
-                                  if row["n"]][:next_k]
+    seen = [row for row in report["per_class"]["classes"] if row["n"]]  # a class no photo falls in has no fraction
+    report["next_to_generate"] = [row["class"] for row in sorted(seen, key=lambda r: (r["accepted_fraction"],
+                                                                                       -r["n"]))][:next_k]
     return report
 
 

@@ -192,7 +192,7 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
 
 
 def run_results(run_dir: Path, weights: str) -> list[dict]:
-    """`zsd eval --out RUN/eval` results (the quickstart writes them there) of exactly these weights."""
+    """`zsd eval --out-dir RUN/eval` results (the quickstart writes them there) of exactly these weights."""
     out = []
     for path in sorted((run_dir / "eval").glob("*.json")):
         try:
