@@ -83,6 +83,19 @@ def test_too_few_photos_is_one_line_naming_the_minimum():
         calibrate_arrays(range(60), cos, teacher, None, list("abcde"), risk="error", holdout=0.0)
 
 
+def test_a_class_the_teacher_never_predicts_is_left_out_of_what_to_generate_next():
+    """Grouped by the teacher's top-1, a class no photo falls in has no accepted fraction (the getting-started
+    walk's 16 photos hit this): it is listed with n 0 and not ranked among the classes to generate next."""
+    rng = np.random.default_rng(0)
+    cos, teacher = synthetic(rng, 200)
+    teacher = np.where(teacher == 4, 0, teacher)  # the teacher never predicts "e"
+    report = calibrate_arrays(range(200), cos, teacher, None, list("abcde"), alpha=0.2, delta=0.1, score="margin",
+                              holdout=0.0, next_k=5)
+    rows = {r["class"]: r for r in report["per_class"]["classes"]}
+    assert rows["e"]["n"] == 0 and rows["e"]["accepted_fraction"] is None
+    assert sorted(report["next_to_generate"]) == list("abcd")
+
+
 def test_certify_stops_at_the_first_failure_and_starts_past_a_handful():
     scores = np.arange(1000, 0, -1, dtype=float)  # photo i has the i-th highest score
     losses = np.zeros(1000)

@@ -235,3 +235,30 @@ def test_bad_input_is_one_line(store, run, tmp_path, image_folder, capsys):
     torch.onnx.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),), str(other), dynamo=False)
     one_line(["predict", other, good], "not one `zsd export` wrote")
     one_line(["predict", broken, good], "not an ONNX model")
+
+
+def test_a_run_still_training_warns_and_the_files_get_the_usual_modes(store, run, tmp_path, capsys):
+    """The ONNX pair: readable by others as any file written under the umask; a held run lock gives one warning
+    line, and the metadata records the step of the weights it holds."""
+    import os
+    import stat
+
+    from zsd.store import folder_lock
+
+    config = json.loads((run / "student.json").read_text())
+    (run / "student.json").write_text(json.dumps({**config, "step": 20, "total_steps": 30}))
+    old = os.umask(0o022)
+    try:
+        with folder_lock(run, wait=False, holder="`zsd train` (pid 7 on box)"):
+            code, _, err = cli(["export", run, "--out", tmp_path / "m.onnx", "--check-n", "2"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    assert [line for line in err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {run} is still being trained by `zsd train` (pid 7 on box): these are the weights of its "
+        "checkpoint at step 20 of 30; export again when the run ends"]
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert (meta["student"]["step"], meta["student"]["total_steps"]) == (20, 30)
+    assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("m.onnx", "m.json")} == {0o644}
+    code, _, err = cli(["export", run, "--out", tmp_path / "n.onnx", "--check-n", "2"], capsys)
+    assert code == 0 and "warning:" not in err

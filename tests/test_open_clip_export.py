@@ -235,3 +235,39 @@ def test_a_tower_open_clip_builds_otherwise_is_refused_without_the_check(store, 
                        capsys)
     assert code == 1 and "cannot run at 32 px" in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_run_still_training_warns_its_card_names_the_weights_step_and_files_are_readable(store, tmp_path, capsys):
+    """Weights of step 2 of a 6-step run whose trainer holds the folder's lock: one warning line naming the
+    holder and that step; the card says "steps: 2 of 6" (not the run's total); every file of the folder gets the
+    mode a plain open gives under the umask (safetensors' save_file alone leaves 0600)."""
+    import os
+    import stat
+
+    from zsd.store import folder_lock
+
+    config = TrainConfig([str(store.path)], run_dir=str(tmp_path / "run"), student="resnet10t", student_res=32,
+                         batch_size=4, steps=6, workers=0, device="cpu", precision="fp32", pixel_cache="no")
+    train(config, stop_after=2, progress=False, log=lambda m: None)
+    run = tmp_path / "run"
+    assert json.loads((run / "student.json").read_text())["step"] == 2
+    old = os.umask(0o022)
+    try:
+        with folder_lock(run, wait=False, holder="`zsd train` (pid 4242 on box)"):
+            code, _, err = cli(["export", run, "--format", "open_clip", "--out", tmp_path / "f", "--check-n", "4"],
+                               capsys)
+        assert code == 0, err
+        warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+        assert warnings == [f"warning: {run} is still being trained by `zsd train` (pid 4242 on box): these are the "
+                            "weights of its checkpoint at step 2 of 6; export again when the run ends"]
+        assert "- steps: 2 of 6, losses:" in (tmp_path / "f" / "README.md").read_text()
+        modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "f", *(tmp_path / "f").iterdir()]}
+        assert modes == {"f": 0o755, "README.md": 0o644, "open_clip_config.json": 0o644,
+                         "open_clip_model.safetensors": 0o644}
+        # another umask, other modes: the umask decides, not a fixed 0644
+        os.umask(0o027)
+        code, _, err = cli(["export", run, "--format", "open_clip", "--out", tmp_path / "g", "--check-n", "4"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0 and "warning:" not in err  # the lock is released: no trainer, no warning
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "g").iterdir()} == {0o640}

@@ -95,8 +95,10 @@ def select_classes(store_classnames: list[str], classnames_file: str | None) -> 
 
 
 def read_classnames(path: str) -> list[str]:
-    """A JSON list of class names, or an object with "classnames": [...] (`zsd export --classes`); of a
-    comma-separated synonym list the first is kept, as `zsd eval --classnames` does."""
+    """A JSON list of class names, an object with "classnames": [...], or a `zsd eval --classnames`
+    mapping (class -> name or {"imagenet_name": ...}: its names in its order, so
+    zsd/data/pets37/imagenet_classes.json is one) (`zsd export --classes`); of a comma-separated
+    synonym list the first is kept, as `zsd eval --classnames` does."""
     try:
         data = json.loads(Path(path).read_text())
     except OSError as e:
@@ -104,9 +106,11 @@ def read_classnames(path: str) -> list[str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ZsdError(f"--classes {path} is not JSON ({e})") from None
     names = data.get("classnames") if isinstance(data, dict) else data
+    if isinstance(data, dict) and names is None:
+        names = [e.get("imagenet_name") or e.get("name") if isinstance(e, dict) else e for e in data.values()]
     if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
-        raise ZsdError(f"--classes {path} holds no class names (a JSON list of strings, or an object with "
-                       "\"classnames\": [...])")
+        raise ZsdError(f"--classes {path} holds no class names (a JSON list of strings, an object with "
+                       "\"classnames\": [...], or one mapping each class to a name or {\"imagenet_name\": ...})")
     names = [_first_synonym(n) for n in names]
     if len(set(names)) < len(names):
         raise ZsdError(f"--classes {path} names a class twice")

@@ -594,7 +594,8 @@ def train_cmd(resume, stop_after, json_out, **config):
               help="onnx: one file for onnxruntime (`zsd predict`); open_clip: an open_clip / Hugging Face hub folder, "
                    "the teacher's CLIP with the student as its image tower (open_clip teachers).")
 @click.option("--classes", default=None, type=click.Path(dir_okay=False),
-              help="JSON list of class names: the teacher's zero-shot classifier (text tower + --templates) is "
+              help="JSON list of class names (or a `zsd eval --classnames` mapping: its names, in its order): the "
+                   "teacher's zero-shot classifier (text tower + --templates) is "
                    "frozen into the model; open_clip: the class names of the parity check.")
 @classes_from_option("Freeze class prototypes of this labelled store of the student's teacher into the model "
                      "(as `zsd eval --classes-from`); no teacher is loaded.")

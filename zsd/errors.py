@@ -146,17 +146,43 @@ def writing_in(folder):
 def atomic_file(path):
     """`with atomic_file(path) as tmp:` write `tmp` (a file or a folder); it becomes `path` when the
     block ends and is removed when the block raises or is interrupted, so `path` appears whole or
-    not at all. Two processes writing one `path` each write their own temporary name."""
+    not at all. Two processes writing one `path` each write their own temporary name. What it
+    holds gets the modes of files the user creates (`usual_modes`)."""
     path = Path(path)
     tmp = temp_path(path)
     _remove(tmp)  # left by a killed process whose pid this one reuses (pid 1 in every container)
     try:
         with writing_in(path.parent):  # not `path`: in nested blocks the write that failed may be another's
             yield tmp
+            usual_modes(tmp)
             os.replace(tmp, path)
     except BaseException:
         _remove(tmp)
         raise
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where Linux tells (/proc), so no thread's new file
+    meanwhile gets another mode."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def usual_modes(path: Path) -> None:
+    """Give `path` (and, for a folder, everything in it) the mode a plain `open`/`mkdir` gives under the
+    umask: libraries that write through a temporary file of their own (safetensors' `save_file`,
+    `tempfile.mkstemp`) leave 0600, which hides a published model from the other users of a machine."""
+    mask = umask()
+    for p in [path, *(path.rglob("*") if path.is_dir() and not path.is_symlink() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
 
 
 def _remove(path: Path) -> None:

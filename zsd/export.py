@@ -38,7 +38,7 @@ from zsd.guarantee import shipped_guarantee
 from zsd.predict import METADATA_KEY, preprocess
 from zsd.sources import BadImage, RowReader, scan_sources
 from zsd.store import open_store, resolve_store
-from zsd.student import load_student, resolve_student, student_fingerprint
+from zsd.student import load_student, resolve_student, still_training, student_fingerprint
 from zsd.views import Preprocess, normalize, render_view
 
 DEFAULT_OPSET = 17
@@ -141,6 +141,8 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
     check_outputs([out, side], [ref.config_file, ref.weights_file, classes, check_images_from])
     check_writable(out.parent, "--out")
     student, config = load_student(ref, "cpu")
+    if warning := still_training(ref, config):
+        log(warning)
     pre = Preprocess.from_dict(config["preprocess"])
     names, weights, scale, info = class_head(config, classes=classes, classes_from=classes_from,
                                              templates=templates, pretrained=pretrained)
@@ -165,7 +167,8 @@ def export(run: str, out: str | os.PathLike, *, classes: str | None = None, clas
         "format": "zsd-onnx/1",
         "zsd_version": __version__,
         "student": {"model": config["student"], "weights": student_fp["weights"], "run": str(Path(run).resolve()),
-                    "embed_dim": int(config["embed_dim"])},
+                    "embed_dim": int(config["embed_dim"]), "step": config.get("step"),
+                    "total_steps": config.get("total_steps")},
         "teacher_id": config.get("teacher_id"),
         "teacher": {k: config.get("teacher", {}).get(k) for k in ("backend", "model", "weights")},
         "preprocess": {**pre.to_dict(), "crop": "center" if pre.resize_mode == "shortest" else "none",

@@ -40,7 +40,7 @@ from zsd.export import check_images
 from zsd.guarantee import shipped_guarantee
 from zsd.hub import offline_unless_reachable
 from zsd.student import (OPEN_CLIP_CONFIG as CONFIG, OPEN_CLIP_FORMAT as FORMAT, OPEN_CLIP_WEIGHTS as WEIGHTS,
-                         load_student, resolve_student, student_fingerprint)
+                         load_student, resolve_student, steps_text, still_training, student_fingerprint)
 from zsd.teachers import rebuild_teacher
 from zsd.views import Preprocess, normalize, render_view
 
@@ -167,7 +167,7 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
         "## Training", "",
         f"- teacher: `{teacher['model']}` ({teacher['weights']}), teacher id {config.get('teacher_id')}",
         f"- targets: {', '.join(map(str, train.get('targets', []))) or 'not recorded'}",
-        f"- steps: {config.get('total_steps', 'not recorded')}, losses: {train.get('losses', 'not recorded')}",
+        f"- steps: {steps_text(config)}, losses: {train.get('losses', 'not recorded')}",
         f"- exported from the run {record['run']} ({record['student_weights'][:19]}...)", "",
     ]
     if results:
@@ -197,7 +197,7 @@ def model_card(config: dict, record: dict, results: list[dict]) -> str:
 
 
 def run_results(run_dir: Path, weights: str) -> list[dict]:
-    """`zsd eval --out RUN/eval` results (the quickstart writes them there) of exactly these weights."""
+    """`zsd eval --out-dir RUN/eval` results (the quickstart writes them there) of exactly these weights."""
     out = []
     for path in sorted((run_dir / "eval").glob("*.json")):
         try:
@@ -220,6 +220,8 @@ def export_open_clip(run: str, out: str | os.PathLike, *, classes: str | None = 
     check_writable(out.parent, "--out")
     ref = resolve_student(run)
     student, config = load_student(ref, "cpu")
+    if warning := still_training(ref, config):
+        log(warning)
     if config["teacher"].get("backend") != "open_clip":
         raise ZsdError(f"the student of {run} was distilled from {config['teacher'].get('model')}, which has no text "
                        "tower: there is no CLIP model to export; use --format onnx (with --classes or --classes-from "

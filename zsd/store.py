@@ -137,6 +137,22 @@ def folder_lock(folder: str | os.PathLike, *, wait: bool = True, holder: str | N
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def lock_holder(folder: str | os.PathLike) -> str | None:
+    """Who holds FOLDER/zsd.lock now (the text its holder wrote, or "another process"); None when no one
+    does. Only looks: a folder without a lock file, or a read-only one, is left as it is."""
+    try:
+        f = open(Path(folder) / LOCK)
+    except OSError:
+        return None
+    with f:
+        try:  # held for microseconds: a trainer starting just then is refused as if two had started
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:  # a new open file conflicts with the holder's also within one process
+            return f.read().strip() or "another process"
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return None
+
+
 def store_lock(path: Path):
     """The writers' lock of the store at `path` (see "Several writers")."""
     return folder_lock(path)

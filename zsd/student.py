@@ -27,6 +27,7 @@ from torch import nn
 
 from zsd.errors import ZsdError, atomic_file
 from zsd.hub import offline_unless_reachable
+from zsd.store import lock_holder
 from zsd.teachers import file_sha256
 from zsd.views import Preprocess, timm_preprocess
 
@@ -275,6 +276,24 @@ def load_student(spec: str | os.PathLike | StudentRef, device: str | torch.devic
 def _unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "module", model)  # DDP
     return getattr(model, "_orig_mod", model)  # torch.compile
+
+
+def steps_text(config: dict) -> str:
+    """The step of these weights (a checkpoint records its own), of the run's total."""
+    step, total = config.get("step"), config.get("total_steps")
+    if step is None:
+        return f"{total} (the run's total; the weights' own step is not recorded)" if total else "not recorded"
+    return f"{step} of {total}" if total and total != step else str(step)
+
+
+def still_training(ref: StudentRef, config: dict) -> str | None:
+    """One warning line when a trainer holds the run folder's lock: its student files are a checkpoint
+    that the next one replaces."""
+    holder = lock_holder(ref.folder) if ref.kind != "open_clip" else None
+    if holder is None:
+        return None
+    return (f"warning: {ref.folder} is still being trained by {holder}: these are the weights of its checkpoint at "
+            f"step {steps_text(config)}; export again when the run ends")
 
 
 def student_fingerprint(spec: str | os.PathLike | StudentRef, config: dict) -> dict:
