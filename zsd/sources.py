@@ -264,7 +264,7 @@ def scan_sources(specs: list[str], log=print, index: ShardIndex | None = None) -
 
 def check_source(spec: str) -> None:
     """A SOURCE names something that exists; shards (a brace pattern, .tar files) may miss some: the scan
-    warns about them. Cheap, so every command checks it before a model loads."""
+    warns about each, before it says no images were found. Cheap, so commands check it before a model loads."""
     if "{" not in spec and not spec.endswith(".tar") and not os.path.exists(spec):
         raise ZsdError(f"source {spec} does not exist: pass an image folder, .tar shards, a brace pattern or a "
                        "manifest .jsonl")
