@@ -105,6 +105,17 @@ def seed_option(help: str):
     return click.option("--seed", default=0, show_default=True, help=help)
 
 
+def as_in_eval_options(command):
+    """The class and teacher options of a command that scores a TEST store or folder as `zsd eval` does."""
+    for option in reversed([templates_option(), classnames_option(),
+                            classes_from_option("As in `zsd eval`: class prototypes from this labelled store."),
+                            pretrained_option("As in `zsd eval`."),
+                            teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]."),
+                            device_option()]):
+        command = option(command)
+    return command
+
+
 def config_options(config_class):
     """One option per field of `config_class` (zsd.train_config.option: flag, default, help, bounds),
     passed to the command under the field's name."""
@@ -482,12 +493,7 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
                    "generate next are written as an options file for `zsd prompts`.")
 @click.option("--next-options", default=None, type=click.Path(dir_okay=False),
               help="Write the options of the classes accepted least here (needs --options).")
-@templates_option()
-@classnames_option()
-@classes_from_option("As in `zsd eval`: class prototypes from this labelled store.")
-@pretrained_option("As in `zsd eval`.")
-@teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
-@device_option()
+@as_in_eval_options
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_out, plot, no_record, options_path,
@@ -544,12 +550,7 @@ def _train_stores(student: str) -> list[str]:
 @seed_option("Seeds every image's corruption (per image, corruption and severity).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes robustness.json (one record per model x corruption x severity), robustness.md and robustness.png.")
-@templates_option()
-@classnames_option()
-@classes_from_option("As in `zsd eval`: class prototypes from this labelled store.")
-@pretrained_option("As in `zsd eval`.")
-@teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
-@device_option()
+@as_in_eval_options
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
 @click.option("--workers", default=0, show_default=True, help="Processes rendering corruptions (and decoding for the test cache).")
 def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir, templates, classnames, classes_from,
