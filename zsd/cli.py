@@ -163,8 +163,8 @@ def _write_json(path: str, data) -> None:
 # The options through which a command writes, and what an existing path there may be: "store" (the
 # store it writes), "run" (its run folder); anything else must not be a store, a run's file or inside
 # an input. Every other option naming an existing path is an input.
-OUTPUT_PARAMS = frozenset({"out", "out_dir", "json_out", "plot"})
-OUTPUT_KINDS = {("cache-teacher", "out"): "store", ("train", "out"): "run"}
+OUTPUT_PARAMS = frozenset({"out", "out_dir", "json_out", "plot", "run_dir"})  # run_dir: train's --out
+OUTPUT_KINDS = {("cache-teacher", "out"): "store", ("train", "run_dir"): "run"}
 
 
 def _input_paths(value) -> list[str]:
