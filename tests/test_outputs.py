@@ -49,6 +49,8 @@ def commands(p):
         (["export", p["run"], "--out", "{OUT}", "--check-images", p["imgs"]], reads),
         (["export", p["run"], "--out", p["new"] / "x.onnx", "--check-images", p["imgs"], "--json", "{OUT}"], reads),
         (["eval", s, "--out-dir", "{OUT}"], reads),
+        (["calibrate", s, "--student", p["run"], "--json", "{OUT}"], reads),
+        (["calibrate", s, "--student", p["run"], "--plot", "{OUT}"], reads),
         (["robustness", s, "--out", "{OUT}"], reads),
         (["predict", p["model"], p["imgs"], "--json", "{OUT}"], reads),
         (["spurious", p["imgs"], "--out", "{OUT}"], reads),

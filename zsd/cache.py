@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import PackedKeys, ShardIndex, scan_sources
+from zsd.sources import PackedKeys, ShardIndex, check_source, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -97,6 +97,10 @@ def _decode_ahead(dataset: ViewDataset, batches: list[list[int]], threads: int):
             yield _collate(items)
 
 
+class OtherTeacher(ZsdError):
+    """--out is a store of another teacher (or precision) than this run's."""
+
+
 def _open_or_create(out, scan, teacher, views, view_seed, crop_scale, chunk_rows, log):
     path = resolve_store(out)
     if not path.exists():  # create_store opens the store another process created first
@@ -119,7 +123,7 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
     path = store.path
     if store.teacher_id != teacher.id:
         old = store.teacher
-        raise ZsdError(f"{path} holds embeddings of another teacher ({old['model']}, {old['weights']}, "
+        raise OtherTeacher(f"{path} holds embeddings of another teacher ({old['model']}, {old['weights']}, "
                        f"{old.get('precision', 'fp32')}, id {store.teacher_id}); this run's teacher is "
                        f"{teacher.model_name} ({teacher.weights}, {teacher.precision}, id {teacher.id}): "
                        "choose another --out (or the store's --precision)")
@@ -195,6 +199,8 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     check_writable(path if path.is_dir() else path.parent, "--out")
     device = local_device(device)  # under torchrun: this rank's own GPU
     t_start = time.perf_counter()
+    for source in sources:  # a typo fails now, not after the teacher loaded
+        check_source(source)
     model = create_teacher(teacher, pretrained, device, precision)
     tune_allocator(model.device)
     if batch_size is None:

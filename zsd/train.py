@@ -49,7 +49,8 @@ from zsd.losses import Criterion, needs_text
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
                          student_preprocess)
 from zsd.store import LOCK, folder_lock
-from zsd.train_config import TrainConfig, default_precision, resume_conflicts, run_definition  # noqa: F401 (zsd.train.TrainConfig)
+from zsd.train_config import (TrainConfig, resolve_defaults, resume_conflicts, run_definition,  # noqa: F401
+                              total_steps)  # (zsd.train.TrainConfig)
 from zsd.views import Preprocess, normalize
 
 STATE, LOG = "train_state.pt", "log.jsonl"
@@ -221,7 +222,10 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
     tune_allocator(ranks.device)
     say = log if ranks.main else (lambda m: None)
     run = plan_run(config, ranks, resume, say)
+    config = run.config  # its device-dependent defaults resolved
     build_student(run, say)
+    if run.chosen:  # once the run is set up: an error before stays the only line
+        say(run.chosen)
     end = run.total if stop_after is None else min(run.total, run.start + stop_after)
     loader = open_inputs(run, end, progress, say)
     # DDP only now that rank 0 has rendered the pixel cache. Gradients as views of DDP's buckets: no
@@ -297,6 +301,7 @@ class Run:
     meta: dict | None = None  # student.json
     start: int = 0  # the step this invocation starts at
     skipped: int = 0  # samples this rank skipped since `start`
+    chosen: str = ""  # the line naming the defaults chosen for the device
 
     @property
     def device(self) -> torch.device:
@@ -305,7 +310,10 @@ class Run:
 
 def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     """The targets, the run length and the student, checked before any weights are made. Resuming,
-    only the same run continues, and its student (resolved from init_from) comes from the checkpoint."""
+    only the same run continues, and its student (resolved from init_from) comes from the checkpoint.
+    The defaults that depend on the device are chosen here (`Run.chosen` says which), or are the resumed run's."""
+    state = _saved_state(Path(config.run_dir), resume)
+    config, chosen = resolve_defaults(config, ranks.device.type, state and state["student"]["train_config"])
     batch_size, accum, world = config.batch_size, config.accum_steps, ranks.world
     if batch_size % (accum * world):
         raise ZsdError(f"--batch-size {batch_size} must be divisible by accumulation steps x processes "
@@ -318,10 +326,9 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     if steps_per_epoch == 0:
         raise ZsdError(f"the targets have {data.rows_per_epoch} usable rows, fewer than one batch "
                        f"(--batch-size {batch_size})")
-    total = config.steps if config.steps is not None else max(1, round((config.epochs or 1) * steps_per_epoch))
-    run = Run(config, ranks, Path(config.run_dir), data, steps_per_epoch, total, config.student, config.student_res,
-              precision=config.precision or default_precision(ranks.device.type))
-    _resume_state(run, resume, say)
+    run = Run(config, ranks, Path(config.run_dir), data, steps_per_epoch, total_steps(config, data.rows_per_epoch),
+              config.student, config.student_res, precision=config.precision)
+    _resume_state(run, state, resume, say)
     # A resumed run's checkpoint holds the weights: init_from and student_pretrained are not loaded again.
     if config.init_from and run.state is None:
         run.init, init_cfg = load_student(config.init_from)
@@ -335,17 +342,25 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
         run.student_res = run.student_res or init_cfg["preprocess"]["size"]
     if not run.student:
         raise ZsdError("pass --student TIMM_NAME (or --init an earlier run)")
+    run.chosen = chosen
     return run
 
 
-def _resume_state(run: Run, resume: bool, say) -> None:
+def _saved_state(run_dir: Path, resume: bool) -> dict | None:
+    """The checkpoint --resume continues from (None: none, or a new run)."""
+    if not (resume and (run_dir / STATE).is_file()):
+        return None
+    state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
+    if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
+        raise ZsdError(f"--resume: {run_dir} was written by an older zsd; start a new run (another --out)")
+    return state
+
+
+def _resume_state(run: Run, state: dict | None, resume: bool, say) -> None:
     """`run.state`, student and resolution from the checkpoint of the same run; a new run refuses a
     folder that holds one."""
     path = run.dir / STATE
-    if resume and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
-            raise ZsdError(f"--resume: {run.dir} was written by an older zsd; start a new run (another --out)")
+    if state is not None:
         prev, dev = state["student"], run.device.type
         if prev["teacher_id"] != run.data.teacher_id:
             raise ZsdError(f"--resume: {run.dir} was trained on another teacher's targets (id {prev['teacher_id']})")

@@ -7,7 +7,7 @@ Each field carries its flag, default and help; `zsd train` builds its click opti
 
 from __future__ import annotations
 
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 from zsd.errors import ZsdError, check_at_least
@@ -57,7 +57,8 @@ class TrainConfig:
         "--student", "timm model name, e.g. tiny_vit_11m_224, efficientnet_b0, resnet18 [default with --init: the "
         "init student's].", None)
     student_res: int | None = option(
-        "--student-res", "Student input resolution [default: the student's own, or the --init run's].", None, min=8)
+        "--student-res", "Student input resolution [default: the --init run's; else on a CPU 64, on a GPU the "
+        "student's own].", None, min=8)
     init_from: str | None = option(
         "--init", "Start from an earlier zsd run folder or exported open_clip folder (two-stage distillation).", None)
     student_pretrained: str | None = option(
@@ -75,17 +76,22 @@ class TrainConfig:
         "of the same teacher (as `zsd eval --classes-from`) instead of prompts; for teachers without a text tower.",
         None, metavar="STORE")
     # the optimisation
-    epochs: float | None = option("--epochs", "Epochs over all target rows [default: 1].", None, above=0)
+    epochs: float | None = option(
+        "--epochs", "Epochs over all target rows [default: 1 on a GPU; on a CPU 1,000 --steps].", None, above=0)
     steps: int | None = option("--steps", "Optimizer steps instead of --epochs.", None, min=1)
-    batch_size: int = option(
-        "--batch-size", "Images per optimizer step (all processes and accumulation steps).", 256, min=1)
+    batch_size: int | None = option(
+        "--batch-size", "Images per optimizer step (all processes and accumulation steps) [default: 256 on a GPU, "
+        "128 on a CPU].", None, min=1)
     # lr 0 is a run that keeps its initial weights (tests of --init use it)
-    lr: float = option("--lr", "AdamW learning rate.", 5e-4, min=0)
+    lr: float | None = option(
+        "--lr", "AdamW learning rate [default: 5e-4; 2e-3 on a CPU without --batch-size].", None, min=0)
     weight_decay: float = option("--weight-decay", "AdamW weight decay.", 0.05, min=0)
-    warmup_steps: int = option("--warmup", "Linear warmup steps.", 0, min=0)
-    lr_schedule: str = option(
-        "--schedule", "Learning rate after the warmup: constant, or cosine (to 0 at the last step).", "constant",
-        choices=("constant", "cosine"))
+    warmup_steps: int | None = option(
+        "--warmup", "Linear warmup steps [default: 0; on a CPU without --batch-size 100, at most a tenth of "
+        "--steps].", None, min=0)
+    lr_schedule: str | None = option(
+        "--schedule", "Learning rate after the warmup: constant, or cosine (to 0 at the last step) [default: "
+        "constant; cosine on a CPU without --batch-size].", None, choices=("constant", "cosine"))
     accum_steps: int = option("--accum", "Gradient accumulation steps per optimizer step.", 1, min=1)
     ema_decay: float = option(
         "--ema-decay", "Also keep an EMA of the weights (parameters and buffers) with this decay (e.g. 0.999), saved "
@@ -94,7 +100,7 @@ class TrainConfig:
         "--ema-warmup", "Ramp the EMA decay up as 1-(1+step)^(-2/3), capped at --ema-decay (timm's warmup; for "
         "short runs).", False)
     precision: str | None = option(
-        "--precision", "bf16 autocast (also on CPU) or plain fp32 [default: bf16 on cpu and cuda, fp32 on mps].",
+        "--precision", "bf16 autocast (also on CPU) or plain fp32 [default: bf16 on cuda, fp32 on cpu and mps].",
         None, choices=("bf16", "fp32"))
     seed: int = option("--seed", "Seeds the student's init and the data order.", 0)
     # the data order
@@ -117,7 +123,7 @@ class TrainConfig:
     fast_decode: bool = option(
         "--fast-decode", "Decode JPEGs at 1/2 or 1/4 scale where a view's crop is at least twice the teacher's "
         "resolution, and resize with torch's uint8 kernel: faster, pixels close to (not equal to) the teacher's; "
-        "see README.", False)
+        "see docs/training.md.", False)
     channels_last: bool = option(
         "--channels-last/--no-channels-last", "The student in channels_last memory format (--no-channels-last: "
         "the default NCHW).", True)
@@ -170,20 +176,72 @@ def check_option(meta, value) -> None:
 EXECUTION = ("run_dir", "device", "workers", "pixel_cache", "channels_last", "compile", "save_every", "pretrained")
 
 
-def default_precision(device_type: str) -> str:
-    """--precision's default: bf16 autocast where it is fast and exact enough (cpu, cuda), else fp32."""
+def saved_precision(device_type: str) -> str:
+    """What a run saved with precision None computed in: before the defaults were resolved at train time,
+    None meant bf16 autocast on cpu and cuda, fp32 elsewhere."""
     return "bf16" if device_type in ("cpu", "cuda") else "fp32"
+
+
+CPU_STEPS = 1000
+# The fields whose default depends on the device, as the chosen line names them, and their flags.
+DEVICE_DEFAULTS = {"precision": ("{}", "--precision"), "student_res": ("{} px", "--student-res"),
+                   "batch_size": ("batch {}", "--batch-size"), "lr": ("lr {:g}", "--lr"),
+                   "lr_schedule": ("{}", "--schedule"), "warmup_steps": ("warmup {}", "--warmup"),
+                   "steps": ("{} steps", "--steps/--epochs"), "epochs": ("{:g} epoch", "--steps/--epochs")}
+
+
+def device_defaults(config: TrainConfig, device_type: str) -> dict:
+    """The fields `config` leaves None, chosen for the device. A GPU gets the paper's long-run settings
+    (batch 256, lr 5e-4 constant, the student's resolution, bf16, one epoch); a CPU the measured CPU
+    recipe of docs/training.md, so that a first run takes minutes, not hours: fp32 (twice bf16's speed
+    for small CNNs), 64 px, 1,000 steps, batch 128 at lr 2e-3 with a cosine decay after a warmup. The lr
+    schedule belongs to that batch: with another --batch-size, lr, schedule and warmup stay the paper's."""
+    cpu = device_type == "cpu"
+    recipe = cpu and config.batch_size is None
+    length = {} if config.steps is not None or config.epochs is not None else \
+        {"steps": CPU_STEPS} if cpu else {"epochs": 1.0}
+    steps = config.steps or length.get("steps")
+    chosen = {"precision": "bf16" if device_type == "cuda" else "fp32",
+              "student_res": 64 if cpu and not config.init_from else None,
+              "batch_size": 128 if cpu else 256,
+              "lr": 2e-3 if recipe else 5e-4,
+              "lr_schedule": "cosine" if recipe else "constant",
+              "warmup_steps": (min(100, steps // 10) if steps else 100) if recipe else 0}
+    return {**{k: v for k, v in chosen.items() if getattr(config, k) is None and v is not None}, **length}
+
+
+def resolve_defaults(config: TrainConfig, device_type: str, saved: dict | None = None) -> tuple[TrainConfig, str]:
+    """`config` with the fields it leaves None that depend on the device set, and the line that says what
+    was chosen ('' if nothing). Resuming, they are the run's own (`saved`: the train_config it recorded),
+    whatever the device now. student.json records the resolved values, so a resume stays exact."""
+    if saved is not None:
+        keep = {k: saved.get(k) for k in DEVICE_DEFAULTS if k not in ("steps", "epochs") and getattr(config, k) is None}
+        if config.steps is None and config.epochs is None:
+            keep.update(steps=saved.get("steps"), epochs=saved.get("epochs"))
+        if "precision" in keep:
+            keep["precision"] = keep["precision"] or saved_precision(device_type)
+        return replace(config, **keep), ""
+    chosen = device_defaults(config, device_type)
+    if not chosen:
+        return config, ""
+    said = ", ".join(DEVICE_DEFAULTS[k][0].format(v) for k, v in chosen.items())
+    flags = ", ".join(dict.fromkeys(DEVICE_DEFAULTS[k][1] for k in chosen))
+    return replace(config, **chosen), f"chose for {device_type}: {said} (pass {flags} to change)"
+
+
+def total_steps(config: TrainConfig, rows_per_epoch: int) -> int:
+    """The run's optimizer steps (its defaults resolved): --steps, or --epochs over the targets' rows."""
+    return config.steps if config.steps is not None else \
+        max(1, round((config.epochs or 1) * (rows_per_epoch // config.batch_size)))
 
 
 def run_definition(config: dict, total_steps: int, world_size: int, device_type: str) -> dict:
     """What a run computes: its config (as a dict) without EXECUTION, plus what the config resolves to.
 
-    The precision is the one the run computes in on this device: a run saved with the default (None)
-    and one that named it (`zsd train` passed bf16 before it shared the library's default) are the
-    same run."""
+    A run saved with precision None computed in that default's precision on this device (`saved_precision`)."""
     config = {"fast_decode": False, **config}  # a run saved before the flag existed decoded exactly
     return {**{k: v for k, v in config.items() if k not in EXECUTION}, "total_steps": total_steps,
-            "world_size": world_size, "precision": config.get("precision") or default_precision(device_type)}
+            "world_size": world_size, "precision": config.get("precision") or saved_precision(device_type)}
 
 
 def resume_conflicts(saved: dict, now: dict) -> str:
