@@ -56,3 +56,17 @@ def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch, capsy
         main(shlex.split(command)[1:])
         assert capsys.readouterr().out == expected + "\n"
     assert (run / "coverage.png").stat().st_size > 0
+
+    # It prints the commands of its own stages: the train line parses back into the run's own config.
+    from dataclasses import asdict, fields
+
+    from zsd.cli import cli
+    from zsd.train_config import TrainConfig, resolve_defaults
+
+    lines = [m[2:] for m in logged if m.startswith("$ zsd ")]
+    assert [shlex.split(line)[1] for line in lines] == ["cache-teacher", "cache-teacher", "train"]
+    ctx = cli.commands["train"].make_context("train", shlex.split(lines[2])[2:])
+    names = {f.name for f in fields(TrainConfig)}
+    parsed = TrainConfig(**{k: v for k, v in ctx.params.items() if k in names})
+    resolved, _ = resolve_defaults(parsed, "cpu")
+    assert asdict(resolved) == config["train_config"]  # the very run, as student.json records it

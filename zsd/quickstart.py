@@ -23,12 +23,13 @@ from pathlib import Path
 
 from zsd.cache import OtherTeacher, cache_teacher
 from zsd.coverage import coverage, coverage_text, plot_coverage
-from zsd.evaluate import evaluate, results_table
+from zsd.dist import resolve_device
 from zsd.errors import ZsdError, check_at_least, write_atomic
+from zsd.evaluate import evaluate, results_table
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
-from zsd.dist import resolve_device
-from zsd.train import STATE, TrainConfig, train
+from zsd.train import STATE, train
+from zsd.train_config import TrainConfig, command_line
 
 DATA = Path(__file__).parent / "data" / "pets37"
 PROXY_TEACHER = "timm:tf_efficientnet_lite0"
@@ -70,6 +71,9 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
     stage(1, f"teacher pass: {teacher} embeds {views} views of each train photo and the test photos")
     train_store, test_store = stores / "pets_train.zarr", stores / "pets_test.zarr"
     for src, dst, v in ((data / "train", train_store, views), (data / "test", test_store, 1)):
+        log("$ " + shlex.join(["zsd", "cache-teacher", str(src), "--out", str(dst), "--teacher", teacher,
+                               *(["--pretrained", pretrained] if pretrained else []), "--views", str(v),
+                               "--precision", precision, "--device", device]))
         try:
             cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device,
                           precision=precision, log=log)
@@ -97,6 +101,7 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
                          batch_size=batch_size, lr_schedule="cosine",
                          precision=precision,
                          run_dir=str(run_dir / "student"), device=device)
+    log("$ " + shlex.join(command_line(config)))  # the recipe, to copy
     trained = train(config, resume=(run_dir / "student" / STATE).is_file(), log=log)  # reruns reuse the run
 
     stage(3, "zero-shot evaluation of teacher and student on the test photos")

@@ -158,6 +158,30 @@ class TrainConfig:
             raise ZsdError(f"--pretrained {self.pretrained}: neither a file nor pypi:PACKAGE")
 
 
+def command_line(config: TrainConfig) -> list[str]:
+    """The `zsd train` arguments that make `config`: every field that differs from its default, in the
+    options' own spelling (the quickstart prints its recipe with it)."""
+    args = ["zsd", "train"]
+    for f in fields(config):
+        value = getattr(config, f.name)
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if f.name == "losses":
+            value, default = parse_losses(value), parse_losses(default)
+        if value == default or value is None:
+            continue
+        flag = f.metadata["flag"]
+        if isinstance(value, bool):
+            on, _, off = flag.partition("/")
+            args.append(on if value else off or f"--no-{on[2:]}")
+        elif f.name == "losses":
+            args += [x for name, w in value.items() for x in (flag, name if w == 1 else f"{name}={w:g}")]
+        elif f.metadata.get("multiple"):
+            args += [x for v in value for x in (flag, str(v))]
+        else:
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return args
+
+
 def check_option(meta, value) -> None:
     """The bounds and choices an `option` declares, as one-line errors (None: the default, passes)."""
     if value is None:
