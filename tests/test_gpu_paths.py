@@ -126,6 +126,32 @@ def test_targets_of_two_precisions_of_one_teacher_train_one_student(image_folder
         TrainTargets([str(bf16.path), str(other)], log=notes.append)
 
 
+def test_init_and_resume_across_precisions_of_one_teacher(image_folder, tmp_path, tiny_teacher_name):
+    """--init a student distilled on a CPU (fp32 targets) for a GPU's bf16 targets of the same teacher, and
+    --resume a run whose store was recomputed at bf16: both go on with a note, neither says "another teacher"."""
+    fp32 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, lambda m: None)
+    bf16 = prepare_test_store(str(image_folder), tiny_teacher_name, None, "cpu", 0, False, lambda m: None,
+                              precision="bf16")
+    args = dict(student_res=32, batch_size=4, workers=0, device="cpu", save_every=100)
+    train(TrainConfig([str(fp32.path)], run_dir=str(tmp_path / "stage1"), student="test_resnet", steps=2, **args),
+          progress=False, log=lambda m: None)
+    notes = []
+    train(TrainConfig([str(bf16.path)], run_dir=str(tmp_path / "stage2"), init_from=str(tmp_path / "stage1"),
+                      steps=1, **args), progress=False, log=notes.append)
+    assert any(n.startswith(f"note: --init {tmp_path / 'stage1'} learnt fp32 targets") and "bf16" in n for n in notes)
+    assert json.loads((tmp_path / "stage2" / "student.json").read_text())["teacher"]["precision"] == "bf16"
+
+    targets = tmp_path / "targets.zarr"
+    shutil.copytree(fp32.path, targets)
+    cfg = TrainConfig([str(targets)], run_dir=str(tmp_path / "run"), student="test_resnet", steps=4, **args)
+    train(cfg, stop_after=2, progress=False, log=lambda m: None)
+    shutil.rmtree(targets)
+    shutil.copytree(bf16.path, targets)  # the same images, the teacher pass redone on a GPU
+    notes = []
+    assert train(cfg, resume=True, progress=False, log=notes.append)["steps"] == 4
+    assert any(n.startswith(f"note: --resume: {tmp_path / 'run'} learnt fp32 targets") for n in notes)
+
+
 def test_rng_state_carries_the_cuda_generator(monkeypatch):
     """On a GPU the CUDA generator (drop-path masks) is saved and restored with the others; a CPU
     generator stands in for it here. A checkpoint from a CPU (no CUDA state) restores the rest."""

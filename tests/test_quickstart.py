@@ -56,3 +56,25 @@ def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch, capsy
         main(shlex.split(command)[1:])
         assert capsys.readouterr().out == expected + "\n"
     assert (run / "coverage.png").stat().st_size > 0
+
+
+def test_quickstart_stores_of_a_gpu_pass_do_not_collide_with_a_cpu_pass(tmp_path, monkeypatch):
+    """A quickstart first run on a CPU (fp32 stores) and then on a GPU (bf16) must not reopen the fp32 stores
+    with a bf16 teacher (a refusal suggesting options the quickstart has not): each precision has its names,
+    the fp32 ones those zsd used before."""
+    import zsd.quickstart as q
+    from zsd.errors import ZsdError
+
+    stores = tmp_path / "stores"
+    assert q.store_paths(stores, "fp32") == (stores / "pets_train.zarr", stores / "pets_test.zarr")
+    assert q.store_paths(stores, "bf16") == (stores / "pets_train_bf16.zarr", stores / "pets_test_bf16.zarr")
+    written = []
+
+    def cache_teacher(sources, out, **kw):
+        written.append(out)
+        raise ZsdError("stop here")
+    monkeypatch.setattr(q, "cache_teacher", cache_teacher)
+    monkeypatch.setattr(q, "resolve_precision", lambda precision, device: "bf16")  # what auto is on CUDA
+    with pytest.raises(ZsdError, match="stop here"):
+        q.quickstart(steps=1, out=str(tmp_path / "runs"), device="cpu", log=lambda m: None)
+    assert written[0].endswith("pets_train_bf16.zarr")

@@ -27,6 +27,7 @@ from zsd.errors import check_at_least, write_atomic
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
 from zsd.dist import resolve_device
+from zsd.teachers import resolve_precision, same_teacher
 from zsd.train import STATE, TrainConfig, train
 
 DATA = Path(__file__).parent / "data" / "pets37"
@@ -63,14 +64,16 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
         log(f"\n[{n}/4] {text}  (+{time.time() - t0:.0f} s)")
 
     stage(1, f"teacher pass: {teacher} embeds {views} views of each train photo and the test photos")
-    train_store, test_store = stores / "pets_train.zarr", stores / "pets_test.zarr"
+    train_store, test_store = store_paths(stores, resolve_precision("auto", resolve_device(device)))
     for src, dst, v in ((data / "train", train_store, views), (data / "test", test_store, 1)):
         cache_teacher([str(src)], str(dst), teacher=teacher, pretrained=pretrained, views=v, device=device, log=log)
 
-    stores_teacher = open_store(train_store).teacher_id
-    if two_stage and stores_teacher != shipped["teacher_id"]:
+    # The shipped student learnt fp32 targets; a GPU's bf16 stores hold the same teacher's (train.py notes it).
+    stored = open_store(train_store)
+    if two_stage and same_teacher(shipped["teacher_id"], shipped["teacher"], stored.teacher_id,
+                                  stored.teacher) == "other":
         log(f"the shipped first-stage student was distilled from teacher {shipped['teacher_id']}, these stores "
-            f"hold {stores_teacher}'s embeddings (another precision?): training from scratch")
+            f"hold {stored.teacher_id}'s embeddings: training from scratch")
         two_stage = False
     if two_stage:
         stage(2, f"student: the shipped domain-agnostic {student} (stage 1) learns the pets photos' cached "
@@ -107,6 +110,14 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
         f"  eval     {run_dir / 'eval'}/\n  coverage {run_dir / 'coverage.json'}, {run_dir / 'coverage.png'}\n"
         "Evaluate and audit again (e.g. another student) with:\n" + "\n".join(f"  {c}" for c in follow_up))
     return {"train": trained, "eval": results, "coverage": report, "next": follow_up}
+
+
+def store_paths(stores: Path, precision: str) -> tuple[Path, Path]:
+    """The train and test stores of one teacher at `precision`: a bf16 pass (a GPU) gets its own names
+    beside the fp32 ones (a CPU; the names zsd used before), since a store holds one precision and
+    the quickstart has no option to pick another store."""
+    tag = "" if precision == "fp32" else f"_{precision}"
+    return stores / f"pets_train{tag}.zarr", stores / f"pets_test{tag}.zarr"
 
 
 def next_commands(train_store: Path, test_store: Path, student: Path, pretrained: str | None,

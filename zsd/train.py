@@ -49,6 +49,7 @@ from zsd.losses import Criterion, needs_text
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
                          student_preprocess)
 from zsd.store import LOCK, folder_lock
+from zsd.teachers import same_teacher
 from zsd.train_config import TrainConfig, default_precision, resume_conflicts, run_definition  # noqa: F401 (zsd.train.TrainConfig)
 from zsd.views import Preprocess, normalize
 
@@ -325,7 +326,7 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     # A resumed run's checkpoint holds the weights: init_from and student_pretrained are not loaded again.
     if config.init_from and run.state is None:
         run.init, init_cfg = load_student(config.init_from)
-        if init_cfg.get("teacher_id") != data.teacher_id:
+        if _teacher_of(init_cfg, data, say, f"--init {config.init_from}") == "other":
             raise ZsdError(f"--init {config.init_from} was distilled from another teacher (id "
                            f"{init_cfg.get('teacher_id')}) than the targets' ({data.teacher['model']}, "
                            f"id {data.teacher_id})")
@@ -338,6 +339,16 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     return run
 
 
+def _teacher_of(student: dict, data: TrainTargets, say, what: str) -> str:
+    """zsd.teachers.same_teacher of a student.json (`student`) and the targets; the same teacher at another
+    precision (a run started on a CPU at fp32, continued on a GPU's bf16 targets) goes on with a note."""
+    match = same_teacher(student.get("teacher_id"), student.get("teacher"), data.teacher_id, data.teacher)
+    if match == "precision":
+        say(f"note: {what} learnt {student['teacher'].get('precision', 'fp32')} targets, these are the same "
+            f"teacher's at {data.teacher.get('precision', 'fp32')} precision (they differ by rounding)")
+    return match
+
+
 def _resume_state(run: Run, resume: bool, say) -> None:
     """`run.state`, student and resolution from the checkpoint of the same run; a new run refuses a
     folder that holds one."""
@@ -347,7 +358,7 @@ def _resume_state(run: Run, resume: bool, say) -> None:
         if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
             raise ZsdError(f"--resume: {run.dir} was written by an older zsd; start a new run (another --out)")
         prev, dev = state["student"], run.device.type
-        if prev["teacher_id"] != run.data.teacher_id:
+        if _teacher_of(prev, run.data, say, f"--resume: {run.dir}") == "other":
             raise ZsdError(f"--resume: {run.dir} was trained on another teacher's targets (id {prev['teacher_id']})")
         conflicts = resume_conflicts(
             run_definition(prev["train_config"], prev["total_steps"], prev["world_size"], dev),
