@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from zsd.classes import class_prototype_embeddings, class_text_embeddings
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
-from zsd.dist import Ranks, all_ranks, join_ranks
+from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, out_of_memory, write_atomic
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.losses import Criterion, needs_text
@@ -245,7 +245,6 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
             step += 1
             if run.ema is not None:
                 run.ema.update(run.model, step=step)
-            run.skipped += out.skipped
             book.step(step, out)
             saves = step % config.save_every == 0 and step < end
             # The log reads the steps' figures back (and stops on a non-finite loss) before a checkpoint
@@ -507,10 +506,8 @@ def _pixel_cache(run: Run, views: StudentInputs, workers: int, progress: bool, n
 
 @dataclass
 class StepOut:
-    figures: torch.Tensor  # on the device: loss, the `terms`, then distances' mean, p50, p90, max (all ranks)
+    figures: torch.Tensor  # on the device, over all ranks: loss, the `terms`, see `_over_ranks`
     terms: list[str]
-    images: int  # images this rank used
-    skipped: int  # samples this rank skipped (unreadable images, non-finite targets)
 
 
 def train_step(run: Run, net, batches, log) -> StepOut:
@@ -520,7 +517,7 @@ def train_step(run: Run, net, batches, log) -> StepOut:
     config, data, ranks, dev, pre = run.config, run.data, run.ranks, run.device, run.preprocess
     accum = config.accum_steps
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
-    loss_sum, dists, n_images, skipped = torch.zeros((), device=dev), [], 0, 0
+    loss_sum, dists, skipped = torch.zeros((), device=dev), [], 0
     term_sums = {k: torch.zeros((), device=dev) for k in run.criterion.weights}  # skipped micro-batches too
     for _ in range(accum):
         items, pixels, errors = next(batches)
@@ -556,29 +553,35 @@ def train_step(run: Run, net, batches, log) -> StepOut:
         with torch.no_grad():
             sn = torch.nn.functional.normalize(s.float(), dim=-1)
             dists.append((sn - t).norm(dim=-1))
-        n_images += len(items)
     names = sorted(term_sums)
     # the mean over ranks is logged; a non-finite loss on any rank stops all
     scalars = ranks.mean(torch.stack([loss_sum, *(term_sums[k] for k in names)]))
     for p in run.criterion.parameters():  # the temperatures live outside DDP
         if p.grad is not None:
             ranks.mean(p.grad)
-    d = _all_distances(dists, config.batch_size // ranks.world, ranks, dev)
+    run.skipped += skipped
+    return StepOut(torch.cat([scalars, _over_ranks(dists, run)]), names)
+
+
+def _over_ranks(dists: list[torch.Tensor], run: Run) -> torch.Tensor:
+    """The step's distances summarised over every rank's images (mean, p50, p90, max), the images and
+    the samples skipped since `run.start` over the ranks: on the device, without a host sync. Each
+    rank's distances, NaN-padded to one length, and its count of skipped samples travel in one gather."""
+    ranks, dev = run.ranks, run.device
+    most = run.config.batch_size // ranks.world
+    mine = torch.full((most + 1,), math.nan, device=dev)
+    if dists:
+        d = torch.cat(dists).float()
+        mine[:len(d)] = d
+    mine[most] = run.skipped  # a scalar fill on the device, not a copy from the host
+    every = [mine]
+    if ranks.distributed:
+        every = [torch.empty_like(mine) for _ in range(ranks.world)]
+        dist.all_gather(every, mine)
+    every = torch.stack(every)
+    d, skipped = every[:, :most].flatten(), every[:, most].sum()
     summary = torch.stack([d.nanmean(), d.nanquantile(0.5), d.nanquantile(0.9), d.nan_to_num(-math.inf).amax()])
-    return StepOut(torch.cat([scalars, summary.nan_to_num(0.0)]), names, n_images, skipped)
-
-
-def _all_distances(dists: list[torch.Tensor], most: int, ranks: Ranks, dev: torch.device) -> torch.Tensor:
-    """Every rank's distances of the step, on the device, NaN where a rank used fewer than `most`
-    images (collectives need one length); without a host sync."""
-    d = torch.cat(dists).float() if dists else torch.zeros(0, device=dev)
-    if not ranks.distributed:
-        return d if len(d) else torch.full((1,), math.nan, device=dev)
-    padded = torch.full((most,), math.nan, device=dev)
-    padded[:len(d)] = d
-    every = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(every, padded)
-    return torch.cat(every)
+    return torch.cat([summary.nan_to_num(0.0, neginf=0.0), torch.stack([(~d.isnan()).sum().float(), skipped])])
 
 
 def optimizer_step(run: Run, step: int) -> None:
@@ -593,8 +596,8 @@ def optimizer_step(run: Run, step: int) -> None:
 
 class Logbook:
     """Per step, the device figures of `train_step` are kept; `flush` reads them back in one host sync,
-    sums the images over the ranks (on the CPU, in the gloo group), stops on a non-finite loss and
-    writes the records. Every rank flushes at the same steps."""
+    stops on a non-finite loss (every rank: the loss is the mean over the ranks) and writes the records
+    (rank 0). Every rank flushes at the same steps."""
 
     def __init__(self, run: Run, progress: bool):
         self.run, self.main, self.epoch_losses, self.last_loss = run, run.ranks.main, [], None
@@ -609,21 +612,18 @@ class Logbook:
                         disable=not (progress and self.main), dynamic_ncols=True)
 
     def step(self, step: int, out: StepOut) -> None:
-        self.pending.append((step, out, self.run.optimizer.param_groups[0]["lr"], self.run.skipped))
+        self.pending.append((step, out, self.run.optimizer.param_groups[0]["lr"]))
         self.bar.update(1)
 
     def flush(self) -> None:
         if not self.pending:
             return
-        figures = torch.stack([out.figures for _, out, _, _ in self.pending]).tolist()  # the one host sync
-        counts = [out.images for _, out, _, _ in self.pending] + [skipped for *_, skipped in self.pending]
-        if self.run.ranks.distributed:
-            counts = [int(c) for c in all_ranks(counts, dist.ReduceOp.SUM, torch.device("cpu"), self.run.ranks.steps)]
-        n = len(self.pending)
-        images_per_s = sum(counts[:n]) / max(time.perf_counter() - self.since, 1e-9)
+        figures = torch.stack([out.figures for _, out, _ in self.pending]).tolist()  # the one host sync
+        images_per_s = sum(f[-2] for f in figures) / max(time.perf_counter() - self.since, 1e-9)
         per_epoch = self.run.steps_per_epoch
-        for (step, out, lr, _), values, images, skipped in zip(self.pending, figures, counts[:n], counts[n:]):
-            loss, terms, dists = values[0], values[1:1 + len(out.terms)], values[1 + len(out.terms):]
+        for (step, out, lr), values in zip(self.pending, figures):
+            n = len(out.terms)
+            loss, terms, dists, (images, skipped) = values[0], values[1:1 + n], values[1 + n:-2], map(int, values[-2:])
             if not math.isfinite(loss):
                 where = f"the last good checkpoint (step {self.last_good}) is kept" if self.last_good is not None \
                     else "no checkpoint was written yet"
