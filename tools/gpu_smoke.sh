@@ -325,7 +325,8 @@ def _():
     from zsd.errors import ZsdError
     try:  # resnet50 at 2048 px, 64 images a step: hundreds of GB of activations
         train(TrainConfig([str(S["fp32"].path)], run_dir=str(root / "oom"), student="resnet50", student_res=2048,
-                          steps=1, batch_size=64, pixel_cache="no", device=args.device), progress=False, log=quiet)
+                          steps=1, batch_size=64, pixel_cache="no", workers=0, device=args.device), progress=False,
+              log=quiet)
     except ZsdError as e:
         if not str(e).startswith("out of memory on cuda") or len(str(e).splitlines()) != 1:
             raise AssertionError(f"not the one line: {str(e)[:200]}")
@@ -394,8 +395,9 @@ def _():
     reader = RowReader(ref.sources)
     x = normalize(torch.stack([render_view(reader.image(k, l), 0, None, pre) for k, l in zip(ref.keys(), ref.locs())]),
                   pre.mean, pre.std)
-    on_cpu = model.eval().encode_images(x).double().numpy()
-    on_dev = model.to(dev).encode_images(x.to(dev)).double().cpu().numpy()
+    with torch.no_grad():
+        on_cpu = model.eval().encode_images(x).double().numpy()
+        on_dev = model.to(dev).encode_images(x.to(dev)).double().cpu().numpy()
     student_agree, student_cos = agree(on_cpu, on_dev), cosines(on_cpu, on_dev).min()
     if teacher_agree < 0.95 or student_agree < 0.95 or student_cos < 0.9999:
         raise AssertionError(f"predictions CPU vs {args.device}: teacher agree {teacher_agree:.3f}, student agree "
