@@ -264,6 +264,8 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
                        "make room and rerun with --resume") from None
     finally:
         book.close()
+        if hasattr(batches, "close"):  # the pixel cache's generator: its gather thread ends now, not whenever
+            batches.close()            # a traceback holding this frame is collected
         del batches
     ranks.barrier(setup=False)  # rank 0 writes the last checkpoint
     return _summary(run, step, book.seen, book.skipped, book.last_loss, time.perf_counter() - t_start, say)
