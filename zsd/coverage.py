@@ -170,9 +170,9 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         check_at_least(flag, value, 1)
     for flag, value in (("--dup-threshold", dup_threshold), ("--worst", worst), ("--workers", workers)):
         check_at_least(flag, value, 0)
-    workers = default_workers(resolve_device(device), workers)
     if student is not None:  # before the teacher-space search, not after it
         student = resolve_student(student)
+    workers = default_workers(resolve_device(device), workers)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     notes = _check_stores(train_stores, test_store)
