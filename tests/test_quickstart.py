@@ -2,9 +2,11 @@
 
 import json
 import shlex
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from zsd.cli import main
 from zsd.coverage import coverage_text
@@ -70,3 +72,26 @@ def test_quickstart_runs_the_whole_pipeline_offline(tmp_path, monkeypatch, capsy
     parsed = TrainConfig(**{k: v for k, v in ctx.params.items() if k in names})
     resolved, _ = resolve_defaults(parsed, "cpu")
     assert asdict(resolved) == config["train_config"]  # the very run, as student.json records it
+
+def test_quickstart_stores_of_a_gpu_pass_do_not_collide_with_a_cpu_pass(tmp_path, monkeypatch):
+    """A quickstart first run on a CPU (fp32 stores) and then on a GPU (bf16) must not reopen the fp32 stores
+    with a bf16 teacher (a refusal suggesting options the quickstart has not): each precision has its names,
+    the fp32 ones those zsd used before (a folder per teacher and precision)."""
+    import zsd.quickstart as q
+    from zsd.errors import ZsdError
+
+    written = []
+
+    def cache_teacher(sources, out, **kw):
+        written.append(out)
+        raise ZsdError("stop here")
+    monkeypatch.setattr(q, "cache_teacher", cache_teacher)
+    with pytest.raises(ZsdError, match="stop here"):
+        q.quickstart(steps=1, out=str(tmp_path / "runs"), device="cpu", log=lambda m: None)
+    monkeypatch.setattr(q, "resolve_device", lambda device: torch.device("cuda"))  # a GPU: bf16 stores
+    with pytest.raises(ZsdError, match="stop here"):
+        q.quickstart(steps=1, out=str(tmp_path / "runs"), device="cuda", log=lambda m: None)
+    cpu_store, gpu_store = map(Path, written)
+    assert cpu_store.name == gpu_store.name == "pets_train.zarr"
+    assert (cpu_store.parent.name, gpu_store.parent.name) == ("timm_tf_efficientnet_lite0",
+                                                              "timm_tf_efficientnet_lite0-bf16")

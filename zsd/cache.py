@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, resolve_device, shard
-from zsd.errors import ZsdError, check_at_least, check_writable
+from zsd.errors import ZsdError, check_at_least, check_writable, out_of_memory
 from zsd.sources import PackedKeys, ShardIndex, check_source, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, restore_metadata, store_lock)
@@ -54,9 +54,12 @@ def _collate(items):
         [it[3] for it in items], sum(it[4] for it in items)
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode processes for a pass: on a GPU the cores of this process's share but its own (at most
-    16); on a CPU none, the views are decoded by low-priority threads of this process (`_decode_ahead`)."""
+def default_workers(device: torch.device, workers: int | None = None) -> int:
+    """Decode processes for a pass (`workers` where given): on a GPU the cores of this process's share
+    but its own (at most 16); on a CPU none, the views are decoded by low-priority threads of this
+    process (`_decode_ahead`). The teacher pass's default, and eval's, coverage's and robustness's."""
+    if workers is not None:
+        return workers
     return 0 if device.type == "cpu" else decode_workers(device)
 
 
@@ -225,8 +228,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
             store.uncommit(damaged)
         repaired += rows
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
-    if workers is None:
-        workers = default_workers(model.device)
+    workers = default_workers(model.device, workers)
     dataset = ViewDataset(store.sources, store.packed_keys(), store.locs(), model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
@@ -328,11 +330,9 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
                 t0 = time.perf_counter()
                 # uint8 crosses to the device (pinned, asynchronously) and is normalised there: a quarter of the bytes
                 x = normalize(pixels.to(device, non_blocking=True).flatten(0, 1), pre.mean, pre.std)
-                try:
+                # the chunks written so far stay; a rerun resumes after them
+                with out_of_memory(device, f"the {encoder_name} forward of {len(x)} views", "lower --batch-size"):
                     z = encode(x).cpu().view(len(ok), views, -1).numpy().astype(np.float16)
-                except torch.OutOfMemoryError:  # the chunks written so far stay; a rerun resumes after them
-                    raise ZsdError(f"out of memory on {device} in the {encoder_name} forward of {len(x)} views: "
-                                   "lower --batch-size") from None
                 timing[encoder_name] += time.perf_counter() - t0
                 for i, e in zip(ok, z):
                     if np.isfinite(e).all():

@@ -26,7 +26,7 @@ from zsd.student import load_student, resolve_student, student_fingerprint
 
 def load_predictions(test: str, student: str, *, teacher: str | None = None, pretrained: str | None = None,
                      templates: str | None = None, classnames: str | None = None, classes_from: str | None = None,
-                     device: str = "auto", batch_size: int = 128, workers: int | None = 0, progress: bool = True,
+                     device: str = "auto", batch_size: int = 128, workers: int | None = None, progress: bool = True,
                      log=print) -> dict:
     """Per test photo, as `zsd eval` computes them: keys, labels (None when unlabelled), the teacher's
     top-1 and the student's cosines to the class embeddings, and the store, classifier and student."""
@@ -43,7 +43,7 @@ def load_predictions(test: str, student: str, *, teacher: str | None = None, pre
     model, config = load_student(student, resolve_device(device))
     check_student_teacher(student, config, store, log)
     emb = student_embeddings(student, store, model, config, device=next(model.parameters()).device,
-                             batch_size=batch_size, workers=workers or 0, progress=progress)
+                             batch_size=batch_size, workers=workers, progress=progress)
     t = store.embeddings(view=0).astype(np.float64)
     s = emb.embeddings(view=0).astype(np.float64)
     rows &= emb.written() & np.isfinite(t).all(axis=1) & np.isfinite(s).all(axis=1)

@@ -439,7 +439,7 @@ def verify_cmd(store, recompute, tolerance, pretrained, device, seed, json_out):
 @click.option("--confusion", is_flag=True, help="Include confusion matrices in the JSON.")
 @device_option()
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers for student embeddings [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 @click.option("--embed", "embed_stores", multiple=True,
               help="Also write each student's embeddings of this (train) store into RUN_DIR/embeddings/; repeatable.")
 def eval_cmd(test, students, templates, classnames, classes_from, pretrained, teacher, out_dir, confusion, device,
@@ -495,7 +495,7 @@ def eval_cmd(test, students, templates, classnames, classes_from, pretrained, te
               help="Write the options of the classes accepted least here (needs --options).")
 @as_in_eval_options
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers for student embeddings [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_out, plot, no_record, options_path,
                   next_options, templates, classnames, classes_from, pretrained, teacher, device, batch_size, workers):
     """Certify which of a student's predictions agree with its teacher: a threshold on its own confidence
@@ -552,7 +552,7 @@ def _train_stores(student: str) -> list[str]:
               help="Writes robustness.json (one record per model x corruption x severity), robustness.md and robustness.png.")
 @as_in_eval_options
 @click.option("--batch-size", default=128, show_default=True, help="Images per forward.")
-@click.option("--workers", default=0, show_default=True, help="Processes rendering corruptions (and decoding for the test cache).")
+@click.option("--workers", type=click.IntRange(0), default=None, help="Processes rendering corruptions (and decoding for the test cache) [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 def robustness_cmd(test, students, corruptions, severities, size, seed, out_dir, templates, classnames, classes_from,
                    pretrained, teacher, device, batch_size, workers):
     """Top-1 of the teacher and students under common corruptions: mPC, rPC, agreement, cosine.
@@ -611,7 +611,7 @@ def spurious_cmd(src, out, mode, masks, seed):
 @click.option("--worst", type=click.IntRange(0), default=20, show_default=True, help="How many least-covered test images to list.")
 @device_option("Device for student embeddings.")
 @click.option("--batch-size", type=click.IntRange(1), default=128, show_default=True, help="Images per student forward.")
-@click.option("--workers", type=click.IntRange(0), default=0, show_default=True, help="DataLoader decode workers for student embeddings.")
+@click.option("--workers", type=click.IntRange(0), default=None, help="DataLoader decode workers for student embeddings [default: 0 on a CPU; on a GPU the cores of its share of the machine but one, at most 16].")
 def coverage_cmd(train, more_train, test, student, k, block_rows, dup_threshold, templates, classnames, classes_from,
                  pretrained, json_out, plot, worst, device, batch_size, workers):
     """How well the train stores cover the test store, and (with --student) Lemma 1's certificates.
@@ -654,8 +654,10 @@ def train_cmd(resume, stop_after, json_out, **config):
     """
     from zsd.train import train
 
+    from zsd.dist import torchrun_env
+
     summary = train(TrainConfig(**config), resume=resume, stop_after=stop_after, log=lambda m: click.echo(m, err=True))
-    if json_out:
+    if json_out and torchrun_env()[0] == 0:  # under torchrun every rank has the summary: rank 0 writes it
         _write_json(json_out, summary)
     if summary["finished"]:
         from zsd.store import open_store, resolve_store

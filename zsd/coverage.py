@@ -28,6 +28,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from zsd.cache import default_workers
 from zsd.classes import build_classifier, select_classes
 from zsd.dist import resolve_device
 from zsd.errors import ZsdError, atomic_file, check_at_least
@@ -157,7 +158,8 @@ def _check_stores(train: list[Store], test: Store) -> list[str]:
 def coverage(train: list[str], test: str, student: str | None = None, *, k: int = 10,
              block_rows: int = DEFAULT_BLOCK_ROWS, pretrained: str | None = None, templates: str | None = None,
              classnames: str | None = None, classes_from: str | None = None, dup_threshold: float = DUP_THRESHOLD,
-             worst: int = 20, device: str = "auto", batch_size: int = 128, workers: int = 0, progress: bool = True,
+             worst: int = 20, device: str = "auto", batch_size: int = 128, workers: int | None = None,
+             progress: bool = True,
              log=print) -> dict:
     """The audit as a JSON-ready dict: per-image `images` records plus aggregates.
 
@@ -170,7 +172,7 @@ def coverage(train: list[str], test: str, student: str | None = None, *, k: int 
         check_at_least(flag, value, 0)
     if student is not None:  # before the teacher-space search, not after it
         student = resolve_student(student)
-        resolve_device(device)
+    workers = default_workers(resolve_device(device), workers)
     train_stores = [open_store(t) for t in train]
     test_store = open_store(test)
     notes = _check_stores(train_stores, test_store)

@@ -26,6 +26,10 @@ def torchrun_env() -> tuple[int, int, int]:
 def shard(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
     """(num_shards, shard_index): the flags where given, else torchrun's WORLD_SIZE/RANK, else one shard."""
     rank, world, _ = torchrun_env()
+    if world > 1 and (num_shards is not None or shard_index is not None):
+        raise ZsdError(f"--num-shards/--shard-index under torchrun: all {world} ranks would redo the one shard given; "
+                       "torchrun's ranks are the shards already: drop --num-shards/--shard-index, or start one "
+                       "process per shard without torchrun")
     num_shards = world if num_shards is None else num_shards
     shard_index = rank if shard_index is None else shard_index
     if not 0 <= shard_index < num_shards:
@@ -57,11 +61,18 @@ def local_device(device: str | torch.device = "auto") -> torch.device:
     Under torchrun (LOCAL_RANK set) a CUDA device without an index (`auto`, `cuda`) is the
     process's own GPU, cuda:LOCAL_RANK: otherwise every rank would open a context on GPU 0 (GBs
     each, and an error on exclusive-process GPUs). An explicit cuda:N is kept: the way to run where
-    each process sees only its own GPU (srun --gpus-per-task).
+    each process sees only its own GPU (srun --gpus-per-task); where the processes of a node see
+    several GPUs it would put them all on one, which is refused.
     """
     dev = resolve_device(device)
     if dev.type != "cuda":
         return dev
+    env = os.environ
+    on_node = int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))) if "LOCAL_RANK" in env else 1
+    if dev.index is not None and on_node > 1 and torch.cuda.device_count() > 1:
+        raise ZsdError(f"--device {device} under torchrun: all {on_node} processes of this node would share that "
+                       f"GPU (each sees {torch.cuda.device_count()}): pass --device cuda (or auto), which gives each "
+                       "its own, cuda:LOCAL_RANK")
     if dev.index is None:
         local, n = (torchrun_env()[2] if "LOCAL_RANK" in os.environ else 0), torch.cuda.device_count()
         if local >= n:
@@ -75,7 +86,9 @@ def local_device(device: str | torch.device = "auto") -> torch.device:
 
 
 # Ranks that wait for rank 0 (rendering the pixel cache, loading a teacher for the class prompts)
-# wait in this gloo group: NCCL's default timeout (10 minutes) would abort a long render.
+# wait in this gloo group: NCCL's default timeout (10 minutes) would abort a long render. Only the
+# set-up waits: the training steps' CPU collectives have the default timeout, so a hung rank stops
+# the job in minutes, not in 12 hours.
 SETUP_TIMEOUT = timedelta(hours=12)
 
 
@@ -83,8 +96,10 @@ SETUP_TIMEOUT = timedelta(hours=12)
 class Ranks:
     """The trainer's place in its process group; one process alone is `Ranks(device=...)`.
 
-    `setup`: a gloo group for the CPU-side collectives, with a timeout long enough for rank 0's
-    pixel cache; `started`: this process initialised the default group, so `end` destroys it.
+    `setup`: a gloo group for the set-up waits (`barrier`, `rank0_says`), with a timeout long enough
+    for a pixel-cache render; `steps`: a gloo group with the default timeout for the CPU collectives
+    of the training steps; `local`: the rank on its node (LOCAL_RANK); `started`: this process
+    initialised the default group, so `end` destroys it.
     """
 
     device: torch.device
@@ -93,14 +108,17 @@ class Ranks:
     distributed: bool = False
     started: bool = False
     setup: object = None  # torch.distributed.ProcessGroup
+    steps: object = None
+    local: int = 0
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
+    def barrier(self, setup: bool = True) -> None:
+        """Wait for every rank: with the set-up timeout, or (`setup=False`) the default one."""
         if self.distributed:
-            dist.barrier(group=self.setup)
+            dist.barrier(group=self.setup if setup else self.steps)
 
     def rank0_says(self, message: str | None) -> str | None:
         """Rank 0's `message` on every rank (None: go on). The other ranks learn so that rank 0 refused
@@ -123,7 +141,7 @@ class Ranks:
         """Whether `flag` holds on every rank; reduced in the gloo group, without waiting for the GPU."""
         if not self.distributed:
             return flag
-        return bool(all_ranks([flag], dist.ReduceOp.MIN, torch.device("cpu"), self.setup)[0])
+        return bool(all_ranks([flag], dist.ReduceOp.MIN, torch.device("cpu"), self.steps)[0])
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """`t` averaged over the ranks, in place (on its own device: NCCL reduces only CUDA tensors)."""
@@ -136,6 +154,7 @@ class Ranks:
         """Close the groups `join_ranks` opened (the default one only where it started it)."""
         if self.distributed:
             dist.destroy_process_group(self.setup)
+            dist.destroy_process_group(self.steps)
             if self.started:
                 dist.destroy_process_group()
 
@@ -151,7 +170,8 @@ def join_ranks(device: str) -> Ranks:
     if started:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     setup = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
-    return Ranks(dev, dist.get_world_size(), dist.get_rank(), True, started, setup)
+    steps = dist.new_group(backend="gloo")
+    return Ranks(dev, dist.get_world_size(), dist.get_rank(), True, started, setup, steps, torchrun_env()[2])
 
 
 def all_ranks(values: list[float], op, dev: torch.device, group=None) -> list[float]:

@@ -18,6 +18,16 @@ class ZsdError(Exception):
     pass
 
 
+@contextmanager
+def out_of_memory(device, what: str, fix: str):
+    """Running out of device memory inside, as one line: "out of memory on DEVICE in WHAT: FIX"."""
+    import torch  # the CLI's error path stays importable without torch
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise ZsdError(f"out of memory on {device} in {what}: {fix}") from None
+
+
 def first_missing(folder) -> Path | None:
     """The outermost folder of `folder`'s path that does not exist yet (None if it exists): what to remove
     so that a failed command leaves no folder it made."""

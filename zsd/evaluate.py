@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zsd.cache import cache_teacher, embed_rows
+from zsd.cache import cache_teacher, default_workers, embed_rows
 from zsd.classes import Classifier, build_classifier, check_labelled, dataset_name
 from zsd.cpu import tune_allocator
 from zsd.dist import resolve_device
@@ -85,7 +85,8 @@ def embeddings_folder(run_folder: Path) -> Path:
 
 
 def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, model=None, config: dict | None = None, *,
-                       device: str = "cpu", batch_size: int = 128, workers: int = 0, progress: bool = True) -> Store:
+                       device: str = "cpu", batch_size: int = 128, workers: int | None = None,
+                       progress: bool = True) -> Store:
     """A store of the student's embeddings of `store`'s images (same rows), in RUN_DIR/embeddings/
     (`ema_<store>` for the student RUN_DIR:ema), or in the cache dir for an exported open_clip folder
     and for a run folder that is not writable (`embeddings_folder`).
@@ -94,6 +95,7 @@ def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, mo
     complete; resumed when partial; rebuilt when it belongs to an older checkpoint.
     """
     device = resolve_device(device)  # "auto" is zsd's word, not torch's
+    workers = default_workers(device, workers)
     ref = resolve_student(student)
     if model is None:
         model, config = load_student(ref, device)
@@ -192,7 +194,7 @@ def evaluated_rows(store: Store, classifier: Classifier, log=print) -> tuple[np.
 
 def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None, pretrained: str | None = None,
              templates: str | None = None, classnames: str | None = None, classes_from: str | None = None,
-             device: str = "auto", batch_size: int = 128, workers: int | None = 0, confusion: bool = False,
+             device: str = "auto", batch_size: int = 128, workers: int | None = None, confusion: bool = False,
              out_dir: str | None = None, progress: bool = True, log=print) -> list[dict]:
     """Zero-shot metrics of the teacher and every student; one CLIP_benchmark-shaped dict each.
 
@@ -201,7 +203,7 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
     """
     check_at_least("--batch-size", batch_size, 1)
     check_at_least("--workers", workers, 0)
-    resolve_device(device)
+    workers = default_workers(resolve_device(device), workers)
     refs = [resolve_student(s) for s in students]  # a typo in the last --student fails before the teacher is run
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
     check_labelled(store)
@@ -232,7 +234,7 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
         student, config = load_student(ref, resolve_device(device))
         check_student_teacher(ref, config, store, log)
         emb = student_embeddings(ref, store, student, config, device=next(student.parameters()).device,
-                                 batch_size=batch_size, workers=workers or 0, progress=progress)
+                                 batch_size=batch_size, workers=workers, progress=progress)
         ok = rows & emb.written()
         scores = emb.embeddings(view=0).astype(np.float64) @ z.T
         metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)

@@ -28,6 +28,7 @@ from zsd.errors import ZsdError, check_at_least, write_atomic
 from zsd.evaluate import evaluate, results_table
 from zsd.store import cache_dir, open_store
 from zsd.student import check_student_name
+from zsd.teachers import same_teacher
 from zsd.train import STATE, train
 from zsd.train_config import TrainConfig, command_line
 
@@ -81,10 +82,12 @@ def quickstart(teacher: str = PROXY_TEACHER, pretrained: str | None = None, stud
             raise ZsdError(f"{dst} holds another teacher's embeddings than this run's {teacher}: delete {stores} "
                            "(the quickstart makes it again) or set ZSD_CACHE to another folder") from None
 
-    stores_teacher = open_store(train_store).teacher_id
-    if two_stage and stores_teacher != shipped["teacher_id"]:
+    # The shipped student learnt fp32 targets; a GPU's bf16 stores hold the same teacher's (train.py notes it).
+    stored = open_store(train_store)
+    if two_stage and same_teacher(shipped["teacher_id"], shipped["teacher"], stored.teacher_id,
+                                  stored.teacher) == "other":
         log(f"the shipped first-stage student was distilled from teacher {shipped['teacher_id']}, these stores "
-            f"hold {stores_teacher}'s embeddings (another precision?): training from scratch")
+            f"hold {stored.teacher_id}'s embeddings: training from scratch")
         two_stage = False
     if two_stage:
         stage(2, f"student: the shipped domain-agnostic {student} (stage 1) learns the pets photos' cached "

@@ -28,9 +28,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
+from zsd.cache import default_workers
 from zsd.classes import build_classifier, check_labelled, dataset_name
 from zsd.dist import resolve_device
-from zsd.errors import ZsdError, atomic_file, reserve, write_atomic
+from zsd.errors import ZsdError, atomic_file, out_of_memory, reserve, write_atomic
 from zsd.evaluate import (check_student_teacher, classification_metrics, evaluated_rows, prepare_test_store,
                           result_label)
 from zsd.sources import BadImage, RowReader
@@ -252,13 +253,15 @@ def model_input(pixels: np.ndarray, pre: Preprocess) -> torch.Tensor:
     return normalize(x, pre.mean, pre.std)
 
 
-def embed_pixels(pixels: np.ndarray, rows: np.ndarray, encode, pre: Preprocess, batch_size: int) -> np.ndarray:
+def embed_pixels(pixels: np.ndarray, rows: np.ndarray, encode, pre: Preprocess, batch_size: int,
+                 device="the device") -> np.ndarray:
     """(N, D) float32 unit embeddings of the `rows` of `pixels`; other rows stay zero."""
     idx = np.flatnonzero(rows)
     out = None
     for start in range(0, len(idx), batch_size):
         part = idx[start:start + batch_size]
-        z = encode(model_input(pixels[part], pre)).float().cpu().numpy()
+        with out_of_memory(device, f"a forward of {len(part)} images", "lower --batch-size"):
+            z = encode(model_input(pixels[part], pre)).float().cpu().numpy()
         if out is None:
             out = np.zeros((len(pixels), z.shape[1]), np.float32)
         out[part] = z
@@ -275,7 +278,7 @@ class Model:
 def robustness(test: str, students: list[str] = (), *, teacher: str | None = None, pretrained: str | None = None,
                templates: str | None = None, classnames: str | None = None, classes_from: str | None = None,
                corruptions: str | list[str] | None = None, severities: str | list[int] | None = None,
-               size: int = 224, seed: int = 0, device: str = "auto", batch_size: int = 128, workers: int = 0,
+               size: int = 224, seed: int = 0, device: str = "auto", batch_size: int = 128, workers: int | None = None,
                out_dir: str | None = None, progress: bool = True, log=print) -> dict:
     """Top-1, agreement with the teacher and cosine to the teacher's clean embedding of the teacher
     and every student, per corruption and severity, with mPC and rPC per model.
@@ -283,6 +286,7 @@ def robustness(test: str, students: list[str] = (), *, teacher: str | None = Non
     Returns {"settings", "summary": one entry per model, "records": one per model x variant}.
     """
     corruptions, severities = parse_corruptions(corruptions), parse_severities(severities)
+    workers = default_workers(resolve_device(device), workers)
     if size < 16:
         raise ZsdError(f"--size {size}: the corruptions need images of at least 16 px")
     store = prepare_test_store(test, teacher, pretrained, device, workers, progress, log)
@@ -317,7 +321,7 @@ def robustness(test: str, students: list[str] = (), *, teacher: str | None = Non
     for model in models:
         for c, s in variants:
             emb = embed_pixels(rendered.pixels("clean" if c == "clean" else variant_name(c, s)), rows, model.encode,
-                               model.pre, batch_size)
+                               model.pre, batch_size, t.device)
             scores = emb.astype(np.float64) @ z.T
             if model.record["role"] == "teacher":
                 teacher_pred[c, s] = scores.argmax(axis=1)

@@ -28,7 +28,7 @@ from torch import nn
 from zsd.errors import ZsdError, atomic_file
 from zsd.hub import offline_unless_reachable
 from zsd.store import lock_holder
-from zsd.teachers import file_sha256
+from zsd.teachers import exact_fp32, file_sha256
 from zsd.views import Preprocess, timm_preprocess
 
 WEIGHTS, CONFIG = "student.safetensors", "student.json"
@@ -56,7 +56,11 @@ class Student(nn.Module):
 
     @torch.inference_mode()
     def encode_images(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self(x).float(), dim=-1)
+        """Unit embeddings, in fp32 that is fp32 on a GPU too (no TF32), like the teacher's fp32 pass:
+        a student's cached embeddings of a store are one computation on a CPU and a GPU (they differ
+        by summation order, ~1e-6), so eval reuses them across devices."""
+        with exact_fp32():
+            return F.normalize(self(x).float(), dim=-1)
 
 
 def _backbone(name: str, image_size: int | None, pretrained: bool = False) -> nn.Module:
@@ -302,4 +306,5 @@ def student_fingerprint(spec: str | os.PathLike | StudentRef, config: dict) -> d
     weights = config.get("weights_sha256") or file_sha256(resolve_student(spec).weights_file)
     return {"backend": "zsd-student", "model": config["student"],
             "weights": "sha256:" + weights, "preprocess": config["preprocess"],
-            "dim": config["embed_dim"], "distilled_from": config.get("teacher_id")}
+            "dim": config["embed_dim"], "distilled_from": config.get("teacher_id"),
+            "precision": "fp32"}  # encode_images' (fp32 is teacher_id's reference: the hash is as before)

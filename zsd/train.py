@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -43,17 +44,21 @@ from tqdm import tqdm
 from zsd.classes import class_prototype_embeddings, class_text_embeddings
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import Ranks, join_ranks
-from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
+from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, out_of_memory, write_atomic
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.losses import Criterion, needs_text
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
                          student_preprocess)
 from zsd.store import LOCK, folder_lock
+from zsd.teachers import same_teacher
 from zsd.train_config import (TrainConfig, resolve_defaults, resume_conflicts, run_definition,  # noqa: F401
                               total_steps)  # (zsd.train.TrainConfig)
 from zsd.views import Preprocess, normalize
 
 STATE, LOG = "train_state.pt", "log.jsonl"
+# Steps between the log's reads of the training figures from the device (a host sync each; also at a
+# checkpoint and at the end).
+LOG_EVERY = 10
 
 
 # --- checkpoints
@@ -123,11 +128,6 @@ def lr_at(step: int, base: float, warmup: int, total: int, schedule: str) -> flo
     return base
 
 
-def _distances_summary(d: np.ndarray) -> dict:
-    return {"mean": float(d.mean()), "p50": float(np.percentile(d, 50)), "p90": float(np.percentile(d, 90)),
-            "max": float(d.max())}
-
-
 def _truncate_log(path: Path, step: int) -> None:
     """Drop the records of steps after the checkpoint a resume starts from (a crash may have logged them),
     and a last line that a kill or a full disk cut short."""
@@ -176,12 +176,20 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
     t_start = time.perf_counter()
     run_dir = Path(config.run_dir)
     ranks = join_ranks(config.device)
+    try:  # whatever ends the run, its process groups end with it
+        return _start(config, ranks, run_dir, t_start, resume=resume, stop_after=stop_after, progress=progress,
+                      log=log)
+    finally:
+        ranks.end()
+
+
+def _start(config: TrainConfig, ranks: Ranks, run_dir: Path, t_start: float, **how) -> dict:
+    """Rank 0 takes the run folder (and tells the others if it cannot), then every rank trains."""
     if not ranks.main:
         refusal = ranks.rank0_says(None)
         if refusal:
-            ranks.end()
             raise ZsdError(refusal)
-        return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
+        return _train(config, ranks, t_start, **how)
     holder = (f"`zsd train` (pid {os.getpid()} on {socket.gethostname()}, started "
               f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
     with ExitStack() as held:
@@ -194,10 +202,9 @@ def train(config: TrainConfig, *, resume: bool = False, stop_after: int | None =
         except BaseException as e:  # whatever stops rank 0 here, the other ranks must not wait for it
             ranks.rank0_says(str(e) if isinstance(e, ZsdError) else
                              f"rank 0 could not start: {type(e).__name__}: {e}")
-            ranks.end()
             raise
         ranks.rank0_says(None)
-        return _train(config, ranks, t_start, resume=resume, stop_after=stop_after, progress=progress, log=log)
+        return _train(config, ranks, t_start, **how)
 
 
 def _make_folder(folder: Path) -> bool:
@@ -227,42 +234,33 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
     if run.chosen:  # once the run is set up: an error before stays the only line
         say(run.chosen)
     end = run.total if stop_after is None else min(run.total, run.start + stop_after)
-    loader = open_inputs(run, end, progress, say)
-    # DDP only now that rank 0 has rendered the pixel cache. Gradients as views of DDP's buckets: no
-    # copy, and no stride mismatch with channels_last weights.
-    net = torch.compile(run.model) if config.compile else run.model
-    if ranks.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[run.device.index] if run.device.type == "cuda" else None, gradient_as_bucket_view=True)
+    loader = open_inputs(run, end, progress, log)
+    net = wrap(run)
     book = Logbook(run, progress)
-    step, last_good, seen, skipped = run.start, run.start if run.state is not None else None, 0, 0
+    step = run.start
     batches = iter(loader)
     run.model.train()
     try:
         while step < end:
-            t0 = time.perf_counter()
             for g in run.optimizer.param_groups:
                 g["lr"] = lr_at(step, config.lr, config.warmup_steps, run.total, config.lr_schedule)
             out = train_step(run, net, batches, log)
-            if not math.isfinite(out.loss):
-                where = f"the last good checkpoint (step {last_good}) is kept" if last_good is not None \
-                    else "no checkpoint was written yet"
-                raise ZsdError(f"loss became {out.loss} at step {step + 1}: stopping; {where} in {run.dir}")
-            run.optimizer.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            optimizer_step(run, step)
             step += 1
             if run.ema is not None:
                 run.ema.update(run.model, step=step)
-            run.skipped += out.skipped
-            dists, images, skipped = _over_ranks(out, run)
-            seen += images
-            book.step(step, out, dists, images, skipped, time.perf_counter() - t0)
-            if step % config.save_every == 0 and step < end:
+            book.step(step, out)
+            saves = step % config.save_every == 0 and step < end
+            # The log reads the steps' figures back (and stops on a non-finite loss) before a checkpoint
+            # is written: no checkpoint holds weights a non-finite loss moved.
+            if saves or step % LOG_EVERY == 0 or step == end:
+                book.flush()
+            if saves:
                 checkpoint(run, step)
-                last_good = step
-        if step > run.start and seen == 0:  # every micro-batch was skipped: the weights never moved
-            raise ZsdError(f"{step - run.start} steps saw no image ({skipped} samples skipped: unreadable images "
-                           f"or non-finite targets): nothing was learnt, so no final checkpoint is written in "
+                book.last_good = step
+        if step > run.start and book.seen == 0:  # every micro-batch was skipped: the weights never moved
+            raise ZsdError(f"{step - run.start} steps saw no image ({book.skipped} samples skipped: unreadable "
+                           f"images or non-finite targets): nothing was learnt, so no final checkpoint is written in "
                            f"{run.dir}")
         checkpoint(run, step)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
@@ -270,10 +268,11 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
                        "make room and rerun with --resume") from None
     finally:
         book.close()
+        if hasattr(batches, "close"):  # the pixel cache's generator: its gather thread ends now, not whenever
+            batches.close()            # a traceback holding this frame is collected
         del batches
-    ranks.barrier()
-    ranks.end()
-    return _summary(run, step, seen, skipped, book.last_loss, time.perf_counter() - t_start, say)
+    ranks.barrier(setup=False)  # rank 0 writes the last checkpoint
+    return _summary(run, step, book.seen, book.skipped, book.last_loss, time.perf_counter() - t_start, say)
 
 
 # --- setup: plan the run (targets, steps, student, resume state), then build what it trains
@@ -332,7 +331,7 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     # A resumed run's checkpoint holds the weights: init_from and student_pretrained are not loaded again.
     if config.init_from and run.state is None:
         run.init, init_cfg = load_student(config.init_from)
-        if init_cfg.get("teacher_id") != data.teacher_id:
+        if _teacher_of(init_cfg, data, say, f"--init {config.init_from}") == "other":
             raise ZsdError(f"--init {config.init_from} was distilled from another teacher (id "
                            f"{init_cfg.get('teacher_id')}) than the targets' ({data.teacher['model']}, "
                            f"id {data.teacher_id})")
@@ -356,13 +355,23 @@ def _saved_state(run_dir: Path, resume: bool) -> dict | None:
     return state
 
 
+def _teacher_of(student: dict, data: TrainTargets, say, what: str) -> str:
+    """zsd.teachers.same_teacher of a student.json (`student`) and the targets; the same teacher at another
+    precision (a run started on a CPU at fp32, continued on a GPU's bf16 targets) goes on with a note."""
+    match = same_teacher(student.get("teacher_id"), student.get("teacher"), data.teacher_id, data.teacher)
+    if match == "precision":
+        say(f"note: {what} learnt {student['teacher'].get('precision', 'fp32')} targets, these are the same "
+            f"teacher's at {data.teacher.get('precision', 'fp32')} precision (they differ by rounding)")
+    return match
+
+
 def _resume_state(run: Run, state: dict | None, resume: bool, say) -> None:
     """`run.state`, student and resolution from the checkpoint of the same run; a new run refuses a
     folder that holds one."""
     path = run.dir / STATE
     if state is not None:
         prev, dev = state["student"], run.device.type
-        if prev["teacher_id"] != run.data.teacher_id:
+        if _teacher_of(prev, run.data, say, f"--resume: {run.dir}") == "other":
             raise ZsdError(f"--resume: {run.dir} was trained on another teacher's targets (id {prev['teacher_id']})")
         conflicts = resume_conflicts(
             run_definition(prev["train_config"], prev["total_steps"], prev["world_size"], dev),
@@ -389,15 +398,18 @@ def build_student(run: Run, say) -> None:
     elif config.student_pretrained and run.state is None:
         load_pretrained_backbone(model, config.student_pretrained, run.preprocess.size)
     run.criterion = Criterion(config.losses, _class_embeddings(run, say))
-    model.to(dev)
-    run.criterion.to(dev)
-    if config.channels_last:
-        model.to(memory_format=torch.channels_last)
+    fix = "choose a smaller --student, or free the device (another process may hold its memory)"
+    with out_of_memory(dev, f"moving the {run.student} student to it", fix):
+        model.to(dev)
+        run.criterion.to(dev)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
     run.optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
                                        {"params": list(run.criterion.parameters()), "weight_decay": 0.0}],
                                       lr=config.lr, weight_decay=config.weight_decay)
     # The EMA copy (eval mode) is updated after every optimizer step; its first update copies the weights.
-    run.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay else None
+    with out_of_memory(dev, f"the EMA copy of the {run.student} student", f"pass --ema-decay 0, or {fix}"):
+        run.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema_decay else None
     if ranks.rank:  # one initialisation for all, then each rank its own drop-path masks (CPU and CUDA generators)
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank)
     if run.state is not None:
@@ -432,11 +444,30 @@ def _class_embeddings(run: Run, say) -> torch.Tensor | None:
     return class_text_embeddings(data, config.superclass, run.dir, config.pretrained, log=say)
 
 
+def wrap(run: Run):
+    """The module a step runs: the student, in DDP where there are several ranks, compiled with --compile.
+
+    DDP only now that the pixel caches are rendered. Gradients as views of DDP's buckets: no copy,
+    and no stride mismatch with channels_last weights. Compiled around DDP, compile(DDP(model)), as
+    torch's DDP documentation recommends: TorchDynamo then sees DDP's buckets and splits the graph
+    at them (its DDPOptimizer), so each bucket's all-reduce overlaps the rest of the backward;
+    DDP(compile(model)) hides the buckets from it and all-reduces only after the compiled backward."""
+    net, ranks = run.model, run.ranks
+    if ranks.distributed:
+        with out_of_memory(run.device, "setting up DDP (its gradient buckets hold a copy of the gradients)",
+                           "choose a smaller --student, or free the device"):
+            net = torch.nn.parallel.DistributedDataParallel(
+                net, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                gradient_as_bucket_view=True)
+    return torch.compile(net) if run.config.compile else net
+
+
 # --- the inputs: every micro-batch's pixels, from the pixel cache or decoded by a DataLoader
 
-def open_inputs(run: Run, end: int, progress: bool, say):
+def open_inputs(run: Run, end: int, progress: bool, log):
     """An iterable of (items, uint8 pixels, errors) per micro-batch from step `run.start` to `end`;
-    its batches are fixed by (seed, step), not by loader state."""
+    its batches are fixed by (seed, step), not by loader state. `log`: every rank's (the first rank
+    of each node speaks for it)."""
     config, data, ranks, pre = run.config, run.data, run.ranks, run.preprocess
     workers = config.workers if config.workers is not None else decode_workers(run.device)
     plan = BatchPlan(data, config.seed, config.batch_size, config.accum_steps, ranks.world, ranks.rank, run.start,
@@ -445,18 +476,7 @@ def open_inputs(run: Run, end: int, progress: bool, say):
     pixels = None
     if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
                                        PixelCache.nbytes(data, pre.size) <= ram_budget() // 2):
-        if not ranks.main:  # rank 0 renders, the others read its file
-            ranks.barrier()
-        try:
-            pixels = PixelCache(data, views, workers=workers, progress=progress and ranks.main, log=say,
-                                render=ranks.main)
-        except NoRoom as e:
-            if config.pixel_cache == "yes":
-                raise ZsdError(f"--pixel-cache yes: {e}: make room, set ZSD_CACHE to another folder, or pass "
-                               "--pixel-cache no") from None
-            say(f"note: no pixel cache: {e}; decoding the images of every batch instead")
-        if ranks.main:
-            ranks.barrier()
+        pixels = _pixel_cache(run, views, workers, progress, log if ranks.local == 0 else (lambda m: None))
     if pixels is not None:
         return pixels.batches(plan, pin=run.device.type == "cuda")
     micro = config.batch_size // (config.accum_steps * ranks.world)
@@ -466,25 +486,56 @@ def open_inputs(run: Run, end: int, progress: bool, say):
                       generator=torch.Generator().manual_seed(config.seed))  # keeps the global RNG untouched
 
 
+def _pixel_cache(run: Run, views: StudentInputs, workers: int, progress: bool, note) -> PixelCache | None:
+    """The pixel cache in this node's cache dir, or None (decode instead; --pixel-cache yes refuses).
+
+    Rank 0 renders first; then each other node's first rank (LOCAL_RANK 0) renders into its own
+    node's cache dir, or finds rank 0's file where the nodes share one; then the other ranks open
+    their node's. Every rank passes both waits, so a rank that failed does not leave the others
+    waiting. `note`: the log of the node's first rank, where the fallback is said on every node."""
+    config, ranks, first = run.config, run.ranks, run.ranks.local == 0
+    got = {}
+
+    def open_it():
+        try:
+            got["pixels"] = PixelCache(run.data, views, workers=workers, progress=progress and first, log=note,
+                                       render=first)
+        except NoRoom as e:
+            got["failure"] = e
+    if ranks.main:
+        open_it()
+    ranks.barrier()  # rank 0's render
+    if first and not ranks.main:
+        open_it()
+    ranks.barrier()  # the other nodes' renders
+    if not first:
+        open_it()
+    pixels, failure = got.get("pixels"), got.get("failure")
+    if config.pixel_cache == "yes" and not ranks.all_agree(pixels is not None):
+        raise ZsdError(f"--pixel-cache yes: {failure or 'another rank has no pixel cache'}: make room, set ZSD_CACHE "
+                       "to another folder, or pass --pixel-cache no")
+    if failure is not None:
+        note(f"note: no pixel cache: {failure}; decoding the images of every batch instead")
+    return pixels
+
+
 # --- one optimizer step
 
 @dataclass
 class StepOut:
-    loss: float  # the step's loss, the mean over the ranks
-    terms: dict[str, float]
-    dists: list[torch.Tensor]  # per image of this rank: |normalised student - teacher|
-    images: int  # images this rank used
-    skipped: int  # samples this rank skipped (unreadable images, non-finite targets)
+    figures: torch.Tensor  # on the device, over all ranks: loss, the `terms`, see `_over_ranks`
+    terms: list[str]
 
 
 def train_step(run: Run, net, batches, log) -> StepOut:
     """Forward and backward over the step's `accum` micro-batches, gradients averaged over the ranks;
-    the optimizer step is the caller's. Losses and distances stay on the device until the one host
-    sync (`.tolist()`) at the end."""
+    the optimizer step is the caller's. Losses and distances stay on the device: the log reads them
+    back every LOG_EVERY steps (`Logbook.flush`), so a step has no host sync of its own."""
     config, data, ranks, dev, pre = run.config, run.data, run.ranks, run.device, run.preprocess
     accum = config.accum_steps
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16) if run.precision == "bf16" else nullcontext()
-    loss_sum, term_sums, dists, n_images, skipped = torch.zeros((), device=dev), {}, [], 0, 0
+    loss_sum, dists, skipped = torch.zeros((), device=dev), [], 0
+    term_sums = {k: torch.zeros((), device=dev) for k in run.criterion.weights}  # skipped micro-batches too
     for _ in range(accum):
         items, pixels, errors = next(batches)
         t, finite = data.finite_targets(items, log)  # every rank names its own samples' rows
@@ -505,44 +556,70 @@ def train_step(run: Run, net, batches, log) -> StepOut:
         labels = _pinned(data.labels(items), dev) if needs_text(config.losses) else None  # read only for clip/mp
         # Gradients are all-reduced on every micro-batch (no no_sync), so a skipped last
         # micro-batch cannot leave the earlier ones unsynchronised.
-        try:
+        # the last checkpoint stays; --resume continues from it
+        with out_of_memory(dev, f"a training step of {len(x)} images per process ({run.student} at {pre.size} px)",
+                           "lower --batch-size or raise --accum (a step's images per process are --batch-size / "
+                           "(--accum x processes))"):
             with autocast:
                 s = net(x)
             loss, terms = run.criterion(s, t, labels)
             (loss / accum).backward()
-        except torch.OutOfMemoryError:  # the last checkpoint stays; --resume continues from it
-            raise ZsdError(f"out of memory on {dev} in a training step of {len(x)} images per process "
-                           f"({run.student} at {pre.size} px): lower --batch-size or raise --accum "
-                           "(a step's images per process are --batch-size / (--accum x processes))") from None
         loss_sum += loss.detach().float() / accum
         for k, v in terms.items():
-            term_sums[k] = term_sums.get(k, 0.0) + v.detach().float() / accum
+            term_sums[k] += v.detach().float() / accum
         with torch.no_grad():
             sn = torch.nn.functional.normalize(s.float(), dim=-1)
             dists.append((sn - t).norm(dim=-1))
-        n_images += len(items)
     names = sorted(term_sums)
     # the mean over ranks is logged; a non-finite loss on any rank stops all
     scalars = ranks.mean(torch.stack([loss_sum, *(term_sums[k] for k in names)]))
     for p in run.criterion.parameters():  # the temperatures live outside DDP
         if p.grad is not None:
             ranks.mean(p.grad)
-    loss, *terms = scalars.tolist()
-    return StepOut(loss, dict(zip(names, terms)), dists, n_images, skipped)
+    run.skipped += skipped
+    return StepOut(torch.cat([scalars, _over_ranks(dists, run)]), names)
 
 
-def _over_ranks(out: StepOut, run: Run) -> tuple[np.ndarray, int, int]:
-    """(distances, images) of the step and the samples skipped since `start`, over all ranks."""
-    dists = torch.cat(out.dists).float().cpu().numpy() if out.dists else np.zeros(1)
-    gathered = run.ranks.gather((dists, out.images, run.skipped))
-    return np.concatenate([g[0] for g in gathered]), sum(g[1] for g in gathered), sum(g[2] for g in gathered)
+def _over_ranks(dists: list[torch.Tensor], run: Run) -> torch.Tensor:
+    """The step's distances summarised over every rank's images (mean, p50, p90, max), the images and
+    the samples skipped since `run.start` over the ranks: on the device, without a host sync. Each
+    rank's distances, NaN-padded to one length, and its count of skipped samples travel in one gather."""
+    ranks, dev = run.ranks, run.device
+    most = run.config.batch_size // ranks.world
+    mine = torch.full((most + 1,), math.nan, device=dev)
+    if dists:
+        d = torch.cat(dists).float()
+        mine[:len(d)] = d
+    mine[most] = run.skipped  # a scalar fill on the device, not a copy from the host
+    every = [mine]
+    if ranks.distributed:
+        every = [torch.empty_like(mine) for _ in range(ranks.world)]
+        dist.all_gather(every, mine)
+    every = torch.stack(every)
+    d, skipped = every[:, :most].flatten(), every[:, most].sum()
+    summary = torch.stack([d.nanmean(), d.nanquantile(0.5), d.nanquantile(0.9), d.nan_to_num(-math.inf).amax()])
+    return torch.cat([summary.nan_to_num(0.0, neginf=0.0), torch.stack([(~d.isnan()).sum().float(), skipped])])
+
+
+def optimizer_step(run: Run, step: int) -> None:
+    """AdamW allocates its two moments per weight on its first step: there a large student runs out of memory."""
+    with out_of_memory(run.device, f"the optimizer's step {step + 1} (AdamW keeps 2 values per weight of "
+                                   f"{run.student})", "choose a smaller --student, or free the device"):
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
 
 
 # --- logging: log.jsonl (one record per step and per epoch) and the progress bar, on rank 0
 
 class Logbook:
+    """Per step, the device figures of `train_step` are kept; `flush` reads them back in one host sync,
+    stops on a non-finite loss (every rank: the loss is the mean over the ranks) and writes the records
+    (rank 0). Every rank flushes at the same steps."""
+
     def __init__(self, run: Run, progress: bool):
         self.run, self.main, self.epoch_losses, self.last_loss = run, run.ranks.main, [], None
+        self.pending, self.seen, self.skipped, self.since = [], 0, 0, time.perf_counter()
+        self.last_good = run.start if run.state is not None else None
         resumed = run.state is not None
         if self.main and resumed:
             _truncate_log(run.dir / LOG, run.start)
@@ -551,24 +628,39 @@ class Logbook:
         self.bar = tqdm(total=run.total, initial=run.start, unit="step", desc=f"train {run.student} -> {run.dir.name}",
                         disable=not (progress and self.main), dynamic_ncols=True)
 
-    def step(self, step: int, out: StepOut, dists: np.ndarray, images: int, skipped: int, seconds: float) -> None:
-        self.epoch_losses.append(out.loss)
-        self.last_loss = out.loss
-        if not self.main:
-            return
-        per_epoch = self.run.steps_per_epoch
-        record = {"step": step, "epoch": (step - 1) // per_epoch, "images": images, "loss": out.loss,
-                  "terms": out.terms, "lr": self.run.optimizer.param_groups[0]["lr"],
-                  "images_per_s": images / max(seconds, 1e-9), "dist": _distances_summary(dists),
-                  "skipped_images": skipped}
-        self.file.write(json.dumps(record) + "\n")
+    def step(self, step: int, out: StepOut) -> None:
+        self.pending.append((step, out, self.run.optimizer.param_groups[0]["lr"]))
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{out.loss:.4f}", max_dist=f"{dists.max():.3f}")
-        if step % per_epoch == 0:
-            self.file.write(json.dumps({"epoch_end": record["epoch"], "step": step,
-                                        "mean_loss": float(np.mean(self.epoch_losses))}) + "\n")
-            self.epoch_losses = []
-        self.file.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        figures = torch.stack([out.figures for _, out, _ in self.pending]).tolist()  # the one host sync
+        images_per_s = sum(f[-2] for f in figures) / max(time.perf_counter() - self.since, 1e-9)
+        per_epoch = self.run.steps_per_epoch
+        for (step, out, lr), values in zip(self.pending, figures):
+            n = len(out.terms)
+            loss, terms, dists, (images, skipped) = values[0], values[1:1 + n], values[1 + n:-2], map(int, values[-2:])
+            if not math.isfinite(loss):
+                where = f"the last good checkpoint (step {self.last_good}) is kept" if self.last_good is not None \
+                    else "no checkpoint was written yet"
+                raise ZsdError(f"loss became {loss} at step {step}: stopping; {where} in {self.run.dir}")
+            self.epoch_losses.append(loss)
+            self.last_loss, self.seen, self.skipped = loss, self.seen + images, skipped
+            if not self.main:
+                continue
+            record = {"step": step, "epoch": (step - 1) // per_epoch, "images": images, "loss": loss,
+                      "terms": dict(zip(out.terms, terms)), "lr": lr, "images_per_s": images_per_s,
+                      "dist": dict(zip(("mean", "p50", "p90", "max"), dists)), "skipped_images": skipped}
+            self.file.write(json.dumps(record) + "\n")
+            if step % per_epoch == 0:
+                self.file.write(json.dumps({"epoch_end": record["epoch"], "step": step,
+                                            "mean_loss": float(np.mean(self.epoch_losses))}) + "\n")
+                self.epoch_losses = []
+        self.pending, self.since = [], time.perf_counter()
+        if self.main:
+            self.file.flush()
+            self.bar.set_postfix(loss=f"{self.last_loss:.4f}", max_dist=f"{dists[-1]:.3f}")
 
     def close(self) -> None:
         self.bar.close()

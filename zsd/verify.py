@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zsd.errors import ZsdError
+from zsd.errors import ZsdError, out_of_memory
 from zsd.sources import BadImage, RowReader
 from zsd.store import FAILED, NORM_TOLERANCE, PENDING, WRITTEN, damage_text, open_store
 from zsd.teachers import rebuild_teacher
@@ -90,7 +90,9 @@ def _recompute(store, rows, keys, tolerance, pretrained, device, batch_size, log
     cosines = np.zeros(len(where))
     for s in range(0, len(where), batch_size):
         x = normalize(torch.stack(pixels[s:s + batch_size]), pre.mean, pre.std)
-        z = teacher.encode_images(x).float().cpu().numpy()
+        with out_of_memory(teacher.device, f"the teacher forward of {len(x)} views",
+                           "free the device, or recompute on the CPU (--device cpu)"):
+            z = teacher.encode_images(x).float().cpu().numpy()
         z /= np.linalg.norm(z, axis=1, keepdims=True)
         ref = np.stack([stored[r][v] for r, v in where[s:s + batch_size]])
         cosines[s:s + len(z)] = (z * ref).sum(axis=1) / np.linalg.norm(ref, axis=1)
