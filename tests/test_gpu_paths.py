@@ -426,6 +426,14 @@ def test_decode_workers_follow_the_cores_of_each_gpus_share(monkeypatch):
     assert cpu.decode_workers("cuda") == 1 and cpu.decode_workers("cpu") == 1
 
 
+def test_the_pixel_cache_render_takes_the_whole_nodes_cores(monkeypatch):
+    """One rank per node renders while the others wait: it decodes with the node's cores, not one GPU's share."""
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert cpu.decode_workers("cuda") == 3 and cpu.render_workers("cuda") == 31
+    assert cpu.render_workers("cpu") == cpu.decode_workers("cpu") == 4
+
+
 def test_teacher_batches_on_a_gpu_shrink_with_the_input_size():
     assert [gpu_batch(s) for s in (32, 224, 256, 336, 448, 1024)] == [256, 256, 128, 64, 64, 16]
 

@@ -51,6 +51,13 @@ def decode_workers(device: str | torch.device = "cpu") -> int:
     return min(4, max(1, cores - 1))
 
 
+def render_workers(device: str | torch.device = "cpu") -> int:
+    """Processes for the pixel-cache render. One rank per node renders while the node's other ranks
+    wait for it, so on a GPU node it takes the whole node's cores but its own, not one rank's share."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    return min(32, max(1, cores - 1)) if torch.device(device).type == "cuda" else decode_workers(device)
+
+
 def check_shared_memory(workers: int, batch_bytes: int, prefetch: int, path: str = "/dev/shm") -> None:
     """DataLoader workers hand their batches over in shared memory: where `path` has less room than
     the batches in flight (a container's default 64 MiB), a worker dies with a bare "Bus error".

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from zsd.classes import class_prototype_embeddings, class_text_embeddings
-from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
+from zsd.cpu import check_shared_memory, decode_workers, render_workers, tune_allocator
 from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, out_of_memory, write_atomic
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
@@ -476,7 +476,8 @@ def open_inputs(run: Run, end: int, progress: bool, log):
     pixels = None
     if config.pixel_cache == "yes" or (config.pixel_cache == "auto" and
                                        PixelCache.nbytes(data, pre.size) <= ram_budget() // 2):
-        pixels = _pixel_cache(run, views, workers, progress, log if ranks.local == 0 else (lambda m: None))
+        render = config.workers if config.workers is not None else render_workers(run.device)
+        pixels = _pixel_cache(run, views, render, progress, log if ranks.local == 0 else (lambda m: None))
     if pixels is not None:
         return pixels.batches(plan, pin=run.device.type == "cuda")
     micro = config.batch_size // (config.accum_steps * ranks.world)
