@@ -242,9 +242,10 @@ def _render_variant(out: Rendered, variant: str, blocks: list[range], job: Calla
 
 # ---------------------------------------------------------------- models on the rendered pixels
 
-def model_input(pixels: np.ndarray, pre: Preprocess) -> torch.Tensor:
-    """uint8 (B, S, S, 3) square crops -> the model's normalised input through its eval transform."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)
+def model_input(pixels: np.ndarray, pre: Preprocess, device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 (B, S, S, 3) square crops -> the model's normalised input through its eval transform, on
+    `device`: the uint8 crops go there first, so a GPU resizes them, not the CPU's main thread."""
+    x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device).permute(0, 3, 1, 2)
     mode = pre.interpolation_mode
     if pre.resize_mode == "squash":
         x = TF.resize(x, [pre.size, pre.size], mode, antialias=True)
@@ -254,14 +255,14 @@ def model_input(pixels: np.ndarray, pre: Preprocess) -> torch.Tensor:
 
 
 def embed_pixels(pixels: np.ndarray, rows: np.ndarray, encode, pre: Preprocess, batch_size: int,
-                 device="the device") -> np.ndarray:
+                 device: str | torch.device = "cpu") -> np.ndarray:
     """(N, D) float32 unit embeddings of the `rows` of `pixels`; other rows stay zero."""
     idx = np.flatnonzero(rows)
     out = None
     for start in range(0, len(idx), batch_size):
         part = idx[start:start + batch_size]
         with out_of_memory(device, f"a forward of {len(part)} images", "lower --batch-size"):
-            z = encode(model_input(pixels[part], pre)).float().cpu().numpy()
+            z = encode(model_input(pixels[part], pre, device)).float().cpu().numpy()
         if out is None:
             out = np.zeros((len(pixels), z.shape[1]), np.float32)
         out[part] = z
