@@ -55,7 +55,7 @@ def load_predictions(test: str, student: str, *, teacher: str | None = None, pre
 
 
 def calibrate(test: str, student: str, *, alpha: float = 0.05, delta: float = 0.05, risk: str = "disagreement",
-              score: str = "auto", holdout: float = 0.5, seed: int = 0, record: bool = True, log=print,
+              score: str = "margin", holdout: float = 0.5, seed: int = 0, record: bool = True, log=print,
               **predictions) -> dict:
     """`zsd calibrate`: the report of `calibrate_arrays` on TEST and the student, with the guarantee
     (also written into the student's run folder as calibration.json unless `record` is False)."""

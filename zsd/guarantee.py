@@ -266,7 +266,7 @@ def _candidates(cos, agree, losses, alpha: float, delta: float, seed: int, requi
     return out
 
 
-def choose(cos: np.ndarray, agree: np.ndarray, losses: np.ndarray, alpha: float, delta: float, score: str = "auto",
+def choose(cos: np.ndarray, agree: np.ndarray, losses: np.ndarray, alpha: float, delta: float, score: str = "margin",
            seed: int = 0) -> tuple[dict, dict, np.ndarray, dict]:
     """(spec, certify result, tested calibration rows) of `score`, and every score's own (spec, result)
     (the comparison). See `_planned` for `auto`."""
@@ -308,7 +308,7 @@ def split(n: int, holdout: float, seed: int) -> np.ndarray:
 
 def calibrate_arrays(keys, student_cos: np.ndarray, teacher_pred: np.ndarray, labels: np.ndarray | None,
                      classnames: list[str], *, alpha: float = 0.05, delta: float = 0.05, risk: str = "disagreement",
-                     score: str = "auto", holdout: float = 0.5, seed: int = 0, next_k: int = 5) -> dict:
+                     score: str = "margin", holdout: float = 0.5, seed: int = 0, next_k: int = 5) -> dict:
     """The whole report from per-photo arrays: student cosines (n, K), teacher top-1, labels (or None)."""
     check_level(alpha, delta)
     if not 0 <= holdout < 1:
