@@ -63,8 +63,9 @@ def test_a_torchrun_rank_uses_and_makes_current_its_own_gpu(fake_gpus, monkeypat
         raise ZsdError("stop here")
 
     monkeypatch.setattr("zsd.cache.create_teacher", teacher_on)
+    (tmp_path / "photos").mkdir()  # sources are checked before the teacher loads: one that exists
     with pytest.raises(ZsdError, match="stop here"):
-        cache_teacher(["nowhere"], str(tmp_path / "unused.zarr"), device="cuda")
+        cache_teacher([str(tmp_path / "photos")], str(tmp_path / "unused.zarr"), device="cuda")
     assert seen == [torch.device("cuda", 1)] and fake_gpus[-1] == torch.device("cuda", 1)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from conftest import cli, make_image
@@ -34,6 +35,8 @@ def store(tmp_path_factory, tiny_teacher_name):
 
 
 def fit(store, run_dir, student, res=None):
+    """res None: the student's own resolution (a CPU run's default would be 64 px)."""
+    res = res or timm.create_model(student).pretrained_cfg["input_size"][-1]
     config = TrainConfig([str(store.path)], run_dir=str(run_dir), student=student, student_res=res, batch_size=4,
                          steps=3, lr=3e-3, workers=0, device="cpu", precision="fp32", pixel_cache="no")
     train(config, progress=False, log=lambda m: None)
