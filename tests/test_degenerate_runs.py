@@ -4,8 +4,12 @@ import os
 
 import pytest
 
+from conftest import make_image
+from test_train import FAST, make_store
 from zsd.errors import ZsdError
 from zsd.loader import TrainTargets
+from zsd.store import open_store
+from zsd.train import TrainConfig, train
 
 
 def test_one_store_passed_twice_is_refused_under_any_spelling(store, tmp_path, monkeypatch):
@@ -17,3 +21,61 @@ def test_one_store_passed_twice_is_refused_under_any_spelling(store, tmp_path, m
             TrainTargets(specs, log=lambda m: None)
         assert "pass it once" in str(e.value) and "\n" not in str(e.value)
     assert TrainTargets([str(store)], log=lambda m: None).rows_per_epoch > 0
+
+
+def _fit(targets, run_dir, **fields):
+    config = TrainConfig(list(targets), run_dir=str(run_dir), **{**FAST, **fields})
+    return train(config, progress=False, log=lambda m: None)
+
+
+@pytest.mark.parametrize("losses", [["clip"], ["mp"], ["l2", "clip=0.5"]])
+def test_class_losses_on_one_class_are_refused_before_step_1(tmp_path, tiny_teacher_name, losses):
+    """One class: clip's cross-entropy over one class is 0 at every step, and the run said "finished"."""
+    for i in range(4):
+        make_image(tmp_path / "one" / "cat" / f"{i}.png", seed=i)
+    store = make_store(tmp_path / "one", tmp_path / "one.zarr", tiny_teacher_name, views=1)
+    with pytest.raises(ZsdError) as e:
+        _fit([store], tmp_path / "run", steps=2, losses=losses)
+    assert str(e.value) == (f"--loss {[n for n in losses if n.split('=')[0] in ('clip', 'mp')][0].split('=')[0]} "
+                            "needs >= 2 classes among the written rows of the targets' labels; 1 found (cat): use "
+                            "--loss l2 (or cosine, mse, contrastive-image), or add --targets of other classes")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert _fit([store], tmp_path / "run", steps=2)["finished"]  # l2 learns from the same store
+
+
+def test_class_losses_count_only_classes_with_written_rows(tmp_path, tiny_teacher_name):
+    """Two class folders, but every image of one is unreadable: one class is left to learn from."""
+    for i in range(4):
+        make_image(tmp_path / "two" / "cat" / f"{i}.png", seed=i)
+        (tmp_path / "two" / "dog").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "two" / "dog" / f"{i}.png").write_bytes(b"not a png")
+    store = make_store(tmp_path / "two", tmp_path / "two.zarr", tiny_teacher_name, views=1)
+    assert open_store(store).classnames == ["cat", "dog"]
+    with pytest.raises(ZsdError, match=r"^--loss mp needs >= 2 classes .*; 1 found \(cat\)"):
+        _fit([store], tmp_path / "run", steps=1, losses=["mp"])
+    # a second store brings the other class's rows: the run learns
+    for i in range(4):
+        make_image(tmp_path / "dogs" / "dog" / f"{i}.png", seed=10 + i)
+    dogs = make_store(tmp_path / "dogs", tmp_path / "dogs.zarr", tiny_teacher_name, views=1)
+    summary = _fit([store, dogs], tmp_path / "run", steps=2, losses=["clip"])
+    assert summary["finished"] and summary["final_loss"] > 0
+
+
+def test_micro_batches_of_one_and_targets_below_one_batch_are_refused(store, tmp_path):
+    """contrastive-image over one image is log(1) = 0; fewer rows than a batch give no step at all."""
+    with pytest.raises(ZsdError, match=r"micro-batches of 1 image; a step needs at least 2: raise --batch-size"):
+        _fit([store], tmp_path / "a", steps=1, batch_size=2, accum_steps=2, losses=["contrastive-image"])
+    with pytest.raises(ZsdError) as e:
+        _fit([store], tmp_path / "b", steps=1, batch_size=16)  # the store has 12 written rows
+    assert str(e.value) == ("the targets have 12 written rows, fewer than one batch (--batch-size 16): pass "
+                            "--batch-size 12 or less, or cache more images")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_fraction_of_an_epoch_trains_one_step_and_says_so(store, tmp_path):
+    """--epochs so small that it rounds to 0 steps runs 1 step, and the summary reports that epoch fraction."""
+    log = []
+    config = TrainConfig([store], run_dir=str(tmp_path / "r"), epochs=0.01, **FAST)
+    summary = train(config, progress=False, log=log.append)
+    assert summary["steps"] == summary["total_steps"] == 1 and summary["epochs"] == pytest.approx(1 / 3)
+    assert any("--epochs 0.01 is less than one step" in m for m in log)

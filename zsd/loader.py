@@ -134,12 +134,17 @@ class Source:
             self._label_chunks.popitem(last=False)
         return out
 
+    def class_rows(self, n_classes: int) -> np.ndarray:
+        """(n_classes + 1,) written rows per merged class, the unlabelled ones last (a streamed store's
+        read block by block)."""
+        blocks = [self.labels[self.rows]] if self.labels is not None else \
+            (self.remap[lab][st == WRITTEN] for (_, st), (_, lab) in zip(self.store.blocks("status"),
+                                                                          self.store.blocks("label")))
+        return sum(np.bincount(np.where(labels < 0, n_classes, labels), minlength=n_classes + 1) for labels in blocks)
+
     def unlabelled_rows(self) -> int:
-        """Written rows without a class (a streamed store's read block by block)."""
-        if self.labels is not None:
-            return int((self.labels[self.rows] < 0).sum())
-        return sum(int(((st == WRITTEN) & (self.remap[lab] < 0)).sum())
-                   for (_, st), (_, lab) in zip(self.store.blocks("status"), self.store.blocks("label")))
+        """Written rows without a class."""
+        return int(self.class_rows(int(self.remap.max()) + 1)[-1])
 
 
 class TrainTargets:

@@ -45,7 +45,7 @@ from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
-from zsd.losses import Criterion, needs_text
+from zsd.losses import LOSSES, Criterion, needs_text
 from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
                          student_preprocess)
 from zsd.store import LOCK, folder_lock
@@ -316,9 +316,12 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     data = TrainTargets(config.targets, in_ram=config.in_ram, shuffle_chunks=config.shuffle_chunks, log=say)
     steps_per_epoch = data.rows_per_epoch // batch_size
     if steps_per_epoch == 0:
-        raise ZsdError(f"the targets have {data.rows_per_epoch} usable rows, fewer than one batch "
-                       f"(--batch-size {batch_size})")
+        raise ZsdError(f"the targets have {data.rows_per_epoch} written rows, fewer than one batch (--batch-size "
+                       f"{batch_size}): pass --batch-size {data.rows_per_epoch} or less, or cache more images")
     total = config.steps if config.steps is not None else max(1, round((config.epochs or 1) * steps_per_epoch))
+    if config.steps is None and round((config.epochs or 1) * steps_per_epoch) == 0:
+        say(f"note: --epochs {config.epochs:g} is less than one step ({steps_per_epoch} steps per epoch): "
+            "training 1 step")
     run = Run(config, ranks, Path(config.run_dir), data, steps_per_epoch, total, config.student, config.student_res,
               precision=config.precision or default_precision(ranks.device.type))
     _resume_state(run, resume, say)
@@ -407,8 +410,15 @@ def _class_embeddings(run: Run, say) -> torch.Tensor | None:
     config, data = run.config, run.data
     if not needs_text(config.losses):
         return None
-    if any(src.unlabelled_rows() for src in data.sources):
+    counts = sum(src.class_rows(len(data.classnames)) for src in data.sources)
+    if counts[-1]:
         raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
+    present = [name for name, n in zip(data.classnames, counts) if n]
+    if len(present) < 2:  # one class: the loss is 0 (clip) or constant, and nothing is learnt
+        losses = [f"--loss {name}" for name in config.losses if LOSSES[name].needs_text]
+        raise ZsdError(f"{' and '.join(losses)} need{'s' if len(losses) == 1 else ''} >= 2 classes among the written rows of the targets' labels; "
+                       f"{len(present)} found ({', '.join(present) or 'none'}): use --loss l2 (or cosine, mse, "
+                       "contrastive-image), or add --targets of other classes")
     if config.class_embeddings_from:
         return class_prototype_embeddings(data, config.class_embeddings_from)
     if run.ranks.main:
