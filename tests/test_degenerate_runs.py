@@ -1,10 +1,13 @@
 """Runs that cannot learn what they claim are refused before step 1, never reported as a success (#32)."""
 
+import json
 import os
 
+import numpy as np
 import pytest
+import torch
 
-from conftest import make_image
+from conftest import cli, make_image
 from test_train import FAST, make_store
 from zsd.errors import ZsdError
 from zsd.loader import TrainTargets
@@ -79,3 +82,75 @@ def test_a_fraction_of_an_epoch_trains_one_step_and_says_so(store, tmp_path):
     summary = train(config, progress=False, log=log.append)
     assert summary["steps"] == summary["total_steps"] == 1 and summary["epochs"] == pytest.approx(1 / 3)
     assert any("--epochs 0.01 is less than one step" in m for m in log)
+
+
+@pytest.fixture
+def stopped_run(store, tmp_path):
+    """A run stopped after 2 of 4 steps, and the arguments that continue it."""
+    args = ["train", "--targets", store, "--student", "test_resnet", "--student-res", "32", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu", "--precision", "fp32", "--pixel-cache", "no", "--steps", "4",
+            "--out", tmp_path / "run"]
+    from zsd.cli import main
+    main([str(a) for a in args + ["--stop-after", "2"]])
+    return tmp_path / "run", args
+
+
+def _garble_state(path, how):
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[:1000])
+    elif how == "garbage":
+        path.write_bytes(np.random.default_rng(0).bytes(5000))
+    else:
+        state = torch.load(path, weights_only=False)
+        if how == "not a dict":
+            state = [1, 2]
+        elif how == "negative size":
+            state["student"]["preprocess"]["size"] = -3
+        elif how == "other weights":
+            state["model"] = {"x": torch.zeros(1)}
+        elif how == "step out of range":
+            state["step"] = 99
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("how,why", [("truncated", "RuntimeError: PytorchStreamReader failed reading zip archive"),
+                                     ("garbage", "UnpicklingError"), ("not a dict", "not a training state"),
+                                     ("negative size", "its preprocess size is -3, not a whole number in 1..8192"),
+                                     ("other weights", "RuntimeError: Error(s) in loading state_dict"),
+                                     ("step out of range", "its step 99 is outside 0..4")])
+def test_a_damaged_training_state_is_one_line_on_resume(stopped_run, capsys, how, why):
+    run, args = stopped_run
+    _garble_state(run / "train_state.pt", how)
+    files = lambda: sorted((p.name, p.read_bytes()) for p in run.iterdir() if p.name != "zsd.lock")  # noqa: E731
+    before = files()
+    code, _, err = cli(args + ["--resume"], capsys)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"zsd: error: --resume: {run / 'train_state.pt'} is damaged ({why}") and err.endswith(
+        "so the run cannot continue where it stopped: start a new run with another --out, or start one from this "
+        f"run's student weights with --init {run} (a fresh optimizer)\n")
+    assert files() == before  # nothing written
+    # the way out it names works: a new run from the kept student weights
+    new = [str(a) for a in args[:-1]] + [str(run.parent / "new"), "--init", str(run)]
+    assert cli([a for a in new if a not in ("--student", "test_resnet")], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("field,value,problem", [
+    ("size", -5, "its preprocess size is -5, not a whole number in 1..8192"),
+    ("size", 10 ** 9, "its preprocess size is 1000000000, not a whole number in 1..8192"),
+    ("size", 32.5, "its preprocess size is 32.5, not a whole number in 1..8192"),
+    ("std", [0.5, 0, 0.5], "its preprocess std is [0.5, 0, 0.5], not 3 numbers above 0")])
+def test_impossible_sizes_in_student_json_are_one_line_everywhere(stopped_run, store, tmp_path, capsys, field,
+                                                                  value, problem):
+    run, args = stopped_run
+    config = json.loads((run / "student.json").read_text())
+    config["preprocess"][field] = value
+    (run / "student.json").write_text(json.dumps(config))
+    want = (f"zsd: error: {run / 'student.json'} is damaged: {problem}; rerun its `zsd train ... --resume`, which "
+            "writes it again from train_state.pt\n")
+    for command in (["eval", "--student", run, store], ["export", run, "--out", tmp_path / "s.onnx"]):
+        code, _, err = cli(command, capsys)
+        assert (code, err) == (1, want), command
+    assert not (tmp_path / "s.onnx").exists()
+    assert cli(args + ["--resume"], capsys)[0] == 0  # the repair it names
+    assert json.loads((run / "student.json").read_text())["preprocess"]["size"] == 32
+    assert cli(["eval", "--student", run, store], capsys)[0] == 0

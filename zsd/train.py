@@ -46,8 +46,8 @@ from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
 from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
 from zsd.losses import LOSSES, Criterion, needs_text
-from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
-                         student_preprocess)
+from zsd.student import (EMA_PREFIX, Student, _unwrap, config_problem, load_pretrained_backbone, load_student,
+                         save_student, student_preprocess)
 from zsd.store import LOCK, folder_lock
 from zsd.train_config import TrainConfig, default_precision, resume_conflicts, run_definition  # noqa: F401 (zsd.train.TrainConfig)
 from zsd.views import Preprocess, normalize
@@ -262,8 +262,10 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
                            f"{run.dir}")
         checkpoint(run, step)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
-        raise ZsdError(f"cannot write {e.filename or run.dir} at step {step} ({e.strerror}); {_kept(run.dir)}: "
-                       "make room and rerun with --resume") from None
+        kept = _kept(run.dir)
+        again = "rerun the same command" if kept.startswith("no ") else "rerun with --resume"
+        raise ZsdError(f"cannot write {e.filename or run.dir} at step {step} ({e.strerror}); {kept}: "
+                       f"make room and {again}") from None
     finally:
         book.close()
         del batches
@@ -346,10 +348,20 @@ def _resume_state(run: Run, resume: bool, say) -> None:
     folder that holds one."""
     path = run.dir / STATE
     if resume and path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # truncated, garbled, unreadable
+            raise unusable_state(run.dir, _first_sentence(e)) from None
+        if not isinstance(state, dict) or "step" not in state:
+            raise unusable_state(run.dir, "not a training state")
         if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
             raise ZsdError(f"--resume: {run.dir} was written by an older zsd; start a new run (another --out)")
         prev, dev = state["student"], run.device.type
+        problem = "its student record is not an object" if not isinstance(prev, dict) else config_problem(prev) or \
+            next((f"its student record lacks {k}" for k in ("teacher_id", "train_config", "total_steps", "world_size")
+                  if k not in prev), None)
+        if problem:
+            raise unusable_state(run.dir, problem)
         if prev["teacher_id"] != run.data.teacher_id:
             raise ZsdError(f"--resume: {run.dir} was trained on another teacher's targets (id {prev['teacher_id']})")
         conflicts = resume_conflicts(
@@ -363,6 +375,19 @@ def _resume_state(run: Run, resume: bool, say) -> None:
         say(f"--resume: no {STATE} in {run.dir}, starting fresh")
     elif path.is_file():
         raise ZsdError(f"{run.dir} already holds a training run: pass --resume to continue it or another --out")
+
+
+def _first_sentence(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0].split('. ')[0][:120]}"
+
+
+def unusable_state(run_dir: Path, why: str) -> ZsdError:
+    """--resume on a train_state.pt that cannot be read (damaged after it was written: it is written
+    atomically). The optimizer's state is lost; the student's weights may not be."""
+    init = (f", or start one from this run's student weights with --init {run_dir} (a fresh optimizer)"
+            if (run_dir / "student.safetensors").is_file() else "")
+    return ZsdError(f"--resume: {run_dir / STATE} is damaged ({why}), so the run cannot continue where it stopped: "
+                    f"start a new run with another --out{init}")
 
 
 def build_student(run: Run, say) -> None:
@@ -390,13 +415,18 @@ def build_student(run: Run, say) -> None:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank)
     if run.state is not None:
         state = run.state
-        model.load_state_dict(state["model"])
-        if run.ema is not None:
-            run.ema.module.load_state_dict(state["ema"])
-        run.criterion.load_state_dict(state["criterion"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state((state.get("rng_ranks") or [state["rng"]] * ranks.world)[ranks.rank], dev)
-        run.start = state["step"]
+        try:
+            model.load_state_dict(state["model"])
+            if run.ema is not None:
+                run.ema.module.load_state_dict(state["ema"])
+            run.criterion.load_state_dict(state["criterion"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state((state.get("rng_ranks") or [state["rng"]] * ranks.world)[ranks.rank], dev)
+            run.start = int(state["step"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # whole file, garbled contents
+            raise unusable_state(run.dir, _first_sentence(e)) from None
+        if not 0 <= run.start <= run.total:
+            raise unusable_state(run.dir, f"its step {run.start} is outside 0..{run.total}")
         say(f"resuming {run.dir} at step {run.start} of {run.total}")
     # student.json: what the student is, and the run that made it.
     run.meta = {"student": run.student, "embed_dim": data.dim, "preprocess": run.preprocess.to_dict(),
@@ -572,6 +602,9 @@ class Logbook:
                 self.file.close()
             except OSError:  # the rest of a line a full disk refused: --resume drops the cut line
                 pass
+            log = self.run.dir / LOG
+            if log.is_file() and log.stat().st_size == 0:  # a fresh run that logged no step (a full disk) leaves none
+                log.unlink()
 
 
 def _summary(run: Run, step: int, seen: int, skipped: int, last_loss, elapsed: float, say) -> dict:
