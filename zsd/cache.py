@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import PackedKeys, ShardIndex, scan_sources
+from zsd.sources import PackedKeys, RowReader, ShardIndex, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -44,14 +44,15 @@ def gpu_batch(size: int) -> int:
 
 
 def _collate(items):
-    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds).
+    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds,
+    the files' `file_stat`s (None where unread)).
 
     One pixel tensor per batch: every tensor a DataLoader worker sends holds a file descriptor
     until the main process takes it, and one per image (prefetch x workers x batch of them in
     flight) exceeded a lowered open-file limit ("Too many open files")."""
     ok = [it[1] for it in items if it[1] is not None]
     return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
-        [it[3] for it in items], sum(it[4] for it in items)
+        [it[3] for it in items], sum(it[4] for it in items), [it[5] for it in items]
 
 
 def default_workers(device: torch.device) -> int:
@@ -206,9 +207,11 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
     # before trusting a commit: a cut-short copy must not read as zeros, garbled bytes not as embeddings;
-    # the rows verify rejects in whole files are looked for once the damaged chunks are pending
+    # the rows verify rejects in whole files are looked for once the damaged chunks are pending, then the
+    # rows whose image was replaced after it was cached (its size or mtime differ from the recorded ones)
     repaired = 0
-    for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine)):
+    for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine),
+                 lambda: changed_rows(store, mine)):
         damage = find()
         damaged = sorted({c for _, c, _ in damage})
         rows = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
@@ -240,6 +243,32 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     }
     log(_summary_text(summary))
     return summary
+
+
+def changed_rows(store: Store, chunks=None) -> list[tuple[str, int, str]]:
+    """("stat", chunk, why) per written row of `chunks` (default all) whose file is not the one it was
+    cached from (`RowReader.changed`: a stat call per image, one per shard); none for a store without
+    the stat array. `zsd cache-teacher` recomputes their chunks, `zsd verify` reports them."""
+    if "stat" not in store.arrays:
+        return []
+    reader, found, shards = RowReader(store.sources), [], {}
+    counts = store.status_per_chunk()
+    for c in range(store.n_chunks) if chunks is None else chunks:
+        if not counts[c, 1]:
+            continue
+        sl = store.chunk_slice(c)
+        status, keys, locs, stats = store.status(sl), store.keys(sl), store.locs(sl), store.stats(sl)
+        for i in np.flatnonzero(status == WRITTEN):
+            if store.sources[int(locs[i][0])]["kind"] == "webdataset":  # a shard is looked at once
+                shard = (reader.path(keys[i], locs[i]), tuple(stats[i]))
+                if shard not in shards:
+                    shards[shard] = reader.changed(keys[i], locs[i], stats[i])
+                why = shards[shard]
+            else:
+                why = reader.changed(keys[i], locs[i], stats[i])
+            if why:
+                found.append(("stat", c, why))
+    return found
 
 
 def _rejected_rows(store: Store, chunks: list[int]) -> list[tuple[str, int, str]]:
@@ -291,6 +320,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             n = sl.stop - sl.start
             buf = buffers[c] = {"emb": np.zeros((n, views, store.dim), np.float16), "error": [""] * n,
                                 "view": np.zeros((n, views, 5), np.int32), "status": np.full(n, WRITTEN, np.uint8),
+                                "stat": np.full((n, 2), -1, np.int64),
                                 "start": sl.start, "left": live[c]}
             for r in range(sl.start, sl.stop):
                 if r in skip:
@@ -300,7 +330,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
     def flush(c):
         t0 = time.perf_counter()
         buf = buffers.pop(c)
-        store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
+        store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"], buf["stat"])
         timing["writing"] += time.perf_counter() - t0
 
     for c in chunks:  # chunks with nothing to read are written at once
@@ -311,7 +341,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
     t_loop = t_wait = time.perf_counter()
     first = None
     try:  # the bar ends its line before an error (a full disk) is printed
-        for rows, pixels, params, errors, decode_s in loader:
+        for rows, pixels, params, errors, decode_s, stats in loader:
             timing["waiting for images"] += time.perf_counter() - t_wait
             c = rows[0] // store.chunk_rows
             buf = buffer(c)
@@ -330,7 +360,8 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
                 timing[encoder_name] += time.perf_counter() - t0
                 for i, e in zip(ok, z):
                     if np.isfinite(e).all():
-                        buf["emb"][rows[i] - buf["start"]], buf["view"][rows[i] - buf["start"]] = e, params[i]
+                        r = rows[i] - buf["start"]
+                        buf["emb"][r], buf["view"][r], buf["stat"][r] = e, params[i], stats[i]
                     else:  # a NaN target stops training at its first batch: the row fails here instead
                         bad.append((rows[i], f"the {encoder_name}'s embedding is not finite (NaN or inf)"))
             for row, reason in bad:

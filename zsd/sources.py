@@ -170,8 +170,19 @@ def key_text(key: str) -> str:
     return _ESCAPED.sub(lambda m: f"\\x{m.group(1)}", key)
 
 
-def read_file(path: str) -> bytes:
-    """The bytes of a regular file, or BadImage saying what `path` is instead; never blocks on a FIFO."""
+class ImageChanged(BadImage):
+    """A row's file is not the one its embedding was computed from: its size or modification time differ
+    from those recorded when it was cached (a replaced image, same name, other pixels)."""
+
+
+def file_stat(st: os.stat_result) -> tuple[int, int]:
+    """What a store records of a row's file when it is read for caching (the `stat` array): (bytes, mtime_ns)."""
+    return st.st_size, st.st_mtime_ns
+
+
+def read_file(path: str) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a regular file and its `file_stat` (of the file read: fstat), or BadImage saying what
+    `path` is instead; never blocks on a FIFO."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
@@ -180,14 +191,15 @@ def read_file(path: str) -> bytes:
         if e.errno == errno.ENOENT and os.path.islink(path):
             raise BadImage(f"broken symlink (to {os.readlink(path)})") from None
         raise
-    mode = os.fstat(fd).st_mode
+    st = os.fstat(fd)
+    mode = st.st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "")
         raise BadImage(f"not a regular file ({kind or oct(stat.S_IFMT(mode))})")
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        return f.read(), file_stat(st)
 
 
 @dataclass
@@ -511,6 +523,14 @@ class PackedKeys:
         return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
 
+def _difference(path: str, recorded, now: tuple[int, int]) -> str | None:
+    size, mtime = (int(x) for x in recorded)
+    if (size, mtime) == now:
+        return None
+    what = f"{size} -> {now[0]} bytes" if size != now[0] else "modified"
+    return f"{key_text(encode_key(path))} changed after it was cached ({what})"
+
+
 class RowReader:
     """Reads a row's encoded image bytes from the source descriptions stored with a store.
 
@@ -524,13 +544,34 @@ class RowReader:
         self._files: OrderedDict[str, BinaryIO] = OrderedDict()
 
     def read(self, key: str, loc) -> bytes:
+        return self.read_stat(key, loc)[0]
+
+    def read_stat(self, key: str, loc) -> tuple[bytes, tuple[int, int]]:
+        """The row's bytes and the `file_stat` of the file they come from (a shard's for webdataset rows)."""
         src, part, offset, size = (int(x) for x in loc)
-        desc = self.descs[src]
-        if desc["kind"] == "webdataset":
-            f = self._shard(desc["shards"][part])
+        if self.descs[src]["kind"] == "webdataset":
+            f = self._shard(self.path(key, loc))
             f.seek(offset)
-            return f.read(size)
-        return read_file(os.path.join(desc["root"], key_path(key)))
+            return f.read(size), file_stat(os.fstat(f.fileno()))
+        return read_file(self.path(key, loc))
+
+    def path(self, key: str, loc) -> str:
+        """The file a row's bytes live in: its image, or its shard."""
+        desc = self.descs[int(loc[0])]
+        if desc["kind"] == "webdataset":
+            return desc["shards"][int(loc[1])]
+        return os.path.join(desc["root"], key_path(key))
+
+    def changed(self, key: str, loc, recorded) -> str | None:
+        """Why the row's file is not the one recorded (`recorded`: its (bytes, mtime_ns) at caching, -1 where
+        not recorded), or None; a stat call, no read."""
+        if recorded is None or recorded[0] < 0:
+            return None
+        try:
+            now = file_stat(os.stat(self.path(key, loc)))
+        except OSError:  # gone or unreadable: the read says so
+            return None
+        return _difference(self.path(key, loc), recorded, now)
 
     def _shard(self, path: str) -> BinaryIO:
         f = self._files.pop(path, None)
@@ -541,16 +582,26 @@ class RowReader:
         self._files[path] = f  # most recently used last
         return f
 
-    def data(self, key: str, loc) -> bytes:
-        """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read."""
+    def data(self, key: str, loc, recorded=None) -> bytes:
+        """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read, ImageChanged
+        if `recorded` (the row's `file_stat` at caching) is given and the file read is another."""
+        return self.data_stat(key, loc, recorded)[0]
+
+    def data_stat(self, key: str, loc, recorded=None) -> tuple[bytes, tuple[int, int]]:
+        """`data` and the `file_stat` of the file read."""
         try:
-            return self.read(key, loc)
+            data, now = self.read_stat(key, loc)
         except OSError as e:
             raise BadImage(f"unreadable ({e.strerror or e})") from None
+        if recorded is not None and recorded[0] >= 0:
+            why = _difference(self.path(key, loc), recorded, now)
+            if why:
+                raise ImageChanged(why)
+        return data, now
 
-    def image(self, key: str, loc) -> Image.Image:
+    def image(self, key: str, loc, recorded=None) -> Image.Image:
         """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
-        return load_rgb(self.data(key, loc))
+        return load_rgb(self.data(key, loc, recorded))
 
     def close(self) -> None:
         while self._files:

@@ -44,7 +44,8 @@ from zsd.classes import class_prototype_embeddings, class_text_embeddings
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, write_atomic
-from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
+from zsd.loader import (BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget,
+                        stop_on_replaced)
 from zsd.losses import LOSSES, Criterion, needs_text
 from zsd.student import (EMA_PREFIX, Student, _unwrap, config_problem, load_pretrained_backbone, load_student,
                          save_student, student_preprocess)
@@ -512,6 +513,7 @@ def train_step(run: Run, net, batches, log) -> StepOut:
     loss_sum, term_sums, dists, n_images, skipped = torch.zeros((), device=dev), {}, [], 0, 0
     for _ in range(accum):
         items, pixels, errors = next(batches)
+        stop_on_replaced(errors)
         t, finite = data.finite_targets(items, log)  # every rank names its own samples' rows
         if not finite.all():  # skipped like an unreadable image
             errors = errors + ["non-finite target"] * int((~finite).sum())
