@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable
-from zsd.sources import PackedKeys, RowReader, ShardIndex, scan_sources
+from zsd.sources import PackedKeys, RowReader, ShardIndex, describe_source, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -130,7 +130,7 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
                            "rerun with the same settings or choose another --out")
     old = store.sources
     if old != scan.descs[:len(old)]:
-        raise ZsdError(f"{path} was made from other sources ({', '.join(_describe(d) for d in old)}): "
+        raise ZsdError(f"{path} was made from other sources ({', '.join(describe_source(d) for d in old)}): "
                        "pass the same sources, more sources after them to append, or another --out")
     n_old = int(sum(1 for loc in scan.locs if loc[0] < len(old)))
     # written from the scan: damaged chunks, then any whose labels or locations differ from it (garbled in range)
@@ -143,7 +143,7 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
             store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
     # rows after n_old, if any, are those of a killed append: append_rows replaces them
     if store.rows < n_old or not same_keys(store, scan.keys, n_old):
-        raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
+        raise ZsdError(f"the images of {', '.join(describe_source(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
     return n_old
 
@@ -163,10 +163,6 @@ def same_keys(store: Store, keys: list[str], n: int) -> bool:
     """Whether the store's first `n` keys are keys[:n], compared a block at a time (memory: one block)."""
     return all(list(block) == keys[a:a + len(block)]
                for a, block in store.blocks("key", slice(0, n), PackedKeys.BLOCK))
-
-
-def _describe(desc: dict) -> str:
-    return desc.get("spec") or desc.get("path") or desc.get("root")
 
 
 def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHER,
@@ -206,12 +202,13 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     index.save()  # now that the store exists: a first pass keeps its scan for the resumes
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
+    keys, locs = store.packed_keys(), store.locs()
     # before trusting a commit: a cut-short copy must not read as zeros, garbled bytes not as embeddings;
     # the rows verify rejects in whole files are looked for once the damaged chunks are pending, then the
     # rows whose image was replaced after it was cached (its size or mtime differ from the recorded ones)
     repaired = 0
     for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine),
-                 lambda: changed_rows(store, mine)):
+                 lambda: changed_rows(store, mine, keys, locs)):
         damage = find()
         damaged = sorted({c for _, c, _ in damage})
         rows = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
@@ -224,7 +221,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     if workers is None:
         workers = default_workers(model.device)
-    dataset = ViewDataset(store.sources, store.packed_keys(), store.locs(), model.preprocess, views,
+    dataset = ViewDataset(store.sources, keys, locs, model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
                      workers=workers, device=model.device,
@@ -245,27 +242,32 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     return summary
 
 
-def changed_rows(store: Store, chunks=None) -> list[tuple[str, int, str]]:
+def changed_rows(store: Store, chunks=None, keys: PackedKeys | None = None, locs: np.ndarray | None = None
+                 ) -> list[tuple[str, int, str]]:
     """("stat", chunk, why) per written row of `chunks` (default all) whose file is not the one it was
     cached from (`RowReader.changed`: a stat call per image, one per shard); none for a store without
-    the stat array. `zsd cache-teacher` recomputes their chunks, `zsd verify` reports them."""
+    the stat array, nor for rows without a recorded stat. `keys` and `locs`: the store's, when the
+    caller holds them. `zsd cache-teacher` recomputes their chunks, `zsd verify` reports them."""
     if "stat" not in store.arrays:
         return []
+    keys = store.packed_keys() if keys is None else keys
+    locs = store.locs() if locs is None else locs
     reader, found, shards = RowReader(store.sources), [], {}
     counts = store.status_per_chunk()
     for c in range(store.n_chunks) if chunks is None else chunks:
         if not counts[c, 1]:
             continue
         sl = store.chunk_slice(c)
-        status, keys, locs, stats = store.status(sl), store.keys(sl), store.locs(sl), store.stats(sl)
-        for i in np.flatnonzero(status == WRITTEN):
-            if store.sources[int(locs[i][0])]["kind"] == "webdataset":  # a shard is looked at once
-                shard = (reader.path(keys[i], locs[i]), tuple(stats[i]))
+        status, stats = store.status(sl), store.stats(sl)
+        for r in sl.start + np.flatnonzero((status == WRITTEN) & (stats[:, 0] >= 0)):
+            key, loc, recorded = keys[r], locs[r], stats[r - sl.start]
+            if store.sources[int(loc[0])]["kind"] == "webdataset":  # a shard is looked at once
+                shard = (reader.path(key, loc), tuple(recorded))
                 if shard not in shards:
-                    shards[shard] = reader.changed(keys[i], locs[i], stats[i])
+                    shards[shard] = reader.changed(key, loc, recorded)
                 why = shards[shard]
             else:
-                why = reader.changed(keys[i], locs[i], stats[i])
+                why = reader.changed(key, loc, recorded)
             if why:
                 found.append(("stat", c, why))
     return found

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from zsd.cpu import shared_memory_batch
 from zsd.errors import ZsdError, atomic_file, reserve
-from zsd.sources import BadImage, ImageChanged, RowReader, merge_classnames
+from zsd.sources import BadImage, ImageChanged, RowReader, merge_classnames, missing_images
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.teachers import same_teacher
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -196,6 +196,10 @@ class TrainTargets:
                 self.skipped_rows += s.rows - written
             if not written:
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
+            gone = missing_images(s.sources)
+            if gone:  # its samples are skipped as unreadable; a run that then sees no image fails at its end
+                log(f"warning: {s.path} was cached from {gone}, which is no longer there (moved or deleted): the "
+                    "trainer reads the images where they were cached from, so its samples are skipped: put them back")
             damaged = s.damage(arrays=("emb",))  # stat calls, no reads: a damaged chunk stops the run before step 1
             if damaged:
                 raise s.damaged_error(*damaged[0])

@@ -523,6 +523,21 @@ class PackedKeys:
         return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
 
+def missing_images(descs: list[dict]) -> str | None:
+    """Where a store's images were cached from and are no longer (a folder moved or deleted, every shard
+    gone), or None: a stat per source, no read. Each row is found by that path, so none would be read."""
+    for desc in descs:
+        gone = (not any(os.path.exists(p) for p in desc["shards"]) if desc["kind"] == "webdataset"
+                else not os.path.isdir(desc["root"]))
+        if gone:
+            return describe_source(desc)
+    return None
+
+
+def describe_source(desc: dict) -> str:
+    return desc.get("spec") or desc.get("path") or desc.get("root")
+
+
 def _difference(path: str, recorded, now: tuple[int, int]) -> str | None:
     size, mtime = (int(x) for x in recorded)
     if (size, mtime) == now:

@@ -63,7 +63,7 @@ import numpy as np
 import zarr
 
 from zsd import DEFAULT_CHUNK_ROWS, __version__
-from zsd.errors import ZsdError, write_atomic
+from zsd.errors import ZsdError, is_run_folder, write_atomic
 from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
@@ -618,7 +618,15 @@ def damage_text(damaged: list[dict]) -> str:
 def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
     path = resolve_store(name)
     if not path.exists():
-        raise ZsdError(f"no store at {path}")
+        here = Path(name)  # a bare name that is also a folder here: say which was looked at
+        raise ZsdError(f"no store at {path}" + ("" if here == path or not here.exists() else
+                                                f" (a bare name is a store in the cache dir); ./{here} here is "
+                                                + ("a `zsd train` run folder, not a store" if is_run_folder(here)
+                                                   else f"a store: pass ./{here}" if (here / "zarr.json").exists()
+                                                   else "no store (`zsd cache-teacher IMAGES --out STORE` makes one)")))
+    if is_run_folder(path):
+        raise ZsdError(f"{path} is a `zsd train` run folder, not a store of embeddings: pass a store "
+                       "(`zsd cache-teacher` makes one), or the run as --student")
     try:
         group = zarr.open_group(str(path), mode=mode)
         attrs = group.attrs["zsd"]

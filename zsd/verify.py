@@ -16,7 +16,7 @@ import torch
 
 from zsd.cache import changed_rows
 from zsd.errors import ZsdError
-from zsd.sources import BadImage, RowReader
+from zsd.sources import BadImage, RowReader, missing_images
 from zsd.store import FAILED, NORM_TOLERANCE, PENDING, WRITTEN, damage_text, open_store
 from zsd.teachers import rebuild_teacher
 from zsd.views import normalize, render_view
@@ -56,6 +56,10 @@ def verify(name: str, recompute: int = 0, *, tolerance: float | None = None, pre
     if len(health["off_norm"]):
         problems.append(f"{len(health['off_norm'])} written rows have an embedding whose norm is off 1 by more "
                         f"than {NORM_TOLERANCE} (first: {report['off_norm'][0]})")
+    gone = missing_images(store.sources)
+    if gone:
+        problems.append(f"the images were cached from {gone}, which is no longer there (moved or deleted): "
+                        "`zsd train` reads them there; put them back")
     report["changed"] = [why for _, _, why in changed_rows(store)]  # empty for stores that record no stats
     if report["changed"]:
         problems.append(f"{len(report['changed'])} written rows' images changed after they were cached (first: "
