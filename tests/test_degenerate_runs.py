@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -154,3 +155,34 @@ def test_impossible_sizes_in_student_json_are_one_line_everywhere(stopped_run, s
     assert cli(args + ["--resume"], capsys)[0] == 0  # the repair it names
     assert json.loads((run / "student.json").read_text())["preprocess"]["size"] == 32
     assert cli(["eval", "--student", run, store], capsys)[0] == 0
+
+
+def test_a_run_folder_is_no_store_or_test_set_and_a_moved_image_folder_is_named(stopped_run, store, image_folder,
+                                                                                tmp_path, capsys, monkeypatch):
+    run, _ = stopped_run
+    store_line = (f"zsd: error: {run} is a `zsd train` run folder, not a store of embeddings: pass a store "
+                  "(`zsd cache-teacher` makes one), or the run as --student\n")
+    for command in (["info", run], ["verify", run], ["train", "--targets", run, "--student", "test_resnet",
+                                                     "--out", tmp_path / "new"]):
+        assert cli(command, capsys)[1:] == ("", store_line), command
+    code, _, err = cli(["eval", "--student", run, run], capsys)
+    assert (code, err) == (1, f"zsd: error: TEST {run} is a student (a run or an exported folder), not a test set: "
+                              f"pass a labelled image folder or a store, and the student as --student {run}\n")
+    monkeypatch.chdir(tmp_path)  # a bare name is a store in the cache dir, not the folder here
+    code, _, err = cli(["info", "run"], capsys)
+    assert code == 1 and err.endswith("(a bare name is a store in the cache dir); ./run here is a `zsd train` run "
+                                      "folder, not a store\n")
+    assert not (tmp_path / "new").exists()
+    image_folder.rename(tmp_path / "moved")
+    code, out, err = cli(["verify", store], capsys)
+    assert code == 1 and (f"the images were cached from {image_folder}, which is no longer there (moved or "
+                          "deleted)") in err
+
+
+def test_a_store_path_without_suffix_is_where_it_was_asked(image_folder, tmp_path, tiny_teacher_name, monkeypatch):
+    """`--out ./mystore` is a path: it was resolved twice, the second time as the bare name `mystore`, and the
+    store went into the cache dir."""
+    monkeypatch.chdir(tmp_path)
+    make_store(image_folder, "./mystore", tiny_teacher_name, views=1)
+    assert open_store("./mystore").rows == 12 and (tmp_path / "mystore" / "stat").is_dir()
+    assert not list(Path(os.environ["ZSD_CACHE"]).glob("*.zarr"))

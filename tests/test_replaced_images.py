@@ -59,7 +59,8 @@ def test_a_replaced_image_stops_train_until_cache_teacher_recomputes_it(image_fo
     assert len(pixels()) == 1
     before = open_store(store).embeddings()
     _replace(replaced, same_size)
-    what = "modified" if same_size else f"{open_store(store).stats()[row][0]} -> {replaced.stat().st_size} bytes"
+    what = ("same size, another modification time" if same_size
+            else f"{open_store(store).stats()[row][0]} -> {replaced.stat().st_size} bytes")
     line = (f"{replaced} changed after it was cached ({what}): its embedding in {store} is the old image's; rerun "
             f"`zsd cache-teacher` with the store's sources and settings and --out {store} to recompute the changed rows")
     # the pixel cache rendered before holds the old pixels, which the old embeddings are of: consistent

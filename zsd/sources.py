@@ -542,7 +542,7 @@ def _difference(path: str, recorded, now: tuple[int, int]) -> str | None:
     size, mtime = (int(x) for x in recorded)
     if (size, mtime) == now:
         return None
-    what = f"{size} -> {now[0]} bytes" if size != now[0] else "modified"
+    what = f"{size} -> {now[0]} bytes" if size != now[0] else "same size, another modification time"
     return f"{key_text(encode_key(path))} changed after it was cached ({what})"
 
 

@@ -94,7 +94,10 @@ def cache_folder(*parts: str) -> Path:
 
 
 def resolve_store(name: str | os.PathLike) -> Path:
-    """`real_pets` -> cache/real_pets.zarr; anything with a path separator or suffix is a path."""
+    """`real_pets` -> cache/real_pets.zarr; anything with a path separator or suffix is a path, and so is a
+    Path (one resolved before: Path("./mystore") is Path("mystore"), which must not become a bare name)."""
+    if isinstance(name, os.PathLike):
+        return Path(name)
     s = str(name)
     if os.sep in s or "/" in s or s.endswith(".zarr"):
         return Path(s)
