@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from zsd.cpu import shared_memory_batch
 from zsd.errors import ZsdError, atomic_file, reserve
-from zsd.sources import BadImage, ImageChanged, RowReader, merge_classnames, missing_images
+from zsd.sources import BadImage, ImageChanged, RowReader, load_rgb, merge_classnames, missing_images
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.teachers import same_teacher
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -422,12 +422,14 @@ class StudentInputs(Dataset):
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
         """The uint8 pixels (3, S, S) the teacher saw for this view (with `fast_decode`, close to them)."""
         key, loc, params, stat = self.index[i].row(row)
-        try:
-            if self.fast_decode:
-                return render_view_fast(self.readers[i].data(key, loc, stat), view, params[view], self.teacher_pre)
-            return render_view(self.readers[i].image(key, loc, stat), view, params[view], self.teacher_pre)
-        except ImageChanged as e:
-            raise ImageChanged(replaced_text(e, self.stores[i])) from None
+        data, now = self.readers[i].data_stat(key, loc)
+        px = (render_view_fast(data, view, params[view], self.teacher_pre) if self.fast_decode
+              else render_view(load_rgb(data), view, params[view], self.teacher_pre))
+        # after the decode: a file replaced by one that is no image is skipped as unreadable, like any other
+        why = self.readers[i].changed(key, loc, stat, now)
+        if why:
+            raise ImageChanged(replaced_text(why, self.stores[i]))
+        return px
 
     def student_pixels(self, item) -> torch.Tensor:
         """The uint8 student input (3, R, R) of a (store, row, view) item; BadImage if unreadable."""
@@ -443,9 +445,9 @@ class StudentInputs(Dataset):
         return item, px, ""
 
 
-def replaced_text(e: ImageChanged, store) -> str:
+def replaced_text(why: str, store) -> str:
     """The one line on a row whose image changed after it was cached: what, and the repair."""
-    return (f"{e}: its embedding in {store} is the old image's; rerun `zsd cache-teacher` with the store's "
+    return (f"{why}: its embedding in {store} is the old image's; rerun `zsd cache-teacher` with the store's "
             f"sources and settings and --out {store} to recompute the changed rows")
 
 

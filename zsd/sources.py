@@ -538,14 +538,6 @@ def describe_source(desc: dict) -> str:
     return desc.get("spec") or desc.get("path") or desc.get("root")
 
 
-def _difference(path: str, recorded, now: tuple[int, int]) -> str | None:
-    size, mtime = (int(x) for x in recorded)
-    if (size, mtime) == now:
-        return None
-    what = f"{size} -> {now[0]} bytes" if size != now[0] else "same size, another modification time"
-    return f"{key_text(encode_key(path))} changed after it was cached ({what})"
-
-
 class RowReader:
     """Reads a row's encoded image bytes from the source descriptions stored with a store.
 
@@ -577,16 +569,21 @@ class RowReader:
             return desc["shards"][int(loc[1])]
         return os.path.join(desc["root"], key_path(key))
 
-    def changed(self, key: str, loc, recorded) -> str | None:
-        """Why the row's file is not the one recorded (`recorded`: its (bytes, mtime_ns) at caching, -1 where
-        not recorded), or None; a stat call, no read."""
+    def changed(self, key: str, loc, recorded, now: tuple[int, int] | None = None) -> str | None:
+        """Why the row's file is not the one recorded (`recorded`: its `file_stat` at caching, -1 where not
+        recorded), or None; `now`: the `file_stat` of the file as it was just read (default: a stat call)."""
         if recorded is None or recorded[0] < 0:
             return None
-        try:
-            now = file_stat(os.stat(self.path(key, loc)))
-        except OSError:  # gone or unreadable: the read says so
+        if now is None:
+            try:
+                now = file_stat(os.stat(self.path(key, loc)))
+            except OSError:  # gone or unreadable: the read says so
+                return None
+        size, mtime = (int(x) for x in recorded)
+        if (size, mtime) == now:
             return None
-        return _difference(self.path(key, loc), recorded, now)
+        what = f"{size} -> {now[0]} bytes" if size != now[0] else "same size, another modification time"
+        return f"{key_text(encode_key(self.path(key, loc)))} changed after it was cached ({what})"
 
     def _shard(self, path: str) -> BinaryIO:
         f = self._files.pop(path, None)
@@ -597,26 +594,20 @@ class RowReader:
         self._files[path] = f  # most recently used last
         return f
 
-    def data(self, key: str, loc, recorded=None) -> bytes:
-        """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read, ImageChanged
-        if `recorded` (the row's `file_stat` at caching) is given and the file read is another."""
-        return self.data_stat(key, loc, recorded)[0]
+    def data(self, key: str, loc) -> bytes:
+        """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read."""
+        return self.data_stat(key, loc)[0]
 
-    def data_stat(self, key: str, loc, recorded=None) -> tuple[bytes, tuple[int, int]]:
-        """`data` and the `file_stat` of the file read."""
+    def data_stat(self, key: str, loc) -> tuple[bytes, tuple[int, int]]:
+        """`data` and the `file_stat` of the file read (for `changed`)."""
         try:
-            data, now = self.read_stat(key, loc)
+            return self.read_stat(key, loc)
         except OSError as e:
             raise BadImage(f"unreadable ({e.strerror or e})") from None
-        if recorded is not None and recorded[0] >= 0:
-            why = _difference(self.path(key, loc), recorded, now)
-            if why:
-                raise ImageChanged(why)
-        return data, now
 
-    def image(self, key: str, loc, recorded=None) -> Image.Image:
+    def image(self, key: str, loc) -> Image.Image:
         """The decoded RGB image of a row; BadImage (with the reason) if it cannot be read or used."""
-        return load_rgb(self.data(key, loc, recorded))
+        return load_rgb(self.data(key, loc))
 
     def close(self) -> None:
         while self._files:
