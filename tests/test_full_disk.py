@@ -169,3 +169,22 @@ def test_train_class_prompt_embeddings_on_a_full_disk(store, tmp_path, monkeypat
     assert cli(args, capsys)[0] == 0
     assert torch.load(run / "text_embeddings.pt", weights_only=True)["embeddings"].shape[0] == 3
     assert np.isfinite(json.loads((run / "log.jsonl").read_text().splitlines()[-1]).get("loss", 0.0))
+
+
+def test_a_fresh_train_on_a_full_disk_names_the_folder_and_leaves_no_run(store, tmp_path, monkeypatch, capsys):
+    """The first log line meets the full disk: no run folder with an empty log stays, and the same command
+    (there is no checkpoint to resume) runs once there is room."""
+    parent = tmp_path / "disk"
+    parent.mkdir()
+    run = parent / "run"
+    args = ["train", "--targets", store, "--student", "test_resnet", "--student-res", "32", "--batch-size", "4",
+            "--workers", "0", "--device", "cpu", "--precision", "fp32", "--pixel-cache", "no", "--steps", "2",
+            "--out", run]
+    FullDisk(monkeypatch, parent).fill()
+    code, _, err = cli(args, capsys)
+    assert code == 1 and one_line(err) == (f"zsd: error: cannot write {run} at step 1 (No space left on device); no "
+                                           f"checkpoint is kept in {run}: make room and rerun the same command")
+    assert os.listdir(parent) == []
+    monkeypatch.undo()
+    assert cli(args, capsys)[0] == 0
+    assert len([json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]) == 2

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from zsd.cpu import check_shared_memory, decode_workers, tune_allocator
 from zsd.dist import local_device, resolve_device, shard
 from zsd.errors import ZsdError, check_at_least, check_writable, out_of_memory
-from zsd.sources import PackedKeys, ShardIndex, check_source, scan_sources
+from zsd.sources import PackedKeys, RowReader, ShardIndex, check_source, describe_source, scan_sources
 from zsd.store import (CHUNK_WRITES, DEFAULT_CHUNK_ROWS, FAILED, SHARD_INDEX, WRITTEN, Store, create_store,
                        open_store, resolve_store, restore_metadata, store_lock)
 from zsd.teachers import DEFAULT_TEACHER, create_teacher
@@ -44,14 +44,15 @@ def gpu_batch(size: int) -> int:
 
 
 def _collate(items):
-    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds).
+    """(rows, uint8 views of the readable rows stacked (n, V, 3, S, S) | None, params, errors, decode seconds,
+    the files' `file_stat`s (None where unread)).
 
     One pixel tensor per batch: every tensor a DataLoader worker sends holds a file descriptor
     until the main process takes it, and one per image (prefetch x workers x batch of them in
     flight) exceeded a lowered open-file limit ("Too many open files")."""
     ok = [it[1] for it in items if it[1] is not None]
     return [it[0] for it in items], (torch.stack(ok) if ok else None), [it[2] for it in items], \
-        [it[3] for it in items], sum(it[4] for it in items)
+        [it[3] for it in items], sum(it[4] for it in items), [it[5] for it in items]
 
 
 def default_workers(device: torch.device, workers: int | None = None) -> int:
@@ -136,7 +137,7 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
                            "rerun with the same settings or choose another --out")
     old = store.sources
     if old != scan.descs[:len(old)]:
-        raise ZsdError(f"{path} was made from other sources ({', '.join(_describe(d) for d in old)}): "
+        raise ZsdError(f"{path} was made from other sources ({', '.join(describe_source(d) for d in old)}): "
                        "pass the same sources, more sources after them to append, or another --out")
     n_old = int(sum(1 for loc in scan.locs if loc[0] < len(old)))
     # written from the scan: damaged chunks, then any whose labels or locations differ from it (garbled in range)
@@ -149,7 +150,7 @@ def _check_compatible(store, scan, teacher, views, view_seed, crop_scale, log) -
             store.write_index(sl, scan.keys[sl], scan.labels[sl], scan.locs[sl])
     # rows after n_old, if any, are those of a killed append: append_rows replaces them
     if store.rows < n_old or not same_keys(store, scan.keys, n_old):
-        raise ZsdError(f"the images of {', '.join(_describe(d) for d in old)} changed since {path} was "
+        raise ZsdError(f"the images of {', '.join(describe_source(d) for d in old)} changed since {path} was "
                        "made: cache them into a new store")
     return n_old
 
@@ -169,10 +170,6 @@ def same_keys(store: Store, keys: list[str], n: int) -> bool:
     """Whether the store's first `n` keys are keys[:n], compared a block at a time (memory: one block)."""
     return all(list(block) == keys[a:a + len(block)]
                for a, block in store.blocks("key", slice(0, n), PackedKeys.BLOCK))
-
-
-def _describe(desc: dict) -> str:
-    return desc.get("spec") or desc.get("path") or desc.get("root")
 
 
 def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHER,
@@ -214,10 +211,13 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     index.save()  # now that the store exists: a first pass keeps its scan for the resumes
 
     mine = [c for c in range(store.n_chunks) if c % num_shards == shard_index]
+    keys, locs = store.packed_keys(), store.locs()
     # before trusting a commit: a cut-short copy must not read as zeros, garbled bytes not as embeddings;
-    # the rows verify rejects in whole files are looked for once the damaged chunks are pending
+    # the rows verify rejects in whole files are looked for once the damaged chunks are pending, then the
+    # rows whose image was replaced after it was cached (its size or mtime differ from the recorded ones)
     repaired = 0
-    for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine)):
+    for find in (lambda: store.damage(mine, CHUNK_WRITES, values=True), lambda: _rejected_rows(store, mine),
+                 lambda: changed_rows(store, mine, keys, locs)):
         damage = find()
         damaged = sorted({c for _, c, _ in damage})
         rows = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in damaged)
@@ -229,7 +229,7 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
         repaired += rows
     chunks = [c for c in store.pending_chunks() if c % num_shards == shard_index]
     workers = default_workers(model.device, workers)
-    dataset = ViewDataset(store.sources, store.packed_keys(), store.locs(), model.preprocess, views,
+    dataset = ViewDataset(store.sources, keys, locs, model.preprocess, views,
                           store.attrs["view_seed"], store.attrs["crop_scale"])
     run = embed_rows(store, dataset, model.encode_images, chunks, images_per_batch=max(1, batch_size // views),
                      workers=workers, device=model.device,
@@ -248,6 +248,37 @@ def cache_teacher(sources: list[str], out: str, *, teacher: str = DEFAULT_TEACHE
     }
     log(_summary_text(summary))
     return summary
+
+
+def changed_rows(store: Store, chunks=None, keys: PackedKeys | None = None, locs: np.ndarray | None = None
+                 ) -> list[tuple[str, int, str]]:
+    """("stat", chunk, why) per written row of `chunks` (default all) whose file is not the one it was
+    cached from (`RowReader.changed`: a stat call per image, one per shard); none for a store without
+    the stat array, nor for rows without a recorded stat. `keys` and `locs`: the store's, when the
+    caller holds them. `zsd cache-teacher` recomputes their chunks, `zsd verify` reports them."""
+    if "stat" not in store.arrays:
+        return []
+    keys = store.packed_keys() if keys is None else keys
+    locs = store.locs() if locs is None else locs
+    reader, found, shards = RowReader(store.sources), [], {}
+    counts = store.status_per_chunk()
+    for c in range(store.n_chunks) if chunks is None else chunks:
+        if not counts[c, 1]:
+            continue
+        sl = store.chunk_slice(c)
+        status, stats = store.status(sl), store.stats(sl)
+        for r in sl.start + np.flatnonzero((status == WRITTEN) & (stats[:, 0] >= 0)):
+            key, loc, recorded = keys[r], locs[r], stats[r - sl.start]
+            if store.sources[int(loc[0])]["kind"] == "webdataset":  # a shard is looked at once
+                shard = (reader.path(key, loc), tuple(recorded))
+                if shard not in shards:
+                    shards[shard] = reader.changed(key, loc, recorded)
+                why = shards[shard]
+            else:
+                why = reader.changed(key, loc, recorded)
+            if why:
+                found.append(("stat", c, why))
+    return found
 
 
 def _rejected_rows(store: Store, chunks: list[int]) -> list[tuple[str, int, str]]:
@@ -299,6 +330,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
             n = sl.stop - sl.start
             buf = buffers[c] = {"emb": np.zeros((n, views, store.dim), np.float16), "error": [""] * n,
                                 "view": np.zeros((n, views, 5), np.int32), "status": np.full(n, WRITTEN, np.uint8),
+                                "stat": np.full((n, 2), -1, np.int64),
                                 "start": sl.start, "left": live[c]}
             for r in range(sl.start, sl.stop):
                 if r in skip:
@@ -308,7 +340,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
     def flush(c):
         t0 = time.perf_counter()
         buf = buffers.pop(c)
-        store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"])
+        store.write_chunk(c, buf["emb"], buf["view"], buf["error"], buf["status"], buf["stat"])
         timing["writing"] += time.perf_counter() - t0
 
     for c in chunks:  # chunks with nothing to read are written at once
@@ -319,7 +351,7 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
     t_loop = t_wait = time.perf_counter()
     first = None
     try:  # the bar ends its line before an error (a full disk) is printed
-        for rows, pixels, params, errors, decode_s in loader:
+        for rows, pixels, params, errors, decode_s, stats in loader:
             timing["waiting for images"] += time.perf_counter() - t_wait
             c = rows[0] // store.chunk_rows
             buf = buffer(c)
@@ -336,7 +368,8 @@ def embed_rows(store: Store, dataset: ViewDataset, encode, chunks: list[int], *,
                 timing[encoder_name] += time.perf_counter() - t0
                 for i, e in zip(ok, z):
                     if np.isfinite(e).all():
-                        buf["emb"][rows[i] - buf["start"]], buf["view"][rows[i] - buf["start"]] = e, params[i]
+                        r = rows[i] - buf["start"]
+                        buf["emb"][r], buf["view"][r], buf["stat"][r] = e, params[i], stats[i]
                     else:  # a NaN target stops training at its first batch: the row fails here instead
                         bad.append((rows[i], f"the {encoder_name}'s embedding is not finite (NaN or inf)"))
             for row, reason in bad:

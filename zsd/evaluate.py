@@ -23,11 +23,11 @@ from zsd.cache import cache_teacher, default_workers, embed_rows
 from zsd.classes import Classifier, build_classifier, check_labelled, dataset_name
 from zsd.cpu import tune_allocator
 from zsd.dist import resolve_device
-from zsd.errors import ZsdError, check_at_least, check_writable, write_atomic
+from zsd.errors import ZsdError, check_at_least, check_writable, is_run_folder, write_atomic
 from zsd.guarantee import abstains, shipped_guarantee
 from zsd.sources import PackedKeys
 from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
-from zsd.student import StudentRef, load_student, resolve_student, student_fingerprint
+from zsd.student import OPEN_CLIP_CONFIG, StudentRef, load_student, resolve_student, student_fingerprint
 from zsd.teachers import DEFAULT_TEACHER, resolve_precision, same_teacher, teacher_id
 from zsd.views import Preprocess, ViewDataset
 
@@ -149,6 +149,9 @@ def prepare_test_store(test: str, teacher: str | None, pretrained: str | None, d
     a store named by folder, teacher, weights and (unless fp32) precision: a folder evaluated on a CPU
     (fp32) and on a GPU (bf16) gets a store each."""
     folder = Path(test)
+    if is_run_folder(folder) or (folder / OPEN_CLIP_CONFIG).is_file():  # not images: caching it would find none
+        raise ZsdError(f"TEST {folder} is a student (a run or an exported folder), not a test set: pass a labelled "
+                       f"image folder or a store, and the student as --student {folder}")
     if folder.is_dir() and not (folder / "zarr.json").exists():
         teacher = teacher or DEFAULT_TEACHER
         precision = resolve_precision(precision, resolve_device(device))

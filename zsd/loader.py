@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from zsd.cpu import shared_memory_batch
 from zsd.errors import ZsdError, atomic_file, reserve
-from zsd.sources import BadImage, RowReader, merge_classnames
+from zsd.sources import BadImage, ImageChanged, RowReader, load_rgb, merge_classnames, missing_images
 from zsd.store import WRITTEN, Store, cache_dir, open_store
 from zsd.teachers import same_teacher
 from zsd.views import Preprocess, render_view, render_view_fast, resize_pixels
@@ -134,12 +134,17 @@ class Source:
             self._label_chunks.popitem(last=False)
         return out
 
+    def class_rows(self, n_classes: int) -> np.ndarray:
+        """(n_classes + 1,) written rows per merged class, the unlabelled ones last (a streamed store's
+        read block by block)."""
+        blocks = [self.labels[self.rows]] if self.labels is not None else \
+            (self.remap[lab][st == WRITTEN] for (_, st), (_, lab) in zip(self.store.blocks("status"),
+                                                                          self.store.blocks("label")))
+        return sum(np.bincount(np.where(labels < 0, n_classes, labels), minlength=n_classes + 1) for labels in blocks)
+
     def unlabelled_rows(self) -> int:
-        """Written rows without a class (a streamed store's read block by block)."""
-        if self.labels is not None:
-            return int((self.labels[self.rows] < 0).sum())
-        return sum(int(((st == WRITTEN) & (self.remap[lab] < 0)).sum())
-                   for (_, st), (_, lab) in zip(self.store.blocks("status"), self.store.blocks("label")))
+        """Written rows without a class."""
+        return int(self.class_rows(int(self.remap.max()) + 1)[-1])
 
 
 class TrainTargets:
@@ -191,6 +196,10 @@ class TrainTargets:
                 self.skipped_rows += s.rows - written
             if not written:
                 raise ZsdError(f"{s.path} has no written rows: run `zsd cache-teacher` to fill it")
+            gone = missing_images(s.sources)
+            if gone:  # its samples are skipped as unreadable; a run that then sees no image fails at its end
+                log(f"warning: {s.path} was cached from {gone}, which is no longer there (moved or deleted): the "
+                    "trainer reads the images where they were cached from, so its samples are skipped: put them back")
             damaged = s.damage(arrays=("emb",))  # stat calls, no reads: a damaged chunk stops the run before step 1
             if damaged:
                 raise s.damaged_error(*damaged[0])
@@ -374,13 +383,13 @@ class RowIndex:
 
     def _load(self, rows: slice) -> tuple:
         s = self.store
-        return rows.start or 0, s.packed_keys(rows), s.locs(rows), s.view_params(rows)
+        return rows.start or 0, s.packed_keys(rows), s.locs(rows), s.view_params(rows), s.stats(rows)
 
-    def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray]:
-        """(key, loc (4,), view params (V, 5)) of a store row."""
+    def row(self, row: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray | None]:
+        """(key, loc (4,), view params (V, 5), the file's `file_stat` at caching (2,) | None) of a store row."""
         block = self._whole or self._chunk(row // self.store.chunk_rows)
-        first, keys, locs, params = block
-        return keys[row - first], locs[row - first], params[row - first]
+        first, keys, locs, params, stats = block
+        return keys[row - first], locs[row - first], params[row - first], None if stats is None else stats[row - first]
 
     def _chunk(self, c: int) -> tuple:
         block = self._chunks.pop(c, None) or self._load(self.store.chunk_slice(c))
@@ -405,16 +414,22 @@ class StudentInputs(Dataset):
 
     def __init__(self, targets: TrainTargets, student_pre: Preprocess, fast_decode: bool = False):
         self.readers = [RowReader(src.store.sources) for src in targets.sources]
+        self.stores = [src.store.path for src in targets.sources]
         self.index = [RowIndex(src.store, src.in_ram, 2 * targets.shuffle_chunks + 2) for src in targets.sources]
         self.teacher_pre = Preprocess.from_dict(targets.teacher["preprocess"])
         self.student_pre, self.fast_decode = student_pre, fast_decode
 
     def teacher_pixels(self, i: int, row: int, view: int) -> torch.Tensor:
         """The uint8 pixels (3, S, S) the teacher saw for this view (with `fast_decode`, close to them)."""
-        key, loc, params = self.index[i].row(row)
-        if self.fast_decode:
-            return render_view_fast(self.readers[i].data(key, loc), view, params[view], self.teacher_pre)
-        return render_view(self.readers[i].image(key, loc), view, params[view], self.teacher_pre)
+        key, loc, params, stat = self.index[i].row(row)
+        data, now = self.readers[i].data_stat(key, loc)
+        px = (render_view_fast(data, view, params[view], self.teacher_pre) if self.fast_decode
+              else render_view(load_rgb(data), view, params[view], self.teacher_pre))
+        # after the decode: a file replaced by one that is no image is skipped as unreadable, like any other
+        why = self.readers[i].changed(key, loc, stat, now)
+        if why:
+            raise ImageChanged(replaced_text(why, self.stores[i]))
+        return px
 
     def student_pixels(self, item) -> torch.Tensor:
         """The uint8 student input (3, R, R) of a (store, row, view) item; BadImage if unreadable."""
@@ -422,11 +437,25 @@ class StudentInputs(Dataset):
         return resize_pixels(self.teacher_pixels(i, row, view), self.student_pre.size, self.student_pre.interpolation)
 
     def __getitem__(self, item):
+        """(item, pixels | None, error): the error a reason, or an ImageChanged that stops the run."""
         try:
             px = self.student_pixels(item)
         except BadImage as e:
-            return item, None, str(e)
+            return item, None, e if isinstance(e, ImageChanged) else str(e)
         return item, px, ""
+
+
+def replaced_text(why: str, store) -> str:
+    """The one line on a row whose image changed after it was cached: what, and the repair."""
+    return (f"{why}: its embedding in {store} is the old image's; rerun `zsd cache-teacher` with the store's "
+            f"sources and settings and --out {store} to recompute the changed rows")
+
+
+def stop_on_replaced(errors) -> None:
+    """A replaced image ends the run: its target is another image's embedding (`StudentInputs`)."""
+    for e in errors:
+        if isinstance(e, ImageChanged):
+            raise ZsdError(str(e))
 
 
 def collate(samples):
@@ -507,9 +536,12 @@ class PixelCache:
             pos = np.full(src.store.rows, -1, np.int64)
             pos[r] = np.arange(len(r))
             self.position.append(pos)
+        # the rows' recorded file stats: a store whose replaced images were recomputed renders again
+        stats = [hashlib.sha256(src.store.stats().tobytes()).hexdigest()
+                 for src in targets.sources if "stat" in src.store.arrays]
         key = json.dumps([[str(src.store.path.resolve()), src.store.teacher_id, r.tolist()]
                           for src, r in zip(targets.sources, rows)] + [self.pre.to_dict()]
-                         + (["fast_decode"] if dataset.fast_decode else []))  # the default's key as before
+                         + (["fast_decode"] if dataset.fast_decode else []) + stats)  # the default's key as before
         path = cache_dir() / "pixels" / (hashlib.sha256(key.encode()).hexdigest()[:20] + ".npy")
         errors_path = path.with_suffix(".errors.json")
         shape = (int(sum(counts)), 3, self.pre.size, self.pre.size)
@@ -552,6 +584,7 @@ class PixelCache:
                 with tqdm(total=len(items), unit="img", desc="rendering student inputs once", disable=not progress,
                           dynamic_ncols=True) as bar:  # closed on an interrupt too: its line ends before the error's
                     for slots, px, failed in loader:
+                        stop_on_replaced(failed.values())
                         if px is not None:
                             out[slots] = px.numpy()
                         errors.update(failed)
@@ -628,7 +661,7 @@ class _Render(Dataset):
         try:
             return slot, self.dataset.student_pixels(self.items[slot]), ""
         except BadImage as e:
-            return slot, None, str(e)
+            return slot, None, e if isinstance(e, ImageChanged) else str(e)
 
     @staticmethod
     def as_batch(samples):

@@ -170,8 +170,19 @@ def key_text(key: str) -> str:
     return _ESCAPED.sub(lambda m: f"\\x{m.group(1)}", key)
 
 
-def read_file(path: str) -> bytes:
-    """The bytes of a regular file, or BadImage saying what `path` is instead; never blocks on a FIFO."""
+class ImageChanged(BadImage):
+    """A row's file is not the one its embedding was computed from: its size or modification time differ
+    from those recorded when it was cached (a replaced image, same name, other pixels)."""
+
+
+def file_stat(st: os.stat_result) -> tuple[int, int]:
+    """What a store records of a row's file when it is read for caching (the `stat` array): (bytes, mtime_ns)."""
+    return st.st_size, st.st_mtime_ns
+
+
+def read_file(path: str) -> tuple[bytes, tuple[int, int]]:
+    """The bytes of a regular file and its `file_stat` (of the file read: fstat), or BadImage saying what
+    `path` is instead; never blocks on a FIFO."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as e:
@@ -180,14 +191,15 @@ def read_file(path: str) -> bytes:
         if e.errno == errno.ENOENT and os.path.islink(path):
             raise BadImage(f"broken symlink (to {os.readlink(path)})") from None
         raise
-    mode = os.fstat(fd).st_mode
+    st = os.fstat(fd)
+    mode = st.st_mode
     if not stat.S_ISREG(mode):
         os.close(fd)
         kind = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket",
                 stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}.get(stat.S_IFMT(mode), "")
         raise BadImage(f"not a regular file ({kind or oct(stat.S_IFMT(mode))})")
     with os.fdopen(fd, "rb") as f:
-        return f.read()
+        return f.read(), file_stat(st)
 
 
 @dataclass
@@ -518,6 +530,21 @@ class PackedKeys:
         return self.buf[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
 
 
+def missing_images(descs: list[dict]) -> str | None:
+    """Where a store's images were cached from and are no longer (a folder moved or deleted, every shard
+    gone), or None: a stat per source, no read. Each row is found by that path, so none would be read."""
+    for desc in descs:
+        gone = (not any(os.path.exists(p) for p in desc["shards"]) if desc["kind"] == "webdataset"
+                else not os.path.isdir(desc["root"]))
+        if gone:
+            return describe_source(desc)
+    return None
+
+
+def describe_source(desc: dict) -> str:
+    return desc.get("spec") or desc.get("path") or desc.get("root")
+
+
 class RowReader:
     """Reads a row's encoded image bytes from the source descriptions stored with a store.
 
@@ -531,13 +558,39 @@ class RowReader:
         self._files: OrderedDict[str, BinaryIO] = OrderedDict()
 
     def read(self, key: str, loc) -> bytes:
+        return self.read_stat(key, loc)[0]
+
+    def read_stat(self, key: str, loc) -> tuple[bytes, tuple[int, int]]:
+        """The row's bytes and the `file_stat` of the file they come from (a shard's for webdataset rows)."""
         src, part, offset, size = (int(x) for x in loc)
-        desc = self.descs[src]
-        if desc["kind"] == "webdataset":
-            f = self._shard(desc["shards"][part])
+        if self.descs[src]["kind"] == "webdataset":
+            f = self._shard(self.path(key, loc))
             f.seek(offset)
-            return f.read(size)
-        return read_file(os.path.join(desc["root"], key_path(key)))
+            return f.read(size), file_stat(os.fstat(f.fileno()))
+        return read_file(self.path(key, loc))
+
+    def path(self, key: str, loc) -> str:
+        """The file a row's bytes live in: its image, or its shard."""
+        desc = self.descs[int(loc[0])]
+        if desc["kind"] == "webdataset":
+            return desc["shards"][int(loc[1])]
+        return os.path.join(desc["root"], key_path(key))
+
+    def changed(self, key: str, loc, recorded, now: tuple[int, int] | None = None) -> str | None:
+        """Why the row's file is not the one recorded (`recorded`: its `file_stat` at caching, -1 where not
+        recorded), or None; `now`: the `file_stat` of the file as it was just read (default: a stat call)."""
+        if recorded is None or recorded[0] < 0:
+            return None
+        if now is None:
+            try:
+                now = file_stat(os.stat(self.path(key, loc)))
+            except OSError:  # gone or unreadable: the read says so
+                return None
+        size, mtime = (int(x) for x in recorded)
+        if (size, mtime) == now:
+            return None
+        what = f"{size} -> {now[0]} bytes" if size != now[0] else "same size, another modification time"
+        return f"{key_text(encode_key(self.path(key, loc)))} changed after it was cached ({what})"
 
     def _shard(self, path: str) -> BinaryIO:
         f = self._files.pop(path, None)
@@ -550,8 +603,12 @@ class RowReader:
 
     def data(self, key: str, loc) -> bytes:
         """The encoded image bytes of a row; BadImage (with the reason) if they cannot be read."""
+        return self.data_stat(key, loc)[0]
+
+    def data_stat(self, key: str, loc) -> tuple[bytes, tuple[int, int]]:
+        """`data` and the `file_stat` of the file read (for `changed`)."""
         try:
-            return self.read(key, loc)
+            return self.read_stat(key, loc)
         except OSError as e:
             raise BadImage(f"unreadable ({e.strerror or e})") from None
 

@@ -14,6 +14,10 @@
                                  evaluation transform (its box is recorded for reference)
       error   (N,)      str      why a row failed ("" otherwise)
       status  (N,)      uint8    0 pending, 1 written, 2 failed: the commit mark
+      stat    (N, 2)    int64    (bytes, mtime_ns) of the file a written row was read from when it was
+                                 cached (its image, or its shard), -1 where not recorded; a row whose
+                                 file differs now was replaced and is recomputed. Optional: stores made
+                                 before it have none, and their rows are not checked
       shard-index.npz            webdataset sources: each shard's member offsets with its size and
                                  mtime (zsd.sources.ShardIndex), so a resume reads no tar header
                                  again; a cache, rebuilt for any shard that changed
@@ -59,14 +63,15 @@ import numpy as np
 import zarr
 
 from zsd import DEFAULT_CHUNK_ROWS, __version__
-from zsd.errors import ZsdError, write_atomic
+from zsd.errors import ZsdError, is_run_folder, write_atomic
 from zsd.sources import PackedKeys
 
 FORMAT_VERSION = 1
 PENDING, WRITTEN, FAILED = 0, 1, 2
 BLOCK_ROWS = 1 << 20  # rows of a per-row array read at once where a store is read whole (1-10 MB)
 ARRAYS = ("emb", "key", "label", "loc", "view", "error", "status")
-CHUNK_WRITES = ("emb", "view", "error", "status")  # rewritten by every chunk write; the rest at creation
+OPTIONAL = ("stat",)  # arrays of the stores made since they exist (zsd.sources.file_stat per row)
+CHUNK_WRITES = ("emb", "view", "error", "stat", "status")  # rewritten by every chunk write; the rest at creation
 # A stored embedding is unit-norm up to fp16 rounding (~5e-4 of the norm); a damaged one is far off.
 NORM_TOLERANCE = 1e-2
 LOCK = "zsd.lock"  # the writers' lock file inside the store (see "Several writers")
@@ -89,7 +94,10 @@ def cache_folder(*parts: str) -> Path:
 
 
 def resolve_store(name: str | os.PathLike) -> Path:
-    """`real_pets` -> cache/real_pets.zarr; anything with a path separator or suffix is a path."""
+    """`real_pets` -> cache/real_pets.zarr; anything with a path separator or suffix is a path, and so is a
+    Path (one resolved before: Path("./mystore") is Path("mystore"), which must not become a bare name)."""
+    if isinstance(name, os.PathLike):
+        return Path(name)
     s = str(name)
     if os.sep in s or "/" in s or s.endswith(".zarr"):
         return Path(s)
@@ -165,7 +173,8 @@ class Store:
         self.path, self.group = Path(path), group
         self.attrs = dict(group.attrs["zsd"])
         self._layout = {}  # array -> (chunk key encoding, dimensions, bytes of a chunk file | None if variable)
-        for name in ARRAYS:
+        self.arrays = ARRAYS + tuple(name for name in OPTIONAL if _member(group, name))
+        for name in self.arrays:
             arr = group[name]
             fixed = arr.dtype.kind in "biuf"
             self._layout[name] = (arr.metadata.chunk_key_encoding, arr.ndim,
@@ -244,12 +253,14 @@ class Store:
                 return f"chunk file {f.relative_to(self.path)} says it holds {count} strings, not {self.chunk_rows}"
         return None
 
-    def damage(self, chunks=None, arrays=ARRAYS, values: bool = False) -> list[tuple[str, int, str]]:
-        """(array, chunk, problem) of every damaged chunk (of `chunks`, default all): stat calls and
+    def damage(self, chunks=None, arrays=None, values: bool = False) -> list[tuple[str, int, str]]:
+        """(array, chunk, problem) of every damaged chunk (of `chunks`, default all) of `arrays` (default all
+        the store has; ones it lacks are left out): stat calls and
         the status (its values too), and with `values` a read of the labels, locations and view
         boxes of every chunk (`value_problem`). The status is read BLOCK_ROWS rows at a time: a read
         per chunk costs minutes at DataComp scale, and all rows at once a GB."""
         chunks = range(self.n_chunks) if chunks is None else chunks
+        arrays = self.arrays if arrays is None else [a for a in arrays if a in self.arrays]
         cr = self.chunk_rows
         step = max(1, BLOCK_ROWS // cr)  # chunks per status block
         block, status = None, None
@@ -274,7 +285,7 @@ class Store:
                 if name == "status":
                     continue
                 p = self.chunk_problem(name, c, st)
-                if not p and values and name in ("label", "loc", "view"):
+                if not p and values and name in ("label", "loc", "view", "stat"):
                     try:
                         p = self.value_problem(name, self.group[name][self.chunk_slice(c)], st)
                     except Exception as e:
@@ -300,6 +311,9 @@ class Store:
         elif name == "loc":
             bad = (data[:, :2] < 0).any(axis=1) | (data[:, 2:] < -1).any(axis=1)
             what = "negative source indices, parts or offsets"
+        elif name == "stat":
+            bad = (data < -1).any(axis=1)
+            what = "file sizes or times below -1"
         elif name == "view" and status is not None:
             box = data[: len(status)][status == WRITTEN]
             bad = ((box[..., :2] < 0) | (box[..., 2:4] < 1)).any(axis=(1, 2)) | ~np.isin(box[..., 4], (0, 1)).all(axis=1)
@@ -374,6 +388,11 @@ class Store:
 
     def view_params(self, rows: slice = slice(None)) -> np.ndarray:
         return self._read("view", rows)
+
+    def stats(self, rows: slice = slice(None)) -> np.ndarray | None:
+        """(n, 2) `file_stat` of the rows' files when they were cached (-1: not recorded); None for a store
+        made before the array existed."""
+        return self._read("stat", rows) if "stat" in self.arrays else None
 
     def errors(self) -> np.ndarray:
         return np.asarray(self._read("error"), dtype=object)
@@ -488,9 +507,11 @@ class Store:
         """The store's lock (see "Several writers"), as a context manager."""
         return store_lock(self.path)
 
-    def write_chunk(self, c: int, emb: np.ndarray, view: np.ndarray, error: list[str], status: np.ndarray):
+    def write_chunk(self, c: int, emb: np.ndarray, view: np.ndarray, error: list[str], status: np.ndarray,
+                    stat: np.ndarray | None = None):
         """Write the rows of chunk `c` that this writer planned: all of them, unless another process
         appended rows to the chunk since (those stay pending); the status chunk last, as the commit mark.
+        `stat`: (n, 2) `file_stat` of each row's file as it was read (-1: none), where the store has the array.
         Under the lock: a chunk that is not whole on disk is read, modified and rewritten by zarr."""
         n = len(status)
         start = c * self.chunk_rows
@@ -502,6 +523,8 @@ class Store:
                 self.group["emb"][sl] = emb.astype(np.float16, copy=False)
                 self.group["view"][sl] = view
                 self.group["error"][sl] = np.asarray(error, dtype=str)
+                if "stat" in self.arrays:  # without one given, rows of unknown files (never checked)
+                    self.group["stat"][sl] = np.full((n, 2), -1, np.int64) if stat is None else stat
                 self.group["status"][sl] = np.asarray(status, dtype=np.uint8)
             except OSError as e:  # Zarr removes its temporary file; without the status chunk the rows stay pending
                 raise ZsdError(f"cannot write rows {sl.start}..{sl.stop - 1} of {self.path} ({e.strerror}): they "
@@ -523,7 +546,7 @@ class Store:
         try:
             with self.locked():
                 new = start + len(keys)
-                for name in ARRAYS:
+                for name in self.arrays:
                     arr = self.group[name]
                     arr.resize((new, *arr.shape[1:]))
                 write_index_rows(self.group, start, keys, labels, locs)
@@ -614,7 +637,15 @@ def damage_text(damaged: list[dict]) -> str:
 def open_store(name: str | os.PathLike, mode: str = "r") -> Store:
     path = resolve_store(name)
     if not path.exists():
-        raise ZsdError(f"no store at {path}")
+        here = Path(name)  # a bare name that is also a folder here: say which was looked at
+        raise ZsdError(f"no store at {path}" + ("" if here == path or not here.exists() else
+                                                f" (a bare name is a store in the cache dir); ./{here} here is "
+                                                + ("a `zsd train` run folder, not a store" if is_run_folder(here)
+                                                   else f"a store: pass ./{here}" if (here / "zarr.json").exists()
+                                                   else "no store (`zsd cache-teacher IMAGES --out STORE` makes one)")))
+    if is_run_folder(path):
+        raise ZsdError(f"{path} is a `zsd train` run folder, not a store of embeddings: pass a store "
+                       "(`zsd cache-teacher` makes one), or the run as --student")
     try:
         group = zarr.open_group(str(path), mode=mode)
         attrs = group.attrs["zsd"]
@@ -657,6 +688,11 @@ def restore_metadata(path: Path, log=print) -> None:
                                                        "node_type": "group"}, indent=2), flag="--out")
 
 
+def _member(group: zarr.Group, name: str) -> bool:
+    """Whether the group holds `name` (an optional array): its metadata file is there."""
+    return (Path(group.store.root) / name / "zarr.json").exists()
+
+
 def _structure_problem(group: zarr.Group, attrs: dict) -> str | None:
     """What is wrong with the arrays' metadata (missing, unreadable, shapes or chunks that disagree), or None."""
     try:
@@ -665,6 +701,8 @@ def _structure_problem(group: zarr.Group, attrs: dict) -> str | None:
         return "its attributes lack views, dim or chunk_rows"
     want = {"emb": ((views, dim), "f"), "key": ((), "TUO"), "label": ((), "i"), "loc": ((4,), "i"),
             "view": ((views, 5), "i"), "error": ((), "TUO"), "status": ((), "u")}
+    if _member(group, "stat"):
+        want["stat"] = ((2,), "i")
     rows = None
     for name, (tail, kind) in want.items():
         try:
@@ -708,6 +746,7 @@ def create_store(name: str | os.PathLike, *, keys, labels, locs, views: int, dim
                        compressors=None)
         g.create_array("error", shape=(n,), chunks=(c,), dtype=str, compressors=None)
         g.create_array("status", shape=(n,), chunks=(c,), dtype="uint8", fill_value=PENDING, compressors=None)
+        g.create_array("stat", shape=(n, 2), chunks=(c, 2), dtype="int64", fill_value=-1, compressors=None)
         if n:
             write_index_rows(g, 0, keys, labels, locs)
         g.attrs["zsd"] = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,17 +220,45 @@ def read_record(folder: str | os.PathLike) -> dict:
 
 
 def student_config(spec: str | os.PathLike | StudentRef) -> dict:
-    """What the student is (its student.json, or an exported folder's record), without reading its weights."""
+    """What the student is (its student.json, or an exported folder's record), without reading its weights;
+    a record whose sizes cannot be a student's (`config_problem`) is damaged."""
     ref = resolve_student(spec)
     if ref.kind == "open_clip":
-        return read_record(ref.folder)
-    try:
-        config = json.loads(ref.config_file.read_text())
-        if not isinstance(config, dict):
-            raise TypeError("not a JSON object")
-    except (OSError, ValueError, TypeError) as e:
-        raise _damaged(ref, e) from None
+        config = read_record(ref.folder)
+    else:
+        try:
+            config = json.loads(ref.config_file.read_text())
+            if not isinstance(config, dict):
+                raise TypeError("not a JSON object")
+        except (OSError, ValueError, TypeError) as e:
+            raise _damaged(ref, e) from None
+    problem = config_problem(config)
+    if problem:
+        fix = ("export it again" if ref.kind == "open_clip" else
+               "rerun its `zsd train ... --resume`, which writes it again from train_state.pt"
+               if (ref.folder / "train_state.pt").is_file() else "restore it from a copy")
+        raise ZsdError(f"{ref.config_file} is damaged: {problem}; {fix}")
     return config
+
+
+MAX_RESOLUTION = 8192  # pixels a side: beyond it a size is garbled (a 10^9 px input allocates until memory ends)
+
+
+def config_problem(config: dict) -> str | None:
+    """Why a student's record (student.json, or the student of a training state) cannot be one, or None:
+    sizes that are no whole numbers in range, a mean or std that is not 3 numbers (std > 0)."""
+    pre = config.get("preprocess")
+    if not isinstance(pre, dict):
+        return "it has no preprocess record"
+    for name, value, top in (("embed_dim", config.get("embed_dim"), 1 << 20), ("preprocess size", pre.get("size"),
+                             MAX_RESOLUTION), ("preprocess resize", pre.get("resize"), 2 * MAX_RESOLUTION)):
+        if type(value) is not int or not 1 <= value <= top:
+            return f"its {name} is {value!r}, not a whole number in 1..{top}"
+    for name, low in (("mean", -math.inf), ("std", 0)):
+        v = pre.get(name)
+        if not (isinstance(v, list) and len(v) == 3 and all(type(x) in (int, float) and low < x < math.inf for x in v)):
+            return f"its preprocess {name} is {v!r}, not 3 numbers" + (" above 0" if low == 0 else "")
+    return None
 
 
 def _damaged(ref: StudentRef, e: Exception) -> ZsdError:

@@ -45,10 +45,11 @@ from zsd.classes import class_prototype_embeddings, class_text_embeddings
 from zsd.cpu import check_shared_memory, decode_workers, render_workers, tune_allocator
 from zsd.dist import Ranks, join_ranks
 from zsd.errors import ZsdError, atomic_file, check_at_least, check_writable, out_of_memory, write_atomic
-from zsd.loader import BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget
-from zsd.losses import Criterion, needs_text
-from zsd.student import (EMA_PREFIX, Student, _unwrap, load_pretrained_backbone, load_student, save_student,
-                         student_preprocess)
+from zsd.loader import (BatchPlan, NoRoom, PixelCache, StudentInputs, TrainTargets, collate, ram_budget,
+                        stop_on_replaced)
+from zsd.losses import LOSSES, Criterion, needs_text
+from zsd.student import (EMA_PREFIX, Student, _unwrap, config_problem, load_pretrained_backbone, load_student,
+                         save_student, student_preprocess)
 from zsd.store import LOCK, folder_lock
 from zsd.teachers import same_teacher
 from zsd.train_config import (TrainConfig, resolve_defaults, resume_conflicts, run_definition,  # noqa: F401
@@ -264,8 +265,10 @@ def _train(config: TrainConfig, ranks: Ranks, t_start: float, *, resume: bool, s
                            f"{run.dir}")
         checkpoint(run, step)
     except OSError as e:  # writing the log or a checkpoint: a full disk, a read-only or vanished folder
-        raise ZsdError(f"cannot write {e.filename or run.dir} at step {step} ({e.strerror}); {_kept(run.dir)}: "
-                       "make room and rerun with --resume") from None
+        kept = _kept(run.dir)
+        again = "rerun the same command" if kept.startswith("no ") else "rerun with --resume"
+        raise ZsdError(f"cannot write {e.filename or run.dir} at step {step} ({e.strerror}); {kept}: "
+                       f"make room and {again}") from None
     finally:
         book.close()
         if hasattr(batches, "close"):  # the pixel cache's generator: its gather thread ends now, not whenever
@@ -323,8 +326,11 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
     data = TrainTargets(config.targets, in_ram=config.in_ram, shuffle_chunks=config.shuffle_chunks, log=say)
     steps_per_epoch = data.rows_per_epoch // batch_size
     if steps_per_epoch == 0:
-        raise ZsdError(f"the targets have {data.rows_per_epoch} usable rows, fewer than one batch "
-                       f"(--batch-size {batch_size})")
+        raise ZsdError(f"the targets have {data.rows_per_epoch} written rows, fewer than one batch (--batch-size "
+                       f"{batch_size}): pass --batch-size {data.rows_per_epoch} or less, or cache more images")
+    if config.steps is None and round((config.epochs or 1) * steps_per_epoch) == 0:
+        say(f"note: --epochs {config.epochs:g} is less than one step ({steps_per_epoch} steps per epoch): "
+            "training 1 step")
     run = Run(config, ranks, Path(config.run_dir), data, steps_per_epoch, total_steps(config, data.rows_per_epoch),
               config.student, config.student_res, precision=config.precision)
     _resume_state(run, state, resume, say)
@@ -346,12 +352,23 @@ def plan_run(config: TrainConfig, ranks: Ranks, resume: bool, say) -> Run:
 
 
 def _saved_state(run_dir: Path, resume: bool) -> dict | None:
-    """The checkpoint --resume continues from (None: none, or a new run)."""
+    """The checkpoint --resume continues from (None: none, or a new run); a damaged one is one line."""
     if not (resume and (run_dir / STATE).is_file()):
         return None
-    state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(run_dir / STATE, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated, garbled, unreadable
+        raise unusable_state(run_dir, _first_sentence(e)) from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise unusable_state(run_dir, "not a training state")
     if "student" not in state:  # written before runs were TrainConfigs: nothing to compare with
         raise ZsdError(f"--resume: {run_dir} was written by an older zsd; start a new run (another --out)")
+    prev = state["student"]
+    problem = "its student record is not an object" if not isinstance(prev, dict) else config_problem(prev) or \
+        next((f"its student record lacks {k}" for k in ("teacher_id", "train_config", "total_steps", "world_size")
+              if k not in prev), None)
+    if problem:
+        raise unusable_state(run_dir, problem)
     return state
 
 
@@ -386,6 +403,19 @@ def _resume_state(run: Run, state: dict | None, resume: bool, say) -> None:
         raise ZsdError(f"{run.dir} already holds a training run: pass --resume to continue it or another --out")
 
 
+def _first_sentence(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0].split('. ')[0][:120]}"
+
+
+def unusable_state(run_dir: Path, why: str) -> ZsdError:
+    """--resume on a train_state.pt that cannot be read (damaged after it was written: it is written
+    atomically). The optimizer's state is lost; the student's weights may not be."""
+    init = (f", or start one from this run's student weights with --init {run_dir} (a fresh optimizer)"
+            if (run_dir / "student.safetensors").is_file() else "")
+    return ZsdError(f"--resume: {run_dir / STATE} is damaged ({why}), so the run cannot continue where it stopped: "
+                    f"start a new run with another --out{init}")
+
+
 def build_student(run: Run, say) -> None:
     """The student (seeded: one initialisation on every rank), its criterion, optimizer and EMA, at
     the checkpoint's step when resuming; then each rank its own random draws (drop-path masks)."""
@@ -414,13 +444,18 @@ def build_student(run: Run, say) -> None:
         torch.manual_seed(config.seed + 1_000_003 * ranks.rank)
     if run.state is not None:
         state = run.state
-        model.load_state_dict(state["model"])
-        if run.ema is not None:
-            run.ema.module.load_state_dict(state["ema"])
-        run.criterion.load_state_dict(state["criterion"])
-        run.optimizer.load_state_dict(state["optimizer"])
-        set_rng_state((state.get("rng_ranks") or [state["rng"]] * ranks.world)[ranks.rank], dev)
-        run.start = state["step"]
+        try:
+            model.load_state_dict(state["model"])
+            if run.ema is not None:
+                run.ema.module.load_state_dict(state["ema"])
+            run.criterion.load_state_dict(state["criterion"])
+            run.optimizer.load_state_dict(state["optimizer"])
+            set_rng_state((state.get("rng_ranks") or [state["rng"]] * ranks.world)[ranks.rank], dev)
+            run.start = int(state["step"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:  # whole file, garbled contents
+            raise unusable_state(run.dir, _first_sentence(e)) from None
+        if not 0 <= run.start <= run.total:
+            raise unusable_state(run.dir, f"its step {run.start} is outside 0..{run.total}")
         say(f"resuming {run.dir} at step {run.start} of {run.total}")
     # student.json: what the student is, and the run that made it.
     run.meta = {"student": run.student, "embed_dim": data.dim, "preprocess": run.preprocess.to_dict(),
@@ -434,8 +469,15 @@ def _class_embeddings(run: Run, say) -> torch.Tensor | None:
     config, data = run.config, run.data
     if not needs_text(config.losses):
         return None
-    if any(src.unlabelled_rows() for src in data.sources):
+    counts = sum(src.class_rows(len(data.classnames)) for src in data.sources)
+    if counts[-1]:
         raise ZsdError("the clip and mp losses need labelled rows, but some --targets rows have no class")
+    present = [name for name, n in zip(data.classnames, counts) if n]
+    if len(present) < 2:  # one class: the loss is 0 (clip) or constant, and nothing is learnt
+        losses = [f"--loss {name}" for name in config.losses if LOSSES[name].needs_text]
+        raise ZsdError(f"{' and '.join(losses)} need{'s' if len(losses) == 1 else ''} >= 2 classes among the written rows of the targets' labels; "
+                       f"{len(present)} found ({', '.join(present) or 'none'}): use --loss l2 (or cosine, mse, "
+                       "contrastive-image), or add --targets of other classes")
     if config.class_embeddings_from:
         return class_prototype_embeddings(data, config.class_embeddings_from)
     if run.ranks.main:
@@ -539,6 +581,7 @@ def train_step(run: Run, net, batches, log) -> StepOut:
     term_sums = {k: torch.zeros((), device=dev) for k in run.criterion.weights}  # skipped micro-batches too
     for _ in range(accum):
         items, pixels, errors = next(batches)
+        stop_on_replaced(errors)
         t, finite = data.finite_targets(items, log)  # every rank names its own samples' rows
         if not finite.all():  # skipped like an unreadable image
             errors = errors + ["non-finite target"] * int((~finite).sum())
@@ -670,6 +713,9 @@ class Logbook:
                 self.file.close()
             except OSError:  # the rest of a line a full disk refused: --resume drops the cut line
                 pass
+            log = self.run.dir / LOG
+            if log.is_file() and log.stat().st_size == 0:  # a fresh run that logged no step (a full disk) leaves none
+                log.unlink()
 
 
 def _summary(run: Run, step: int, seen: int, skipped: int, last_loss, elapsed: float, say) -> dict:

@@ -3,7 +3,8 @@
 Checks, cheapest first: the structure (attributes, array metadata, shapes and chunking), every
 chunk file (present where status says rows are written or failed, of its exact uncompressed
 size), failed rows carry a reason, the written embeddings are finite and unit-norm (within fp16
-rounding); and with `recompute` > 0 it re-runs the store's recorded teacher on that many random
+rounding), the written rows' image files are those they were cached from (size and mtime, in stores
+that record them); and with `recompute` > 0 it re-runs the store's recorded teacher on that many random
 written rows, every view rebuilt from the stored source and crop box exactly as the trainer
 rebuilds it, and compares with the stored embeddings by cosine.
 """
@@ -13,8 +14,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from zsd.cache import changed_rows
 from zsd.errors import ZsdError, out_of_memory
-from zsd.sources import BadImage, RowReader
+from zsd.sources import BadImage, RowReader, missing_images
 from zsd.store import FAILED, NORM_TOLERANCE, PENDING, WRITTEN, damage_text, open_store
 from zsd.teachers import rebuild_teacher
 from zsd.views import normalize, render_view
@@ -54,6 +56,15 @@ def verify(name: str, recompute: int = 0, *, tolerance: float | None = None, pre
     if len(health["off_norm"]):
         problems.append(f"{len(health['off_norm'])} written rows have an embedding whose norm is off 1 by more "
                         f"than {NORM_TOLERANCE} (first: {report['off_norm'][0]})")
+    gone = missing_images(store.sources)
+    if gone:
+        problems.append(f"the images were cached from {gone}, which is no longer there (moved or deleted): "
+                        "`zsd train` reads them there; put them back")
+    report["changed"] = [why for _, _, why in changed_rows(store)]  # empty for stores that record no stats
+    if report["changed"]:
+        problems.append(f"{len(report['changed'])} written rows' images changed after they were cached (first: "
+                        f"{report['changed'][0]}): their embeddings are the old images'; rerun `zsd cache-teacher` "
+                        "on the store to recompute them")
 
     if recompute > 0:
         usable = np.setdiff1d(np.flatnonzero(status == WRITTEN), health["nonfinite"])
@@ -119,6 +130,9 @@ def verify_text(report: dict) -> str:
         norm = report["norm_view0"]
         lines.append(f"  embeddings       {len(report['nonfinite'])} non-finite rows, {len(report['off_norm'])} "
                      "rows off unit norm" + (f"; view 0 norms {norm['min']:.4f}..{norm['max']:.4f}" if norm else ""))
+    if "changed" in report:
+        lines.append(f"  source files     {len(report['changed'])} changed after caching"
+                     + (f" (first: {report['changed'][0]})" if report["changed"] else ""))
     r = report.get("recompute")
     if r and r["views"]:
         lines.append(f"  recomputed       {r['rows']} rows, {r['views']} views: cosine min {r['cosine_min']:.6f}, "

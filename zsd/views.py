@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 from torch.utils.data import Dataset
 from torchvision.transforms import functional as F
 
-from zsd.sources import BadImage, PackedKeys, RowReader, load_rgb_reduced
+from zsd.sources import BadImage, PackedKeys, RowReader, load_rgb, load_rgb_reduced
 
 # One stored view = (top, left, height, width, flip) in the decoded image's pixel coordinates.
 VIEW_FIELDS = ("top", "left", "height", "width", "flip")
@@ -246,19 +246,21 @@ class ViewDataset(Dataset):
     def __len__(self):
         return len(self.keys)
 
-    def image(self, row: int) -> Image.Image:
-        """The decoded RGB image of a row; BadImage if it can no longer be read."""
+    def image(self, row: int) -> tuple[Image.Image, tuple[int, int]]:
+        """The decoded RGB image of a row and the `file_stat` of the file read; BadImage if it can no longer be read."""
         reader = getattr(self._local, "reader", None)
         if reader is None:
             reader = self._local.reader = RowReader(self.descs)
-        return reader.image(self.keys[row], self.locs[row])
+        data, stat = reader.data_stat(self.keys[row], self.locs[row])
+        return load_rgb(data), stat
 
     def __getitem__(self, row):
+        """(row, views, view params, error, decode seconds, the file's `file_stat` (None if unread))."""
         t0 = time.perf_counter()
         try:
-            img = self.image(row)
+            img, stat = self.image(row)
         except BadImage as e:
-            return row, None, None, str(e), time.perf_counter() - t0
+            return row, None, None, str(e), time.perf_counter() - t0, None
         params = sample_views(img.width, img.height, self.views, self.view_seed, row, self.crop_scale, self.pre)
         pixels = torch.stack([render_view(img, v, params[v], self.pre) for v in range(self.views)])
-        return row, pixels, params, "", time.perf_counter() - t0
+        return row, pixels, params, "", time.perf_counter() - t0, stat
