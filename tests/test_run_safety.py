@@ -44,7 +44,8 @@ def one_error(err):
     """The one `zsd: error:` line, last, after at most the command's own notes (train's "resuming ...")."""
     lines = [line for line in error_lines(err) if "%|" not in line]  # without progress bars
     assert [line for line in lines if line.startswith("zsd:")] == lines[-1:] and "Traceback" not in err, err
-    assert lines[-1].startswith("zsd: error: ") and len(lines) <= 2, err
+    notes = [line for line in lines[:-1] if not line.startswith("chose for ")]  # train's line of chosen defaults
+    assert lines[-1].startswith("zsd: error: ") and len(notes) <= 1, err
     return lines[-1]
 
 
