@@ -501,7 +501,8 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
     """Certify which of a student's predictions agree with its teacher: a threshold on its own confidence
     such that, with probability >= 1 - delta, the disagreement among accepted photos is <= alpha.
 
-    TEST is a labelled store or image folder of real photos like those the student will see
+    TEST is a store or image folder of real photos like those the student will see, labelled or not
+    (unlabelled: classes from --classnames FILE or --classes-from STORE)
     (Learn-then-Test: fixed-sequence testing with exact Clopper-Pearson bounds). Nothing certified
     means every prediction abstains. See docs/evaluation.md.
     """
