@@ -502,9 +502,9 @@ def calibrate_cmd(test, student, alpha, delta, risk, score, holdout, seed, json_
     such that, with probability >= 1 - delta, the disagreement among accepted photos is <= alpha.
 
     TEST is a store or image folder of real photos like those the student will see, labelled or not
-    (unlabelled: classes from --classnames FILE or --classes-from STORE)
-    (Learn-then-Test: fixed-sequence testing with exact Clopper-Pearson bounds). Nothing certified
-    means every prediction abstains. See docs/evaluation.md.
+    (unlabelled: classes from --classnames FILE or --classes-from STORE). Learn-then-Test: fixed-sequence
+    testing with exact Clopper-Pearson bounds. Nothing certified means every prediction abstains. See
+    docs/evaluation.md.
     """
     from zsd.calibrate import calibrate, calibration_text, json_ready, plot_calibration, restrict_options
 
