@@ -26,7 +26,7 @@ from zsd.dist import resolve_device
 from zsd.errors import ZsdError, check_at_least, check_writable, is_run_folder, write_atomic
 from zsd.guarantee import abstains, shipped_guarantee
 from zsd.sources import PackedKeys
-from zsd.store import CHUNK_WRITES, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
+from zsd.store import CHUNK_WRITES, PENDING, WRITTEN, Store, cache_dir, create_store, open_store, resolve_store
 from zsd.student import OPEN_CLIP_CONFIG, StudentRef, load_student, resolve_student, student_fingerprint
 from zsd.teachers import DEFAULT_TEACHER, resolve_precision, same_teacher, teacher_id
 from zsd.views import Preprocess, ViewDataset
@@ -99,12 +99,12 @@ def student_embeddings(student: str | os.PathLike | StudentRef, store: Store, mo
     ref = resolve_student(student)
     if model is None:
         model, config = load_student(ref, device)
-    if not store.complete():
+    status = store.status()
+    if (status == PENDING).any():
         raise ZsdError(f"{store.path} is not complete: finish `zsd cache-teacher` before computing student embeddings")
     fingerprint = student_fingerprint(ref, config)
     sid = teacher_id(fingerprint)
     # which store, as it stands: a store rebuilt at the same path (other failed rows, other images) is another
-    status = store.status()
     source = {"store": str(store.path.resolve()), "teacher_id": store.teacher_id, "rows": store.rows,
               "created": store.attrs.get("created"), "status": hashlib.sha256(status.tobytes()).hexdigest()[:16]}
     if ref.kind == "open_clip":  # a model folder, perhaps downloaded or to be uploaded: nothing is added to it
@@ -239,13 +239,13 @@ def evaluate(test: str, students: list[str] = (), *, teacher: str | None = None,
         emb = student_embeddings(ref, store, student, config, device=next(student.parameters()).device,
                                  batch_size=batch_size, workers=workers, progress=progress)
         ok = rows & emb.written()
-        scores = emb.embeddings(view=0).astype(np.float64) @ z.T
+        s = emb.embeddings(view=0).astype(np.float64)
+        scores = s @ z.T
         metrics = classification_metrics(scores[ok], mapped[ok], teacher_pred[ok], confusion)
         guarantee, why = shipped_guarantee(ref, emb.teacher["weights"], names, info)
         if guarantee:
             metrics["selective"] = selective_metrics(guarantee, scores[ok], mapped[ok], teacher_pred[ok],
-                                                     np.linalg.norm(emb.embeddings(view=0)[ok].astype(np.float64),
-                                                                    axis=1))
+                                                     np.linalg.norm(s[ok], axis=1))
         elif why:
             log(f"note: {why}")
         results.append({"model": config["student"], "pretrained": emb.teacher["weights"], "role": "student",

@@ -238,14 +238,14 @@ def plan(fit_scores: np.ndarray, fit_losses: np.ndarray, n_test: int, alpha: flo
 
 
 def _planned(cos: np.ndarray, agree: np.ndarray, losses: np.ndarray, alpha: float, delta: float,
-             seed: int) -> tuple[dict, dict, np.ndarray]:
+             seed: int, combined: dict | None = None) -> tuple[dict, dict, np.ndarray]:
     """`auto`: on the fit photos, fit the combined score and `plan` every score; keep the score with
     the largest predicted fraction and start where its plan says. Then test it, at delta, on the
     other calibration photos only: the plan saw none of them, so the guarantee is the plain one."""
     fit = fit_mask(len(cos), seed)
     rows = np.flatnonzero(~fit)
     specs = {name: score_spec(name) for name in SCORES if name != "combined"}
-    specs["combined"] = fit_combined(cos[fit], agree[fit])
+    specs["combined"] = combined or fit_combined(cos[fit], agree[fit])  # the comparison's fit, on the same rows
     plans = {name: plan(compute_score(spec, cos[fit]), losses[fit], len(rows), alpha, delta)
              for name, spec in specs.items()}
     name = max(plans, key=lambda k: (plans[k]["fraction"], -SCORES.index(k)))
@@ -279,7 +279,8 @@ def choose(cos: np.ndarray, agree: np.ndarray, losses: np.ndarray, alpha: float,
                        f"at least {needed} are needed (pass more photos, a smaller --holdout, or a larger --alpha or "
                        "--delta)")
     comparison = _candidates(cos, agree, losses, alpha, delta, seed, required=score)
-    chosen = comparison[score] if score != "auto" else _planned(cos, agree, losses, alpha, delta, seed)
+    chosen = comparison[score] if score != "auto" else \
+        _planned(cos, agree, losses, alpha, delta, seed, comparison.get("combined", (None,))[0])
     return (*chosen, {k: v[:2] for k, v in comparison.items()})
 
 

@@ -475,7 +475,8 @@ class Store:
         the failed rows without a reason: what `zsd verify` rejects beyond the chunk files, and
         `zsd cache-teacher` recomputes.
         """
-        written = self.written()
+        status = self.status()
+        written = status == WRITTEN
         nonfinite, off_norm, norms, unexplained = [], [], [], []
         blocks = self.iter_blocks(view=None) if chunks is None else \
             ((self.chunk_slice(c).start, self.embeddings(rows=self.chunk_slice(c))) for c in chunks)
@@ -487,7 +488,6 @@ class Store:
             nonfinite.append(rows[~finite])
             off_norm.append(rows[finite][(np.abs(n - 1) > NORM_TOLERANCE).any(axis=1)])
             norms.append(n[:, 0])
-        status = self.status()
         for c in range(self.n_chunks) if chunks is None else chunks:
             sl = self.chunk_slice(c)
             if (status[sl] == FAILED).any():
