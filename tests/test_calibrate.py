@@ -261,6 +261,12 @@ def test_the_guarantee_ships_with_the_student_and_only_for_its_weights_and_class
     assert code == 0, err
     assert "calibration" not in json.loads((tmp_path / "other.json").read_text())
     assert "calibrated for other classes" in err
+    # a damaged record claims nothing, and eval says so
+    (run / "calibration.json").write_text('{"format": "zsd-calibration/1", "thr')
+    notes = []
+    results = evaluate(store, [str(run)], classes_from=store, device="cpu", progress=False, log=notes.append)
+    assert "selective" not in results[1]["metrics"]
+    assert any("calibration.json is damaged" in n and "zsd calibrate" in n for n in notes)
     # weights trained on after calibration: nothing is claimed anywhere
     record["student_weights"] = "sha256:" + "0" * 64
     (run / "calibration.json").write_text(json.dumps(record))

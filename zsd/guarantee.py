@@ -422,7 +422,7 @@ def write_guarantee(student: str | os.PathLike, record: dict) -> Path | None:
 
 
 def read_guarantee(student: str | os.PathLike) -> dict | None:
-    """The run's calibration record, or None when it has none."""
+    """The run's calibration record, None when it has none, or {"damaged": path} when it cannot be read."""
     from zsd.student import resolve_student
 
     ref = resolve_student(student)
@@ -431,9 +431,11 @@ def read_guarantee(student: str | os.PathLike) -> dict | None:
         return None
     try:
         record = json.loads(path.read_text())
-        return record if isinstance(record, dict) and record.get("format") == FORMAT else None
-    except (OSError, ValueError):  # a damaged record claims nothing
-        return None
+    except (OSError, ValueError):
+        record = None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:  # a damaged record claims nothing
+        return {"damaged": str(path)}
+    return record
 
 
 def _classifier_key(info: dict | None) -> tuple:
@@ -455,6 +457,8 @@ def shipped_guarantee(student, weights: str, classnames: list[str] | None = None
     record = read_guarantee(student)
     if record is None:
         return None, ""
+    if "damaged" in record:
+        return None, f"{record['damaged']} is damaged: nothing is claimed; run `zsd calibrate` again"
     if record.get("student_weights") != weights:
         return None, (f"{RECORD} of {student} was calibrated on other weights (the run went on since): nothing is "
                       "claimed; run `zsd calibrate` again")
